@@ -37,7 +37,7 @@ from stalwart.formats.reader import Checkpoint, VerifyReport
 from stalwart.formats.writer import commit, save, write_rank
 
 
-def open(path: str) -> Checkpoint:  # noqa: A001 - the contract's name
+def open(path: str) -> Checkpoint:
     """Open a checkpoint (or a root with a ``latest`` pointer) for its manifest and partial reads."""
     return Checkpoint(path)
 

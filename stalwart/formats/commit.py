@@ -7,6 +7,7 @@ A step directory without a manifest does not exist.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -61,10 +62,8 @@ def atomic_write(path: str, data: bytes, *, fsync: bool = True) -> None:
 
 
 def _silent_unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def write_latest(root: str, name: str, *, fsync: bool = True) -> None:

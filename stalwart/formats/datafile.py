@@ -19,6 +19,7 @@ file whose final header was never written does not verify.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -123,26 +124,26 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _plan_entries(tensors: list[tuple[str, torch.Tensor]]) -> list[Entry]:
+def _plan_entries(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[Entry]:
     # Largest element size first, then by name: with the 8-byte header padding every
     # entry is naturally aligned (the order safetensors' own writer uses).
-    order = sorted(tensors, key=lambda nt: (-nt[1].element_size(), nt[0]))
+    order = sorted(specs, key=lambda s: (-itemsize(s[1]), s[0]))
     entries = []
     pos = 0
-    for name, t in order:
-        n = t.numel() * t.element_size()
-        entries.append(Entry(name, t.dtype, tuple(t.shape), pos, pos + n))
+    for name, dtype, shape in order:
+        n = math.prod(shape) * itemsize(dtype)
+        entries.append(Entry(name, dtype, tuple(shape), pos, pos + n))
         pos += n
     return entries
 
 
 def _header_bytes(entries: list[Entry], block_size: int, sums: dict[str, str], rank: int | None, objects) -> bytes:
-    meta = {"v": DATAFILE_VERSION, "block_size": block_size, "sums": sums}
+    meta: dict = {"v": DATAFILE_VERSION, "block_size": block_size, "sums": sums}
     if rank is not None:
         meta["rank"] = rank
     if objects:
         meta["objects"] = objects
-    header: dict = {"__metadata__": {"format": "pt", "stalwart": json.dumps(meta, separators=(",", ":"))}}
+    header: dict = {"__metadata__": {"format": "pt"}}
     for e in entries:
         code = safetensors_code(e.dtype)
         if code is None:  # no safetensors code: raw bytes, real dtype in the stalwart metadata
@@ -150,11 +151,144 @@ def _header_bytes(entries: list[Entry], block_size: int, sums: dict[str, str], r
             meta.setdefault("raw", {})[e.name] = {"dtype": dtype_name(e.dtype), "shape": list(e.shape)}
         else:
             header[e.name] = {"dtype": code, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-    if "raw" in meta:
-        header["__metadata__"]["stalwart"] = json.dumps(meta, separators=(",", ":"))
+    header["__metadata__"]["stalwart"] = json.dumps(meta, separators=(",", ":"))
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
+
+
+class DataFileWriter:
+    """Streams a data file whose entries (names, dtypes, shapes) are declared up front.
+
+    Entries may be written in any order, whole (:meth:`write`) or in parts at
+    block-aligned offsets (:meth:`write_at`), with checksums computed here or passed
+    in when the caller computed them while copying the bytes. Each chunk is hashed
+    while the previous one is being written. :meth:`close` checks every byte was
+    written, writes the final header and fsyncs; :meth:`abort` removes the file.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        *,
+        rank: int | None = None,
+        objects: dict | None = None,
+        block_size: int = ck.DEFAULT_BLOCK_SIZE,
+        relpath: str | None = None,
+    ) -> None:
+        if WRITE_CHUNK % block_size:
+            raise ValueError(f"block size {block_size} must divide the write chunk {WRITE_CHUNK}")
+        names = [n for n, _, _ in specs]
+        if len(set(names)) != len(names):
+            raise FormatError(f"data file {path}: duplicate entry names")
+        self.path = path
+        self.relpath = relpath if relpath is not None else os.path.basename(path)
+        self.rank = rank
+        self.objects = objects
+        self.block_size = block_size
+        self.entries = {e.name: e for e in _plan_entries(specs)}
+        self._order = list(self.entries.values())
+        self._tables = {e.name: np.zeros(ck.block_count(e.nbytes, block_size), dtype=np.uint64) for e in self._order}
+        self._written = dict.fromkeys(self.entries, 0)
+        placeholder = {e.name: "A" * ck.packed_length(len(self._tables[e.name])) for e in self._order}
+        self._header = _header_bytes(self._order, block_size, placeholder, rank, objects)
+        self.data_start = len(self._header)
+        self.size = self.data_start + (self._order[-1].end if self._order else 0)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(self._fd, self.size)
+            _pwrite_all(self._fd, self._header, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole entry from a tensor of the declared dtype and shape."""
+        e = self._entry(name)
+        t = _prepare(tensor)
+        if t.dtype != e.dtype or t.numel() * t.element_size() != e.nbytes:
+            raise FormatError(
+                f"data file {self.path}: entry {name!r} was declared {dtype_name(e.dtype)}{list(e.shape)},"
+                f" got {dtype_name(t.dtype)}{list(t.shape)}"
+            )
+        self.write_at(name, 0, tensor_bytes(t))
+
+    def write_at(self, name: str, offset: int, data, checksums: np.ndarray | None = None) -> None:
+        """Write bytes of entry ``name`` at byte ``offset`` (a multiple of the block size).
+
+        ``checksums`` (one per block of ``data``) may be given when already computed.
+        """
+        e = self._entry(name)
+        mv = memoryview(data).cast("B")
+        bs = self.block_size
+        if offset % bs or offset < 0 or offset + len(mv) > e.nbytes:
+            raise FormatError(f"data file {self.path}: bad write of {len(mv)} bytes at {offset} into entry {name!r} of {e.nbytes}")
+        if len(mv) % bs and offset + len(mv) != e.nbytes:
+            raise FormatError(f"data file {self.path}: only the last write into {name!r} may end off a block boundary")
+        table = self._tables[name]
+        first = offset // bs
+        if checksums is not None:
+            if len(checksums) != ck.block_count(len(mv), bs):
+                raise FormatError(f"data file {self.path}: {len(checksums)} checksums for {len(mv)} bytes of {name!r}")
+            table[first : first + len(checksums)] = checksums
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stalwart-write")
+        for start in range(0, len(mv), WRITE_CHUNK):
+            chunk = mv[start : start + WRITE_CHUNK]
+            if checksums is None:
+                b0 = first + start // bs
+                ck.block_checksums(chunk, bs, out=table[b0 : b0 + ck.block_count(len(chunk), bs)])
+            if self._pending is not None:
+                self._pending.result()
+            self._pending = self._pool.submit(_pwrite_all, self._fd, chunk, self.data_start + e.begin + offset + start)
+        self._written[name] += len(mv)
+
+    def _entry(self, name: str) -> Entry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise FormatError(f"data file {self.path}: entry {name!r} was not declared") from None
+
+    def close(self, *, fsync: bool = True) -> FileRecord:
+        """Finish the file (final header, fsync) and return its record."""
+        try:
+            if self._pending is not None:
+                self._pending.result()
+                self._pending = None
+            short = [n for n, e in self.entries.items() if self._written[n] != e.nbytes]
+            if short:
+                raise FormatError(f"data file {self.path}: entries not completely written: {short[:5]}")
+            sums = {n: ck.pack_checksums(t) for n, t in self._tables.items()}
+            final = _header_bytes(self._order, self.block_size, sums, self.rank, self.objects)
+            if len(final) != len(self._header):  # cannot happen: checksum strings have fixed length
+                raise FormatError(f"data file {self.path}: header length changed while writing")
+            _pwrite_all(self._fd, final, 0)
+            if fsync:
+                os.fsync(self._fd)
+        except BaseException:
+            self.abort()
+            raise
+        self._shutdown()
+        os.close(self._fd)
+        self._fd = -1
+        return FileRecord(self.relpath, self.size, len(final) - 8, ck.digest(final), self.rank)
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def abort(self) -> None:
+        """Stop and remove the partial file."""
+        self._shutdown()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 def write_datafile(
@@ -167,53 +301,19 @@ def write_datafile(
     fsync: bool = True,
     relpath: str | None = None,
 ) -> FileRecord:
-    """Write ``tensors`` (name, tensor) to a new data file at ``path``; return its record.
-
-    Checksums are computed chunk by chunk while the previous chunk is being written
-    (the write syscall releases the GIL), so hashing costs little wall time.
-    """
-    if WRITE_CHUNK % block_size:
-        raise ValueError(f"block size {block_size} must divide the write chunk {WRITE_CHUNK}")
+    """Write ``tensors`` (name, tensor) to a new data file at ``path``; return its record."""
     prepared = [(n, _prepare(t)) for n, t in tensors]
-    names = [n for n, _ in prepared]
-    if len(set(names)) != len(names):
-        raise FormatError(f"data file {path}: duplicate entry names")
-    entries = _plan_entries(prepared)
-    by_name = dict(prepared)
-    placeholder = {e.name: "A" * ck.packed_length(ck.block_count(e.nbytes, block_size)) for e in entries}
-    header = _header_bytes(entries, block_size, placeholder, rank, objects)
-    data_start = len(header)
-    total = data_start + (entries[-1].end if entries else 0)
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    writer = DataFileWriter(
+        path, [(n, t.dtype, tuple(t.shape)) for n, t in prepared], rank=rank, objects=objects,
+        block_size=block_size, relpath=relpath,
+    )
     try:
-        os.ftruncate(fd, total)
-        _pwrite_all(fd, header, 0)
-        sums: dict[str, str] = {}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stalwart-write") as pool:
-            pending: Future | None = None
-            for e in entries:
-                mv = tensor_bytes(by_name[e.name])
-                table = np.empty(ck.block_count(e.nbytes, block_size), dtype=np.uint64)
-                for start in range(0, e.nbytes, WRITE_CHUNK):
-                    chunk = mv[start : start + WRITE_CHUNK]
-                    first = start // block_size
-                    ck.block_checksums(chunk, block_size, out=table[first : first + ck.block_count(len(chunk), block_size)])
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(_pwrite_all, fd, chunk, data_start + e.begin + start)
-                sums[e.name] = ck.pack_checksums(table)
-            if pending is not None:
-                pending.result()
-        final = _header_bytes(entries, block_size, sums, rank, objects)
-        if len(final) != len(header):  # cannot happen: checksum strings have fixed length
-            raise FormatError(f"data file {path}: header length changed while writing")
-        _pwrite_all(fd, final, 0)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return FileRecord(relpath if relpath is not None else os.path.basename(path), total, len(final) - 8, ck.digest(final), rank)
+        for name, t in prepared:
+            writer.write(name, t)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close(fsync=fsync)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

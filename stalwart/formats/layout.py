@@ -515,7 +515,7 @@ class ZeroParam(_FlatPlacement):
         return min(d * c, n), min((d + 1) * c, n)
 
     def _dp_ranks_for(self, spec, coords, layout, lo, hi):
-        n, c = self._chunk(spec, coords, layout)
+        _n, c = self._chunk(spec, coords, layout)
         if c == 0:
             return range(0)
         return range(lo // c, min(layout.mesh.size(self.mesh_dim), -(-hi // c)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -124,10 +125,8 @@ class Checkpoint:
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # reading ------------------------------------------------------------------
     def _names(self, names: Iterable[str] | None, target: Layout) -> list[str]:
@@ -259,38 +258,44 @@ class Checkpoint:
     def verify(self, *, progress: Progress | None = None) -> VerifyReport:
         """Check every checksum and that every tensor is exactly covered by its stored pieces."""
         report = VerifyReport(self.path)
-        headers: dict[int, FileHeader] = {}
+        headers: dict[int, FileHeader | None] = {}  # None: the file itself is bad (already reported)
         for record in self.manifest.files:
             full = os.path.join(self.path, record.path)
             try:
                 fd = os.open(full, os.O_RDONLY)
             except FileNotFoundError:
                 report.problems.append(f"data file {record.path}: missing")
+                if record.rank is not None:
+                    headers[record.rank] = None
                 continue
             try:
                 header = read_header(fd, full, record)
-                verify_file(fd, header, progress=progress)
                 if record.rank is not None:
                     headers[record.rank] = header
+                verify_file(fd, header, progress=progress)
                 report.files_checked += 1
                 report.bytes_checked += record.size
             except StalwartError as e:
                 report.problems.append(str(e))
+                if record.rank is not None:
+                    headers.setdefault(record.rank, None)
             finally:
                 os.close(fd)
         self._verify_coverage(report, headers)
         return report
 
-    def _verify_coverage(self, report: VerifyReport, headers: dict[int, FileHeader]) -> None:
+    def _verify_coverage(self, report: VerifyReport, headers: dict[int, FileHeader | None]) -> None:
         layout = self.layout
         stored: dict[str, list] = {n: [] for n in layout.tensors}
         for rank in range(layout.world_size):
             for name, shard in layout.writes(rank):
-                header = headers.get(rank)
-                if header is None:
-                    if self.manifest.file_of_rank(rank) is None:
-                        report.problems.append(f"tensor {name!r}: rank {rank} should store a share but has no data file")
-                    continue  # the file's own problem is already reported
+                if rank not in headers:
+                    report.problems.append(f"tensor {name!r}: rank {rank} should store a share but has no data file")
+                    continue
+                header = headers[rank]
+                if header is None:  # the file's own problem is already reported; do not report holes twice
+                    stored[name].extend((rank, p) for p in shard.pieces)
+                    continue
                 entry = header.entries.get(name)
                 want = shard.numel * itemsize(layout.tensors[name].dtype)
                 if entry is None:
@@ -314,7 +319,7 @@ class Checkpoint:
                 first = [int(i) for i in (count == 0).nonzero()[0]] if spec.shape else []
                 report.problems.append(f"tensor {name!r}: {holes} elements are not covered by any fragment (first at {first})")
             if int((count > 1).sum()):
-                conflict = self._overlap_conflict(name, pieces)
+                conflict = self._overlap_conflict(name, [(r, p) for r, p in pieces if headers.get(r) is not None])
                 if conflict:
                     report.problems.append(conflict)
 

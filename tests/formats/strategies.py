@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -62,7 +63,7 @@ def tensor_specs(draw, max_tensors: int = 5) -> list[tuple[str, tuple[int, ...],
 def _composition(draw, n: int, parts: int) -> tuple[int, ...]:
     cuts = sorted(draw(st.lists(st.integers(0, n), min_size=parts - 1, max_size=parts - 1)))
     bounds = [0, *cuts, n]
-    return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    return tuple(b - a for a, b in itertools.pairwise(bounds))
 
 
 @st.composite

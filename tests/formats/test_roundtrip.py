@@ -136,7 +136,8 @@ def test_save_to_root_with_step_updates_latest(tmp_path):
     root = str(tmp_path / "run")
     F.save({"w": torch.zeros(3)}, root, step=1)
     F.save({"w": torch.ones(3)}, root, step=2)
-    assert open(os.path.join(root, "latest")).read().strip() == "step-00000002"
+    with open(os.path.join(root, "latest")) as f:
+        assert f.read().strip() == "step-00000002"
     assert torch.equal(F.load(root)["w"], torch.ones(3))
     assert torch.equal(F.load(os.path.join(root, "step-00000001"))["w"], torch.zeros(3))
     assert sorted(os.listdir(root)) == ["latest", "step-00000001", "step-00000002"]

@@ -1,0 +1,130 @@
+"""Any checkpoint as a set of named whole tensors: the common read interface.
+
+``stalwart diff`` and ``stalwart convert`` read every format through
+:class:`TensorSource`. The native format is registered here; adapters for foreign
+formats (DeepSpeed, DCP, Hugging Face, torch.save) register themselves with
+:func:`register_source` and are tried in registration order by :func:`open_source`.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from stalwart.errors import FormatError
+from stalwart.formats.manifest import MANIFEST_NAME
+from stalwart.formats.reader import Checkpoint
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    role: str = "other"
+
+
+class TensorSource(ABC):
+    """Read-only access to the whole tensors of a checkpoint, one at a time."""
+
+    format_name: str = ""
+
+    @abstractmethod
+    def infos(self) -> dict[str, TensorInfo]:
+        """Every tensor's metadata, in the checkpoint's order."""
+
+    @abstractmethod
+    def read(self, name: str) -> torch.Tensor:
+        """One whole tensor (verified where the format has checksums)."""
+
+    def objects(self) -> dict:
+        """Non-tensor state (step, scheduler, ...) as JSON-able values."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class NativeSource(TensorSource):
+    format_name = "stalwart"
+
+    def __init__(self, path: str) -> None:
+        self.ckpt = Checkpoint(path)
+
+    def infos(self) -> dict[str, TensorInfo]:
+        out = {n: TensorInfo(n, t.shape, t.dtype, t.role) for n, t in self.ckpt.tensors.items()}
+        for alias, owner in self.ckpt.aliases().items():
+            t = self.ckpt.tensors[owner]
+            out[alias] = TensorInfo(alias, t.shape, t.dtype, t.role)
+        return out
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.ckpt.read(name)
+
+    def objects(self) -> dict:
+        out = dict(self.ckpt.objects)
+        if self.ckpt.step is not None:
+            out.setdefault("step", self.ckpt.step)
+        return out
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+Detector = Callable[[str], "TensorSource | None"]
+_DETECTORS: list[tuple[str, Detector]] = []
+
+
+def register_source(name: str, detector: Detector) -> None:
+    """Add a format: ``detector(path)`` returns a source if it recognises ``path``, else None."""
+    _DETECTORS.append((name, detector))
+
+
+def _detect_native(path: str) -> TensorSource | None:
+    if os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, MANIFEST_NAME)) or os.path.exists(os.path.join(path, "latest"))
+    ):
+        try:
+            return NativeSource(path)
+        except FormatError:
+            if os.path.exists(os.path.join(path, MANIFEST_NAME)):
+                raise
+            return None  # a 'latest' of another format (e.g. DeepSpeed's)
+    return None
+
+
+register_source("stalwart", _detect_native)
+
+
+def open_source(path: str) -> TensorSource:
+    """Open ``path`` with the first registered format that recognises it."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file or directory")
+    _load_adapters()
+    for _, detect in _DETECTORS:
+        src = detect(path)
+        if src is not None:
+            return src
+    found = sorted(os.listdir(path))[:8] if os.path.isdir(path) else [os.path.basename(path)]
+    known = ", ".join(n for n, _ in _DETECTORS)
+    raise FormatError(f"{path}: not a checkpoint format stalwart reads (knows: {known}); found {found}")
+
+
+def _load_adapters() -> None:
+    """Import the foreign-format adapters so they register (importing them is lazy: torch-heavy)."""
+    try:
+        import stalwart.formats.adapters  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "stalwart.formats.adapters":
+            raise
