@@ -49,16 +49,19 @@ def load(
     rank: int = 0,
     names: Iterable[str] | None = None,
     progress=None,
+    mmap: bool = True,
 ) -> dict:
     """Load a checkpoint.
 
     Without ``layout``: whole tensors, in the saved (possibly nested) structure.
     With ``layout``: the local tensors ``rank`` holds under it, by tensor name,
     resharded from however the checkpoint was saved. ``names`` restricts to some
-    tensors. Every byte read is verified against its checksum.
+    tensors. Every byte read is verified against its checksum. With ``mmap`` (the
+    default), tensors stored whole are copy-on-write views of the file's pages
+    instead of copies, like safetensors' ``load_file``.
     """
     with Checkpoint(path) as ckpt:
-        return ckpt.load(layout, rank, names, progress=progress)
+        return ckpt.load(layout, rank, names, progress=progress, mmap=mmap)
 
 
 def verify(path: str, *, progress=None) -> VerifyReport:

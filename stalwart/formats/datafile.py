@@ -90,23 +90,34 @@ class FileRecord:
     """What the manifest records of a written data file."""
 
     path: str  # relative to the checkpoint directory
-    size: int
+    size: int  # of the (decompressed) data file
     header_len: int
     header_digest: str
     rank: int | None = None
+    compression: str | None = None  # "zstd": the file on disk is a zstd frame of the data file
+    stored_size: int | None = None  # size on disk when compressed
+    stored_digest: str | None = None  # XXH3-128 of the compressed bytes
 
     def to_json(self) -> dict:
-        out = {"path": self.path, "size": self.size, "header_len": self.header_len, "header_digest": self.header_digest}
+        out: dict = {"path": self.path, "size": self.size, "header_len": self.header_len, "header_digest": self.header_digest}
         if self.rank is not None:
             out["rank"] = self.rank
+        if self.compression is not None:
+            out.update(compression=self.compression, stored_size=self.stored_size, stored_digest=self.stored_digest)
         return out
 
     @staticmethod
     def from_json(obj) -> FileRecord:
         try:
+            compression = obj.get("compression")
+            if compression not in (None, "zstd"):
+                raise FormatError(f"data file {obj.get('path')!r}: unknown compression {compression!r}")
             return FileRecord(
                 str(obj["path"]), int(obj["size"]), int(obj["header_len"]), str(obj["header_digest"]),
                 int(obj["rank"]) if obj.get("rank") is not None else None,
+                compression,
+                int(obj["stored_size"]) if compression else None,
+                str(obj["stored_digest"]) if compression else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"malformed file record {obj!r}: {e}") from None
@@ -157,6 +168,49 @@ def _header_bytes(entries: list[Entry], block_size: int, sums: dict[str, str], r
     return len(raw).to_bytes(8, "little") + raw
 
 
+class FileImage:
+    """The byte layout of a data file with given entries, before any data exists.
+
+    Entry offsets, the header length and the file size are fixed by the entries'
+    names, dtypes and shapes; checksums only change the header's content, never its
+    length. Writers use this to write data at its final place (on disk, or into a
+    shared-memory image that is a valid data file once its header is finalised).
+    """
+
+    def __init__(
+        self,
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        *,
+        rank: int | None = None,
+        objects: dict | None = None,
+        block_size: int = ck.DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        names = [n for n, _, _ in specs]
+        if len(set(names)) != len(names):
+            raise FormatError("duplicate entry names in a data file")
+        self.rank = rank
+        self.objects = objects
+        self.block_size = block_size
+        self.order = _plan_entries(specs)
+        self.entries = {e.name: e for e in self.order}
+        self.block_counts = {e.name: ck.block_count(e.nbytes, block_size) for e in self.order}
+        placeholder = {e.name: "A" * ck.packed_length(self.block_counts[e.name]) for e in self.order}
+        self.placeholder_header = _header_bytes(self.order, block_size, placeholder, rank, objects)
+        self.data_start = len(self.placeholder_header)
+        self.size = self.data_start + (self.order[-1].end if self.order else 0)
+
+    def header(self, tables: dict[str, np.ndarray]) -> bytes:
+        """The final header for these checksum tables (same length as the placeholder)."""
+        sums = {n: ck.pack_checksums(tables[n]) for n in self.entries}
+        final = _header_bytes(self.order, self.block_size, sums, self.rank, self.objects)
+        if len(final) != len(self.placeholder_header):  # cannot happen: checksum strings have fixed length
+            raise FormatError("data file header length changed")
+        return final
+
+    def record(self, relpath: str, header: bytes) -> FileRecord:
+        return FileRecord(relpath, self.size, len(header) - 8, ck.digest(header), self.rank)
+
+
 class DataFileWriter:
     """Streams a data file whose entries (names, dtypes, shapes) are declared up front.
 
@@ -179,28 +233,21 @@ class DataFileWriter:
     ) -> None:
         if WRITE_CHUNK % block_size:
             raise ValueError(f"block size {block_size} must divide the write chunk {WRITE_CHUNK}")
-        names = [n for n, _, _ in specs]
-        if len(set(names)) != len(names):
-            raise FormatError(f"data file {path}: duplicate entry names")
         self.path = path
         self.relpath = relpath if relpath is not None else os.path.basename(path)
-        self.rank = rank
-        self.objects = objects
         self.block_size = block_size
-        self.entries = {e.name: e for e in _plan_entries(specs)}
-        self._order = list(self.entries.values())
-        self._tables = {e.name: np.zeros(ck.block_count(e.nbytes, block_size), dtype=np.uint64) for e in self._order}
+        self.image = FileImage(specs, rank=rank, objects=objects, block_size=block_size)
+        self.entries = self.image.entries
+        self._tables = {n: np.zeros(c, dtype=np.uint64) for n, c in self.image.block_counts.items()}
         self._written = dict.fromkeys(self.entries, 0)
-        placeholder = {e.name: "A" * ck.packed_length(len(self._tables[e.name])) for e in self._order}
-        self._header = _header_bytes(self._order, block_size, placeholder, rank, objects)
-        self.data_start = len(self._header)
-        self.size = self.data_start + (self._order[-1].end if self._order else 0)
+        self.data_start = self.image.data_start
+        self.size = self.image.size
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(self._fd, self.size)
-            _pwrite_all(self._fd, self._header, 0)
+            _pwrite_all(self._fd, self.image.placeholder_header, 0)
         except BaseException:
             self.abort()
             raise
@@ -261,10 +308,7 @@ class DataFileWriter:
             short = [n for n, e in self.entries.items() if self._written[n] != e.nbytes]
             if short:
                 raise FormatError(f"data file {self.path}: entries not completely written: {short[:5]}")
-            sums = {n: ck.pack_checksums(t) for n, t in self._tables.items()}
-            final = _header_bytes(self._order, self.block_size, sums, self.rank, self.objects)
-            if len(final) != len(self._header):  # cannot happen: checksum strings have fixed length
-                raise FormatError(f"data file {self.path}: header length changed while writing")
+            final = self.image.header(self._tables)
             _pwrite_all(self._fd, final, 0)
             if fsync:
                 os.fsync(self._fd)
@@ -274,7 +318,7 @@ class DataFileWriter:
         self._shutdown()
         os.close(self._fd)
         self._fd = -1
-        return FileRecord(self.relpath, self.size, len(final) - 8, ck.digest(final), self.rank)
+        return self.image.record(self.relpath, final)
 
     def _shutdown(self) -> None:
         if self._pool is not None:
@@ -325,6 +369,55 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def open_data_file(path: str, record: FileRecord | None) -> int:
+    """Open a data file for reading; a zstd-compressed one is checked and decompressed
+    into an anonymous in-memory file, so callers read every file the same way."""
+    if record is None or record.compression is None:
+        return os.open(path, os.O_RDONLY)
+    import zstandard
+
+    size = os.path.getsize(path)
+    if size != record.stored_size:
+        raise FormatError(f"compressed data file {path} is {size} bytes, manifest says {record.stored_size} (truncated?)")
+    digest = ck.StreamDigest()
+    fd = os.memfd_create(os.path.basename(path), os.MFD_CLOEXEC)
+    try:
+        dctx = zstandard.ZstdDecompressor()
+        with open(path, "rb") as raw:
+            reader = dctx.stream_reader(_Tee(raw, digest), read_across_frames=True)
+            pos = 0
+            while True:
+                chunk = reader.read(WRITE_CHUNK)
+                if not chunk:
+                    break
+                _pwrite_all(fd, chunk, pos)
+                pos += len(chunk)
+        if digest.hexdigest() != record.stored_digest:
+            raise ChecksumError(f"compressed data file {path}: digest does not match the manifest")
+        if pos != record.size:
+            raise FormatError(f"compressed data file {path} decompresses to {pos} bytes, manifest says {record.size}")
+    except zstandard.ZstdError as e:
+        os.close(fd)
+        raise FormatError(f"compressed data file {path} is corrupt: {e}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Tee:
+    """A file wrapper that feeds every byte read to a digest."""
+
+    def __init__(self, f, digest: ck.StreamDigest) -> None:
+        self.f = f
+        self.digest = digest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        return data
 
 
 def read_header(fd: int, path: str, record: FileRecord | None = None) -> FileHeader:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from stalwart.errors import ChecksumError, FormatError, LayoutError, StalwartError
+from stalwart.formats.checksum import verify_blocks
 from stalwart.formats.commit import parse_step_dirname, read_latest
-from stalwart.formats.datafile import FileHeader, read_entry_range, read_header, verify_file
+from stalwart.formats.datafile import FileHeader, open_data_file, read_entry_range, read_header, verify_file
 from stalwart.formats.dtypes import dtype_name, itemsize, tensor_bytes
 from stalwart.formats.geometry import Box
 from stalwart.formats.layout import Explicit, Fragment, Layout, Mesh, TensorSpec
@@ -65,6 +66,7 @@ class Checkpoint:
         self.manifest: Manifest = read_manifest(self.path)
         self.layout: Layout = self.manifest.layout
         self._files: dict[int, tuple[int, FileHeader]] = {}
+        self._maps: dict[int, torch.UntypedStorage] = {}
         self._lock = threading.Lock()
 
     # metadata -----------------------------------------------------------------
@@ -101,7 +103,7 @@ class Checkpoint:
                 raise FormatError(f"{self.path}: the manifest lists no data file for rank {rank}, which its layout reads from")
             full = os.path.join(self.path, record.path)
             try:
-                fd = os.open(full, os.O_RDONLY)
+                fd = open_data_file(full, record)
             except FileNotFoundError:
                 raise FormatError(f"{self.path}: data file {record.path} (rank {rank}) is missing") from None
             try:
@@ -112,11 +114,25 @@ class Checkpoint:
             self._files[rank] = (fd, header)
             return fd, header
 
+    def _mapped(self, rank: int) -> torch.UntypedStorage:
+        """A private (copy-on-write) memory map of the rank's data file."""
+        with self._lock:
+            hit = self._maps.get(rank)
+            if hit is None:
+                record = self.manifest.file_of_rank(rank)
+                path = os.path.join(self.path, record.path)
+                if record.compression is not None:
+                    path = f"/proc/self/fd/{self._files[rank][0]}"  # the decompressed in-memory copy
+                hit = torch.UntypedStorage.from_file(path, False, record.size)
+                self._maps[rank] = hit
+            return hit
+
     def close(self) -> None:
         with self._lock:
             for fd, _ in self._files.values():
                 os.close(fd)
             self._files.clear()
+            self._maps.clear()  # tensors handed out keep their mapping alive
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -149,11 +165,30 @@ class Checkpoint:
             raise LayoutError(f"target layout names tensors the checkpoint {self.path} lacks: {missing[:5]}")
         return plan_reads(self.layout, target, rank, self._names(names, target), block_size=self.manifest.block_size)
 
-    def execute(self, plan: ReadPlan, *, progress: Progress | None = None, workers: int = 2) -> dict[str, torch.Tensor]:
-        """Run ``plan``: allocate the local tensors and fill them with verified bytes."""
-        outputs = {
-            o.name: (torch.empty if o.covered else torch.zeros)(o.shape, dtype=o.dtype) for o in plan.outputs.values()
-        }
+    def execute(
+        self, plan: ReadPlan, *, progress: Progress | None = None, workers: int = 2, mmap: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Run ``plan``: allocate the local tensors and fill them with verified bytes.
+
+        With ``mmap``, an output that is exactly one whole stored entry becomes a
+        copy-on-write view of the file's pages (verified by hashing them) instead of
+        a fresh copy, as safetensors' ``load_file`` does.
+        """
+        outputs: dict[str, torch.Tensor] = {}
+        reads = plan.reads
+        if mmap:
+            reads = []
+            for read in plan.reads:
+                mapped = self._map_whole_entry(read, plan)
+                if mapped is None:
+                    reads.append(read)
+                else:
+                    outputs[read.copies[0].dst] = mapped
+                    if progress is not None:
+                        progress(read.nbytes)
+        for o in plan.outputs.values():
+            if o.name not in outputs:
+                outputs[o.name] = (torch.empty if o.covered else torch.zeros)(o.shape, dtype=o.dtype)
         flats = {n: t.reshape(-1) for n, t in outputs.items()}
         local = threading.local()
 
@@ -162,14 +197,38 @@ class Checkpoint:
             if progress is not None:
                 progress(read.nbytes)
 
-        if workers > 1 and len(plan.reads) > 1:
+        if workers > 1 and len(reads) > 1:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stalwart-read") as pool:
-                for _ in pool.map(run, plan.reads):
+                for _ in pool.map(run, reads):
                     pass
         else:
-            for r in plan.reads:
+            for r in reads:
                 run(r)
         return outputs
+
+    def _map_whole_entry(self, read: Read, plan: ReadPlan) -> torch.Tensor | None:
+        if len(read.copies) != 1 or read.start != 0 or read.stop != read.entry_nbytes:
+            return None
+        c = read.copies[0]
+        out = plan.outputs[c.dst]
+        item = read.itemsize
+        numel = read.entry_nbytes // item
+        if c.src_offset or c.dst_offset or numel != c.numel or not out.covered or not _dense(c.lengths, c.src_strides):
+            return None
+        if not _dense(c.lengths, c.dst_strides) or numel != _numel(out.shape):
+            return None
+        _, header = self._open_rank(read.rank)
+        entry = header.entries.get(read.entry)
+        if entry is None or entry.nbytes != read.entry_nbytes or entry.dtype != out.dtype:
+            return None  # the copying path raises the precise error
+        offset = header.data_start + entry.begin
+        if offset % item:
+            return None
+        storage = self._mapped(read.rank)
+        t = torch.empty(0, dtype=out.dtype).set_(storage, offset // item, out.shape, _row_major(out.shape))
+        verify_blocks(tensor_bytes(t) if numel else b"", header.checksums[read.entry], 0, header.block_size,
+                      f"{header.path} entry {read.entry!r}", offset)
+        return t
 
     def _execute_read(self, read: Read, flats: dict[str, torch.Tensor], local: threading.local) -> None:
         fd, header = self._open_rank(read.rank)
@@ -212,15 +271,19 @@ class Checkpoint:
         *,
         progress: Progress | None = None,
         workers: int = 2,
+        mmap: bool = True,
     ) -> dict:
         """Tensors as ``rank`` of ``layout`` holds them (whole tensors without a layout).
+
+        ``mmap`` (default on): tensors stored whole are copy-on-write views of the
+        file's pages rather than copies (see :meth:`execute`).
 
         Without a layout and without ``names``, the saved structure is rebuilt: nested
         dicts/lists and non-tensor values come back as they were saved, and tied
         aliases are the same tensor object.
         """
         plan = self.plan(layout, rank, names)
-        tensors = self.execute(plan, progress=progress, workers=workers)
+        tensors = self.execute(plan, progress=progress, workers=workers, mmap=mmap)
         if layout is not None:
             for name, t in list(tensors.items()):
                 want = layout.spec(name).dtype
@@ -262,9 +325,9 @@ class Checkpoint:
         for record in self.manifest.files:
             full = os.path.join(self.path, record.path)
             try:
-                fd = os.open(full, os.O_RDONLY)
-            except FileNotFoundError:
-                report.problems.append(f"data file {record.path}: missing")
+                fd = open_data_file(full, record)
+            except (FileNotFoundError, StalwartError) as e:
+                report.problems.append(f"data file {record.path}: missing" if isinstance(e, FileNotFoundError) else str(e))
                 if record.rank is not None:
                     headers[record.rank] = None
                 continue
@@ -351,6 +414,21 @@ class Checkpoint:
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bytes(tensor_bytes(a.contiguous())) == bytes(tensor_bytes(b.contiguous()))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
+def _row_major(shape) -> tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
 
 
 def _dense(lengths: tuple[int, ...], strides: tuple[int, ...]) -> bool:
