@@ -120,11 +120,9 @@ def _steps_of_root(root: str) -> list[dict]:
 
 def _tier_records(root: str) -> list[dict]:
     """Durability records written by the checkpoint engine (if this is one of its roots)."""
-    try:
-        from stalwart.ckpt.durability import read_durability
-    except ImportError:
-        return []
-    return read_durability(root)
+    from stalwart.ckpt.tiers import read_durability_records
+
+    return read_durability_records(root)
 
 
 def cmd_inspect(args) -> int:

@@ -25,6 +25,45 @@ def flatten(state, *, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, tree
 
 
+INLINE_TENSOR_MAX = 64
+
+
+def encode_value(obj) -> dict:
+    """Small state (hyper-parameters, scheduler state) as an exact JSON tree.
+
+    Like :func:`flatten`, but tensors of at most 64 elements are stored inline
+    (dtype, shape, values) instead of being split out; bigger ones are an error.
+    """
+    inline: dict[str, torch.Tensor] = {}
+    tree = _flatten(obj, "v", inline, ())
+    return _inline(tree, inline)
+
+
+def _inline(tree: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    t = tree.get("t")
+    if t == "tensor":
+        x = tensors[tree["name"]]
+        if x.numel() > INLINE_TENSOR_MAX:
+            raise FormatError(f"a {list(x.shape)} tensor cannot be stored inline as a small value")
+        x = x.detach().cpu()
+        values = x.reshape(-1).view(torch.uint8).tolist() if x.dtype.itemsize == 1 and not x.dtype.is_floating_point else None
+        if values is None:
+            values = [repr(float(v)) if x.dtype.is_floating_point else int(v) for v in x.reshape(-1).tolist()] if not x.dtype.is_complex else None
+        if values is None:
+            raise FormatError("complex tensors cannot be stored inline")
+        return {"t": "inline", "dtype": str(x.dtype).replace("torch.", ""), "shape": list(x.shape), "v": values}
+    if t == "dict":
+        return {**tree, "v": [_inline(v, tensors) for v in tree["v"]]}
+    if t in ("list", "tuple"):
+        return {**tree, "v": [_inline(v, tensors) for v in tree["v"]]}
+    return tree
+
+
+def decode_value(tree: Mapping):
+    """Inverse of :func:`encode_value`."""
+    return unflatten(tree, {})
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
@@ -97,6 +136,17 @@ def unflatten(tree: Mapping, tensors: Mapping[str, torch.Tensor], *, missing_ok:
         return float(tree["v"])
     if t == "bytes":
         return base64.b64decode(tree["v"])
+    if t == "inline":
+        from stalwart.formats.dtypes import dtype_from_name
+
+        dtype = dtype_from_name(tree["dtype"])
+        if dtype.is_floating_point:
+            data = torch.tensor([float(v) for v in tree["v"]], dtype=torch.float64).to(dtype)
+        elif dtype.itemsize == 1:
+            data = torch.tensor(tree["v"], dtype=torch.uint8).view(dtype)
+        else:
+            data = torch.tensor(tree["v"], dtype=torch.int64).to(dtype)
+        return data.reshape(tree["shape"])
     raise FormatError(f"unknown structure node {t!r}")
 
 

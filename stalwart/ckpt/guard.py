@@ -1,0 +1,563 @@
+"""``stalwart.protect()``: the context manager a training loop runs under.
+
+    with stalwart.protect(model, optimizer, root="ckpt/", every=1,
+                          tiers=["memory", "local:/nvme/ckpt", "file:///lustre/run7"]) as guard:
+        for batch in guard.resume(loader):
+            loss = model(batch).mean()
+            loss.backward()
+            optimizer.step()          # waits here only if the last snapshot's copy is unfinished
+            optimizer.zero_grad()
+            guard.step()              # requests the next lazy snapshot
+
+On entry the newest good checkpoint (memory first, then each tier in order; a
+corrupt or partial one falls back, with a warning naming why) is restored. Every
+``every`` steps, ``guard.step()`` copies small state at once and lets the params
+and optimizer state drain into host memory in the background; the node's keeper
+process persists them to the slower tiers. On normal exit the final state is saved
+and drained; on an exception the last good snapshot is persisted and kept; on
+SIGTERM (preemption) a final checkpoint is written within ``preempt_deadline_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from stalwart.ckpt.dist import side_group, where_am_i
+from stalwart.ckpt.keeper_client import KeeperClient
+from stalwart.ckpt.providers.base import Collected, RestoreContext, StateProvider
+from stalwart.ckpt.providers.data import DataProvider, ResumableLoader, data_targets
+from stalwart.ckpt.providers.module import ModuleProvider, is_deepspeed_engine, mesh_from_model, unwrap
+from stalwart.ckpt.providers.objects import StatefulProvider
+from stalwart.ckpt.providers.optimizer import OptimizerProvider
+from stalwart.ckpt.providers.rng import RNGProvider
+from stalwart.ckpt.snapshot import Copier, SnapshotPlan, build_plan, map_slot_file
+from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tiers
+from stalwart.errors import StalwartError
+from stalwart.formats.layout import Layout, Mesh
+from stalwart.formats.manifest import rank_file_name
+from stalwart.formats.reader import Checkpoint
+
+log = logging.getLogger("stalwart.ckpt")
+
+
+class Preempted(SystemExit):
+    """Raised from ``guard.step()`` after the final checkpoint of a SIGTERM was written."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
+@dataclass
+class GuardStats:
+    snapshots: int = 0
+    skipped: int = 0
+    blocking_s: float = 0.0  # total time the training loop waited for snapshots
+    step_call_s: float = 0.0  # total time spent inside guard.step()
+    last_blocking_s: float = 0.0
+    pool_bytes: int = 0
+    restored_step: int | None = None
+    restored_from: str | None = None
+    fallbacks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Latest:
+    step: int
+    tiers: tuple[str, ...]
+
+
+class Guard:
+    """The handle ``protect()`` yields; see the module docstring."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer,
+        *,
+        root: str,
+        every: int = 1,
+        tiers=None,
+        scheduler=None,
+        extra: Mapping[str, object] | None = None,
+        max_host_memory: int | None = None,
+        slots: int = 2,
+        keeper_linger_s: float = 300.0,
+        preempt_deadline_s: float = 60.0,
+        resume: bool = True,
+        final_checkpoint: bool = True,
+        providers: list[StateProvider] | None = None,
+    ) -> None:
+        if every < 1:
+            raise StalwartError("every must be >= 1")
+        self.model = model
+        self.optimizer = optimizer
+        self.root = os.fspath(root)
+        self.every = every
+        self.tier_specs: list[TierSpec] = parse_tiers(tiers if tiers is not None else ["memory", f"file://{os.path.abspath(self.root)}"])
+        self.tiers: list[Tier] = [open_tier(t) for t in self.tier_specs if t.kind != "memory"]
+        self.max_host_memory = max_host_memory
+        self.slots = slots
+        self.preempt_deadline_s = preempt_deadline_s
+        self.resume_on_enter = resume
+        self.final_checkpoint = final_checkpoint
+        self.where = where_am_i()
+        self.rank = self.where.rank
+        self.providers: list[StateProvider] = list(providers) if providers is not None else self._default_providers(
+            model, optimizer, scheduler, extra
+        )
+        self.mesh: Mesh = self._mesh()
+        self.step_count = 0
+        self.last_snapshot_step: int | None = None
+        self.stats = GuardStats()
+        self.copier = Copier()
+        self.plan: SnapshotPlan | None = None
+        self.maps: list[torch.Tensor] = []
+        self.slot_dirs: list[str] = []
+        self.client = KeeperClient(
+            self.root, self.tier_specs, rank=self.rank, local_ranks=self.where.local_ranks, node=self.where.node_rank,
+            nodes=self.where.num_nodes, slots=slots, linger_s=keeper_linger_s,
+            group_addr=os.environ.get("STALWART_KEEPER_GROUP"),
+        )
+        self._loader: ResumableLoader | None = None
+        self._pending_rng: torch.Tensor | None = None
+        self._pending_data: Mapping | None = None
+        self._hook_handles: list = []
+        self._preempted = threading.Event()
+        self._preempt_done = False
+        self._old_sigterm = None
+        self._entered = False
+
+    # ------------------------------------------------------------------ setup
+    def _default_providers(self, model, optimizer, scheduler, extra) -> list[StateProvider]:
+        if is_deepspeed_engine(model):
+            from stalwart.ckpt.providers.deepspeed import DeepSpeedProvider
+
+            out: list[StateProvider] = [DeepSpeedProvider(model)]
+        else:
+            out = [ModuleProvider(model)]
+            if optimizer is not None:
+                out.append(OptimizerProvider(optimizer, model))
+        if scheduler is not None:
+            out.append(StatefulProvider("scheduler", scheduler))
+        for key, obj in (extra or {}).items():
+            out.append(StatefulProvider(f"extra.{key}", obj))
+        out.append(RNGProvider())
+        return out
+
+    def _mesh(self) -> Mesh:
+        for p in self.providers:
+            mesh = getattr(p, "mesh", None)
+            if callable(mesh):
+                return mesh(self.where.world_size)
+        return mesh_from_model(unwrap(self.model), self.where.world_size)
+
+    def _aliases(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for p in self.providers:
+            if hasattr(p, "aliases"):
+                out.update(p.aliases())
+        return out
+
+    def __enter__(self) -> Guard:
+        status = self.client.connect()
+        if self.rank == 0:
+            log.info("stalwart: keeper pid %s for %s (tiers: %s)", status.get("pid"), self.root,
+                     ", ".join(t.url for t in self.tier_specs))
+        self._install_wait_hook()
+        self._install_sigterm()
+        self._entered = True
+        try:
+            if self.resume_on_enter:
+                self.restore(status)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _install_wait_hook(self) -> None:
+        opt = self.optimizer
+        for p in self.providers:
+            hook_target = getattr(p, "step_hook_target", None)
+            if callable(hook_target):
+                self._hook_handles.append(hook_target(self._before_step))
+                return
+        if opt is not None and hasattr(opt, "register_step_pre_hook"):
+            self._hook_handles.append(opt.register_step_pre_hook(lambda *_: self._before_step()))
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._old_sigterm = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum, frame):
+            if self._preempted.is_set():
+                return
+            self._preempted.set()
+            log.warning("stalwart: SIGTERM: the next guard.step() writes a final checkpoint (deadline %.0fs)", self.preempt_deadline_s)
+            threading.Thread(target=self._preempt_watchdog, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    def _preempt_watchdog(self) -> None:
+        """If the loop does not reach guard.step() within half the deadline, persist the
+        newest complete snapshot with the other half and exit."""
+        start = time.monotonic()
+        deadline = start + self.preempt_deadline_s
+        while time.monotonic() < start + self.preempt_deadline_s / 2:
+            time.sleep(0.1)
+            if self._preempt_done or not self._entered:
+                return
+        with contextlib.suppress(Exception):
+            reply = self.client.call("flush")
+            if reply.get("step") is not None:
+                self.client.call("wait", step=reply["step"], timeout=max(1.0, deadline - time.monotonic()))
+        log.error("stalwart: preemption deadline: exiting after persisting the last complete snapshot")
+        os._exit(143)
+
+    # ------------------------------------------------------------------ snapshots
+    def _before_step(self) -> None:
+        waited = self.copier.wait_before_mutation()
+        self.stats.blocking_s += waited
+        self.stats.last_blocking_s = waited
+
+    def _collect(self) -> list[Collected]:
+        return [p.collect(self.mesh, self.rank) for p in self.providers]
+
+    def _ensure_plan(self, collected: list[Collected]) -> SnapshotPlan:
+        plan = build_plan(collected, self.mesh, self.rank, self._aliases())
+        if self.plan is not None and plan.signature == self.plan.signature:
+            # same layout: keep the mapped slots, take this step's tensor references
+            self.plan.lazy, self.plan.eager = plan.lazy, plan.eager
+            return self.plan
+        if self.max_host_memory is not None and plan.file_size * self.slots > self.max_host_memory:
+            allowed = self.max_host_memory // max(plan.file_size, 1)
+            raise StalwartError(
+                f"one snapshot of rank {self.rank} needs {plan.file_size / 2**20:.1f} MiB; {self.slots} slots need"
+                f" {plan.file_size * self.slots / 2**20:.1f} MiB but max_host_memory is {self.max_host_memory / 2**20:.1f} MiB"
+                f" (fits {allowed} slot(s); pass slots={max(allowed, 1)} or raise max_host_memory)"
+            )
+        reply = self.client.call(
+            "plan", rank=self.rank, file_size=plan.file_size, sig=plan.signature,
+            layout=plan.layout.to_json(), topology={"framework": type(unwrap(self.model)).__name__},
+        )
+        self.maps = []
+        pin = any(t.is_cuda for _, t in plan.lazy)
+        for d in reply["slots"]:
+            self.maps.append(map_slot_file(os.path.join(d, rank_file_name(self.rank)), plan.file_size, pin))
+        self.slot_dirs = reply["slots"]
+        self.stats.pool_bytes = int(reply.get("pool_bytes", 0))
+        if self.where.local_rank == 0:
+            log.info("stalwart: host snapshot pool %s slots x %.1f MiB per rank = %.1f MiB on node %d",
+                     len(self.maps), plan.file_size / 2**20, self.stats.pool_bytes / 2**20, self.where.node_rank)
+        self.plan = plan
+        return plan
+
+    def _objects(self, collected: list[Collected]) -> dict:
+        objects: dict = {}
+        for c in collected:
+            objects.update(c.objects)
+        objects["stalwart"] = {"step": self.step_count, "world_size": self.where.world_size}
+        return objects
+
+    def _snapshot(self, step: int) -> bool:
+        collected = self._collect()
+        plan = self._ensure_plan(collected)
+        reply = self.client.call("acquire", rank=self.rank, step=step)
+        index = reply.get("slot")
+        if index is None:
+            self.stats.skipped += 1
+            log.debug("snapshot of step %s skipped: %s", step, reply.get("reason"))
+            return False
+        mapping = self.maps[index]
+        image = plan.image
+        tables = {n: np.zeros(c, dtype=np.uint64) for n, c in image.block_counts.items()}
+
+        def dst(name: str) -> torch.Tensor:
+            e = image.entries[name]
+            return mapping[image.data_start + e.begin : image.data_start + e.end]
+
+        block = image.block_size
+        self.copier.copy_now([(n, t, dst(n)) for n, t in plan.eager], tables, block)
+        objects = self._objects(collected) if self.rank == 0 else None
+
+        def finish() -> None:
+            header = image.header(tables)
+            mapping[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+            record = image.record(rank_file_name(self.rank), header)
+            self.client.call("done", rank=self.rank, step=step, slot=index, record=record.to_json(), objects=objects)
+
+        self.copier.start([(n, t, dst(n)) for n, t in plan.lazy], tables, block, finish)
+        self.last_snapshot_step = step
+        self.stats.snapshots += 1
+        return True
+
+    def step(self) -> None:
+        """Mark the end of a training step (after ``optimizer.step()``); maybe snapshot."""
+        t0 = time.perf_counter()
+        self.step_count += 1
+        if self._preempted.is_set():
+            self._final_on_preemption()
+        if self.step_count % self.every == 0:
+            self.copier.wait()  # the previous snapshot's background work (normally long done)
+            self._snapshot(self.step_count)
+        self.stats.step_call_s += time.perf_counter() - t0
+
+    def _final_on_preemption(self) -> None:
+        deadline = time.monotonic() + self.preempt_deadline_s
+        self.copier.wait()
+        if self.last_snapshot_step != self.step_count and self._snapshot(self.step_count):
+            self.copier.wait()
+        if self.last_snapshot_step is not None:
+            self.client.call("wait", step=self.last_snapshot_step, force=True, timeout=max(1.0, deadline - time.monotonic()))
+        self._preempt_done = True
+        log.warning("stalwart: final checkpoint of step %s written after SIGTERM", self.last_snapshot_step)
+        raise Preempted()
+
+    def save_now(self, timeout: float = 3600.0) -> int:
+        """Snapshot the current state now and wait until every tier holds it; returns the step."""
+        self.copier.wait()
+        if self.last_snapshot_step != self.step_count and not self._snapshot(self.step_count):
+            raise StalwartError("no free snapshot slot (all are being persisted); try again or add slots")
+        self.copier.wait()
+        reply = self.client.call("wait", step=self.step_count, force=True, timeout=timeout)
+        if reply.get("failed"):
+            raise StalwartError(f"step {self.step_count} could not be persisted: {reply['failed']}")
+        return self.step_count
+
+    def wait(self, timeout: float = 3600.0) -> None:
+        """Wait until the newest snapshot is copied and persisted to every tier it qualifies for."""
+        self.copier.wait()
+        if self.last_snapshot_step is None:
+            return
+        names = [t.name for t in self.tiers if t.qualifies(self.last_snapshot_step)]
+        if names:
+            self.client.call("wait", step=self.last_snapshot_step, tiers=names, timeout=timeout)
+
+    def latest(self) -> Latest | None:
+        """The newest committed step and the tiers (incl. ``memory``) holding it."""
+        status = self.client.call("status")
+        holders: dict[int, list[str]] = {}
+        for m in status["memory"]:
+            holders.setdefault(m["step"], []).append("memory")
+        for name, steps in status["tiers"].items():
+            for s in steps:
+                holders.setdefault(s, []).append(name)
+        if not holders:
+            return None
+        step = max(holders)
+        return Latest(step, tuple(holders[step]))
+
+    # ------------------------------------------------------------------ data
+    def resume(self, loader: Iterable, *, epochs: int | None = None) -> ResumableLoader:
+        """Wrap ``loader`` so iteration continues where the restored checkpoint left off.
+
+        The first call restores the data position (skipping batches already seen);
+        with ``epochs``, iteration runs from the restored epoch up to ``epochs``.
+        """
+        if self._loader is not None and self._loader.loader is loader:
+            self._loader.epochs = epochs if epochs is not None else self._loader.epochs
+            return self._loader
+        wrapper = ResumableLoader(loader, epochs)
+        provider = DataProvider(wrapper)
+        self.providers.append(provider)
+        self._loader = wrapper
+        if self._pending_data is not None:
+            tensors, ctx = self._pending_data
+            provider.restore(tensors, ctx)
+            self._pending_data = None
+        if self._pending_rng is not None:
+            wrapper.resume_rng_after_replay(self._pending_rng)
+            self._pending_rng = None
+        return wrapper
+
+    @property
+    def epoch(self) -> int:
+        return self._loader.epoch if self._loader is not None else 0
+
+    # ------------------------------------------------------------------ restore
+    def _candidates(self, status: dict) -> list[tuple[int, int, str]]:
+        """(step, tier order, tier name) of everything restorable, newest first, fastest tier first."""
+        out = [(m["step"], 0, "memory") for m in status.get("memory", [])]
+        for i, tier in enumerate(self.tiers, start=1):
+            try:
+                out += [(s, i, tier.name) for s in tier.committed_steps()]
+            except Exception as e:  # an unreachable tier is a fallback problem, not fatal
+                warnings.warn(f"stalwart: cannot list tier {tier.name}: {e}", stacklevel=2)
+        return sorted(set(out), key=lambda c: (-c[0], c[1]))
+
+    def restore(self, status: dict | None = None) -> int | None:
+        """Restore the newest good checkpoint; returns its step (None: nothing to restore)."""
+        status = status if status is not None else self.client.call("status")
+        group = side_group("restore")
+        try:
+            candidates = _agree_on_candidates(self._candidates(status), group)
+            memory_dirs = {m["step"]: m["dir"] for m in status.get("memory", [])}
+            for step, order, name in candidates:
+                ok, reason, loaded = self._try_candidate(step, order, name, memory_dirs)
+                all_ok = _all_true(ok, group)
+                if all_ok:
+                    tensors, ctx, path = loaded
+                    self._apply(tensors, ctx)
+                    if order:
+                        self.tiers[order - 1].release(path)
+                    self.step_count = step
+                    self.last_snapshot_step = step
+                    self.stats.restored_step, self.stats.restored_from = step, name
+                    if self.rank == 0:
+                        log.warning("stalwart: restored step %s from %s", step, name)
+                    return step
+                why = reason if not ok else "failed on another rank"
+                msg = f"stalwart: step {step} in {name} cannot be restored ({why}); falling back"
+                self.stats.fallbacks.append(msg)
+                if self.rank == 0 or not ok:
+                    warnings.warn(msg, stacklevel=2)
+                    log.warning(msg)
+            return None
+        finally:
+            if group is not None:
+                import torch.distributed as dist
+
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group(group)
+
+    def _try_candidate(self, step: int, order: int, name: str, memory_dirs: dict):
+        path = None
+        try:
+            path = memory_dirs[step] if order == 0 else self.tiers[order - 1].fetch(step)
+            with Checkpoint(path) as ckpt:
+                if ckpt.step != step:
+                    raise StalwartError(f"{path} holds step {ckpt.step}, not {step}")
+                saved_mesh = ckpt.layout.mesh
+                ctx = RestoreContext(self.mesh, self.rank, step, ckpt.tensors, ckpt.objects, saved_mesh == self.mesh)
+                targets = [p.targets(ctx) for p in self.providers]
+                if self._loader is None:
+                    targets.append(data_targets(ctx))  # kept until resume(loader) attaches one
+                specs, groups = [], {}
+                locals_: dict[str, torch.Tensor] = {}
+                for t in targets:
+                    groups.update(t.groups)
+                    for item in t.items:
+                        specs.append(item.spec)
+                        locals_[item.spec.name] = item.tensor
+                target = Layout(self.mesh, specs, groups)
+                plan = ckpt.plan(target, self.rank)
+                # Memory slots are overwritten by later snapshots: never alias them.
+                tensors = ckpt.execute(plan, mmap=order != 0)
+            return True, None, (tensors, ctx, path)
+        except (StalwartError, OSError, ValueError, KeyError) as e:
+            if order and path is not None:
+                self.tiers[order - 1].release(path)
+            return False, f"{type(e).__name__}: {e}", None
+
+    def _apply(self, tensors: dict[str, torch.Tensor], ctx: RestoreContext) -> None:
+        for p in self.providers:
+            if isinstance(p, DataProvider):
+                continue
+            names = {i.spec.name for i in p.targets(ctx).items}
+            p.restore({n: t for n, t in tensors.items() if n in names}, ctx)
+        self._pending_data = (tensors, ctx)
+        if self._loader is not None:
+            for p in self.providers:
+                if isinstance(p, DataProvider):
+                    p.restore(tensors, ctx)
+            self._pending_data = None
+        self._pending_rng = torch.get_rng_state()
+        if self._loader is not None:
+            self._loader.resume_rng_after_replay(self._pending_rng)
+            self._pending_rng = None
+
+    # ------------------------------------------------------------------ exit
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._entered:
+            return
+        self._entered = False
+        clean = exc_type is None or (isinstance(exc, SystemExit) and isinstance(exc, Preempted))
+        try:
+            with contextlib.suppress(Exception):
+                self.copier.wait()
+            if exc_type is None:
+                if self.final_checkpoint and self.plan is not None and self.last_snapshot_step != self.step_count:
+                    self._snapshot(self.step_count)
+                    self.copier.wait()
+                if self.last_snapshot_step is not None:
+                    reply = self.client.call("wait", step=self.last_snapshot_step, force=True, timeout=3600)
+                    if reply.get("failed"):
+                        log.error("stalwart: step %s could not be persisted to %s", self.last_snapshot_step, reply["failed"])
+            elif not isinstance(exc, Preempted) and self.last_snapshot_step is not None:
+                with contextlib.suppress(Exception):  # keep the last good state: make it durable
+                    self.client.call("wait", step=self.last_snapshot_step, force=True, timeout=600)
+        finally:
+            for h in self._hook_handles:
+                with contextlib.suppress(Exception):
+                    h.remove()
+            if self._old_sigterm is not None:
+                with contextlib.suppress(Exception):
+                    signal.signal(signal.SIGTERM, self._old_sigterm)
+            self.maps = []
+            self.client.close(clean=clean)
+            self.copier.close()
+            if clean and self.where.local_rank == 0:
+                deadline = time.monotonic() + 10
+                while os.path.exists(self.client.shm_dir) and time.monotonic() < deadline:
+                    time.sleep(0.05)  # the keeper drains and exits once every local rank said goodbye
+                self.client.cleanup_start_lock()
+
+
+def _agree_on_candidates(mine: list[tuple[int, int, str]], group) -> list[tuple[int, int, str]]:
+    """The union of every rank's candidates, in one order everywhere."""
+    if group is None:
+        return mine
+    import json
+
+    import torch.distributed as dist
+
+    data = json.dumps(mine).encode()
+    n = torch.tensor([len(data)], dtype=torch.int64)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+    buf = torch.zeros(int(n.item()) + 8, dtype=torch.uint8)
+    buf[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+    buf[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    out = [torch.empty_like(buf) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, buf, group=group)
+    union = set()
+    for b in out:
+        length = int(b[:8].view(torch.int64).item())
+        union.update(tuple(c) for c in json.loads(bytes(b[8 : 8 + length].tolist())))
+    return sorted(union, key=lambda c: (-c[0], c[1]))
+
+
+def _all_true(ok: bool, group) -> bool:
+    if group is None:
+        return ok
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def protect(model: torch.nn.Module, optimizer=None, *, root: str, every: int = 1, tiers=None, scheduler=None,
+            extra: Mapping[str, object] | None = None, max_host_memory: int | None = None, **kwargs) -> Guard:
+    """Protect a training loop; see :class:`Guard` and the module docstring.
+
+    ``tiers`` defaults to ``["memory", "file://<root>"]``. ``max_host_memory`` caps
+    the snapshot slots of each rank in bytes. Further keyword arguments: ``slots``
+    (host snapshot slots, default 2), ``keeper_linger_s``, ``preempt_deadline_s``,
+    ``resume`` (restore on entry, default True), ``final_checkpoint``.
+    """
+    return Guard(model, optimizer, root=root, every=every, tiers=tiers, scheduler=scheduler, extra=extra,
+                 max_host_memory=max_host_memory, **kwargs)
+
+
+__all__ = ["Guard", "GuardStats", "Latest", "Preempted", "protect"]

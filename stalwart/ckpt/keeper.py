@@ -1,0 +1,574 @@
+"""The keeper: one process per node that owns the snapshots in host memory.
+
+It outlives trainer processes (it runs in its own session, so torchrun's process
+group kill and a trainer's SIGKILL do not reach it). It:
+
+* creates the snapshot *slots* in shared memory: ``<shm>/slot-K/rank-R.safetensors``,
+  each a complete data-file image that the trainer of rank ``R`` fills in place;
+* commits a slot once every local rank reported its copy done, by writing the
+  slot's ``manifest.json`` (the memory tier's commit - a slot directory is then an
+  ordinary stalwart checkpoint);
+* persists the newest committed snapshot to the slower tiers (local disk, shared
+  file system, object store) off the trainers' GIL: files are copied byte for byte,
+  then the tier's manifest and ``latest``; slow tiers skip snapshots that are
+  superseded before they could be written (back-pressure never grows memory);
+* on a trainer's abrupt death, persists the newest complete snapshot to every
+  tier, then lingers for restarted trainers (which restore from memory);
+* on start, adopts committed slots left by a previous keeper.
+
+Run by :mod:`stalwart.ckpt.keeper_client`; ``python -m stalwart.ckpt.keeper --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from stalwart.ckpt.protocol import Channel
+from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tier
+from stalwart.formats.commit import atomic_write
+from stalwart.formats.datafile import FileRecord
+from stalwart.formats.layout import Layout
+from stalwart.formats.manifest import MANIFEST_NAME, Manifest, rank_file_name, read_manifest
+
+log = logging.getLogger("stalwart.keeper")
+
+
+@dataclass
+class Slot:
+    index: int
+    dir: str
+    step: int | None = None
+    done: dict[int, dict] = field(default_factory=dict)  # rank -> file record (json) for ``step``
+    complete: bool = False
+    persisting: bool = False
+    objects: dict = field(default_factory=dict)
+
+
+class NodeGroup:
+    """Commit metadata exchange between the keepers of several nodes (a TCPStore).
+
+    Node 0 hosts the store; every keeper publishes the records of the files it wrote
+    for a step, node 0 writes the manifest once all nodes published.
+    """
+
+    def __init__(self, node: int, nodes: int, host: str, port: int, timeout_s: float) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        self.node = node
+        self.nodes = nodes
+        self.timeout_s = timeout_s
+        self.store = dist.TCPStore(host, port, nodes, node == 0, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+    def publish(self, key: str, obj) -> None:
+        self.store.set(f"{key}/node{self.node}", json.dumps(obj))
+
+    def gather(self, key: str) -> list:
+        import datetime
+
+        keys = [f"{key}/node{i}" for i in range(self.nodes)]
+        self.store.wait(keys, datetime.timedelta(seconds=self.timeout_s))
+        return [json.loads(self.store.get(k)) for k in keys]
+
+
+class Keeper:
+    def __init__(
+        self,
+        shm_dir: str,
+        tiers: list[TierSpec],
+        *,
+        num_slots: int,
+        linger_s: float,
+        node: int = 0,
+        group: NodeGroup | None = None,
+    ) -> None:
+        self.shm_dir = shm_dir
+        self.tier_specs = [t for t in tiers if t.kind != "memory"]
+        self.tiers: list[Tier] = [open_tier(t) for t in self.tier_specs]
+        self.linger_s = linger_s
+        self.node = node
+        self.group = group
+        self.cond = threading.Condition()
+        self.slots = [Slot(i, os.path.join(shm_dir, f"slot-{i}")) for i in range(num_slots)]
+        self.file_sizes: dict[int, int] = {}  # rank -> bytes of its slot file
+        self.local_ranks: set[int] = set()
+        self.layout_json: dict | None = None
+        self.plan_sig: str | None = None
+        self.topology: dict = {}
+        self.connected: dict[int, Channel] = {}
+        self.clean_bye: set[int] = set()
+        self.ever_connected = False
+        self.last_disconnect = time.monotonic()
+        self.persisted: dict[str, set[int]] = {t.name: set(t.committed_steps()) for t in self.tiers}
+        self.errors: dict[tuple[str, int], str] = {}
+        self.forced: int | None = None  # a step to persist to every tier regardless of 'every'
+        self.skipped: set[int] = set()  # steps no slot was given to (decided once for all ranks)
+        self.stopping = False
+        for s in self.slots:
+            os.makedirs(s.dir, exist_ok=True)
+        self._adopt()
+
+    # ------------------------------------------------------------------ state
+    def _adopt(self) -> None:
+        """Committed slots left by an earlier keeper are snapshots we still hold."""
+        for s in self.slots:
+            if not os.path.exists(os.path.join(s.dir, MANIFEST_NAME)):
+                continue
+            try:
+                m = read_manifest(s.dir)
+            except Exception as e:  # a damaged slot is dropped, not fatal
+                log.warning("dropping slot %s: %s", s.dir, e)
+                os.remove(os.path.join(s.dir, MANIFEST_NAME))
+                continue
+            s.step, s.complete = m.step, True
+            s.done = {f.rank: f.to_json() for f in m.files if f.rank is not None}
+            s.objects = m.objects
+            self.layout_json = {"mesh": m.layout.mesh.to_json(), "groups": m.layout.to_json()["groups"], "tensors": m.layout.to_json()["tensors"]}
+            log.info("adopted memory snapshot of step %s in %s", s.step, s.dir)
+
+    def memory_steps(self) -> list[dict]:
+        return sorted(
+            ({"step": s.step, "dir": s.dir} for s in self.slots if s.complete),
+            key=lambda d: -d["step"],
+        )
+
+    def status(self) -> dict:
+        return {
+            "memory": self.memory_steps(),
+            "tiers": {name: sorted(steps) for name, steps in self.persisted.items()},
+            "errors": [{"tier": t, "step": s, "error": e} for (t, s), e in self.errors.items()],
+            "slots": len(self.slots),
+            "pool_bytes": len(self.slots) * sum(self.file_sizes.values()),
+        }
+
+    def _uncommit(self, slot: Slot) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(slot.dir, MANIFEST_NAME))
+        slot.step, slot.complete, slot.done, slot.objects = None, False, {}, {}
+
+    # ------------------------------------------------------------------ ops
+    def op_hello(self, msg: dict) -> dict:
+        rank = int(msg["rank"])
+        with self.cond:
+            self.local_ranks.update(int(r) for r in msg["local_ranks"])
+            self.ever_connected = True
+            self.clean_bye.discard(rank)
+            return {"pid": os.getpid(), **self.status(), "shm_dir": self.shm_dir}
+
+    def op_plan(self, msg: dict) -> dict:
+        """(Re)size this rank's slot files for a new plan; drops memory snapshots of an older plan."""
+        rank = int(msg["rank"])
+        size = int(msg["file_size"])
+        with self.cond:
+            while any(s.persisting for s in self.slots):
+                self.cond.wait(0.5)
+            if msg.get("sig") != self.plan_sig:
+                for s in self.slots:
+                    if s.step is not None:
+                        self._uncommit(s)
+                self.plan_sig = msg.get("sig")
+            self.layout_json = msg["layout"]
+            self.topology = msg.get("topology", {})
+            self.file_sizes[rank] = size
+            for s in self.slots:
+                path = os.path.join(s.dir, rank_file_name(rank))
+                if s.step is not None and rank in s.done:
+                    self._uncommit(s)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    if os.fstat(fd).st_size != size:
+                        os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+            return {"slots": [s.dir for s in self.slots], "pool_bytes": len(self.slots) * sum(self.file_sizes.values())}
+
+    def op_acquire(self, msg: dict) -> dict:
+        """The slot every local rank writes snapshot ``step`` into (one decision per step).
+
+        Never reused: the slot being persisted, the newest complete snapshot (memory
+        always keeps one), and a slot another rank is still filling (the request waits
+        for that copy instead: the caller would wait at its next collective anyway).
+        With nothing left, the step is skipped for every rank.
+        """
+        step = int(msg["step"])
+        deadline = time.monotonic() + float(msg.get("timeout", 60.0))
+        with self.cond:
+            while True:
+                for s in self.slots:
+                    if s.step == step and not s.complete:
+                        return {"slot": s.index}
+                if step in self.skipped:
+                    return {"slot": None, "reason": "skipped"}
+                newest = max((s for s in self.slots if s.complete), key=lambda s: s.step, default=None)
+                usable = [s for s in self.slots if not s.persisting and s is not newest and (s.step is None or s.complete)]
+                if usable:
+                    empty = [s for s in usable if s.step is None]
+                    chosen = empty[0] if empty else min(usable, key=lambda s: s.step)
+                    self._uncommit(chosen)
+                    chosen.step = step
+                    return {"slot": chosen.index}
+                filling = [s for s in self.slots if s.step is not None and not s.complete and s.step < step]
+                if not filling or time.monotonic() > deadline:
+                    self.skipped.add(step)
+                    if len(self.skipped) > 1024:
+                        self.skipped = set(sorted(self.skipped)[-512:])
+                    reason = "every slot is being persisted or holds the newest snapshot"
+                    return {"slot": None, "reason": reason}
+                self.cond.wait(0.2)
+
+    def op_done(self, msg: dict) -> dict:
+        rank, step, index = int(msg["rank"]), int(msg["step"]), int(msg["slot"])
+        with self.cond:
+            slot = self.slots[index]
+            if slot.step != step:
+                return {"committed": False, "stale": True}
+            slot.done[rank] = msg["record"]
+            if msg.get("objects") is not None:
+                slot.objects = msg["objects"]
+            if set(slot.done) >= self.local_ranks:
+                if self.group is None:
+                    self._commit_memory(slot, [slot.done[r] for r in sorted(slot.done)], slot.objects)
+                    self.cond.notify_all()
+                else:  # waits for the other nodes: never while holding the lock
+                    threading.Thread(target=self._commit_memory_multinode, args=(slot, step), daemon=True).start()
+            return {"committed": slot.complete}
+
+    def _manifest(self, slot: Slot, records: list[dict]) -> Manifest:
+        return Manifest(
+            layout=Layout.from_json(self.layout_json),
+            files=sorted((FileRecord.from_json(r) for r in records), key=lambda f: f.rank),
+            step=slot.step,
+            objects=slot.objects,
+            topology=self.topology,
+        )
+
+    def _commit_memory(self, slot: Slot, records: list[dict], objects: dict) -> None:
+        """Write the slot's manifest (called with the lock held)."""
+        slot.objects = objects
+        manifest = self._manifest(slot, records)
+        atomic_write(os.path.join(slot.dir, MANIFEST_NAME), manifest.dumps(), fsync=False)
+        slot.complete = True
+        log.debug("memory commit of step %s in slot %s", slot.step, slot.index)
+
+    def _commit_memory_multinode(self, slot: Slot, step: int) -> None:
+        with self.cond:
+            local = [slot.done[r] for r in sorted(slot.done)]
+            objects = slot.objects
+        try:
+            self.group.publish(f"mem/{step}", {"records": local, "objects": objects})
+            parts = self.group.gather(f"mem/{step}")
+        except Exception as e:
+            log.error("memory commit of step %s: the other nodes did not report (%s)", step, e)
+            return
+        with self.cond:
+            if slot.step != step:
+                return  # overwritten meanwhile
+            records = [r for p in parts for r in p["records"]]
+            objects = next((p["objects"] for p in parts if p["objects"]), objects)
+            self._commit_memory(slot, records, objects)
+            self.cond.notify_all()
+
+    def op_abandon(self, msg: dict) -> dict:
+        with self.cond:
+            slot = self.slots[int(msg["slot"])]
+            if slot.step == int(msg["step"]) and not slot.complete:
+                self._uncommit(slot)
+        return {}
+
+    def op_flush(self, msg: dict) -> dict:
+        """Persist the newest complete snapshot to every tier (preemption, shutdown)."""
+        with self.cond:
+            newest = max((s.step for s in self.slots if s.complete), default=None)
+            if newest is not None:
+                self.forced = newest if self.forced is None else max(self.forced, newest)
+                self.cond.notify_all()
+            return {"step": newest}
+
+    def op_wait(self, msg: dict) -> dict:
+        """Block until ``step`` is on the given tiers (all by default) or failed there."""
+        step = int(msg["step"])
+        names = msg.get("tiers") or [t.name for t in self.tiers]
+        deadline = time.monotonic() + float(msg.get("timeout", 3600))
+        with self.cond:
+            if msg.get("force"):
+                self.forced = step if self.forced is None else max(self.forced, step)
+                self.cond.notify_all()
+            while True:
+                pending = [n for n in names if step not in self.persisted.get(n, set()) and (n, step) not in self.errors
+                           and not any(x > step for x in self.persisted.get(n, set()))]
+                if not pending:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {"done": False, "pending": pending, **self.status()}
+                self.cond.wait(min(left, 1.0))
+            failed = {n: self.errors[(n, step)] for n in names if (n, step) in self.errors}
+            return {"done": True, "failed": failed, **self.status()}
+
+    def op_status(self, msg: dict) -> dict:
+        with self.cond:
+            return self.status()
+
+    def op_bye(self, msg: dict) -> dict:
+        with self.cond:
+            if msg.get("clean"):
+                self.clean_bye.add(int(msg["rank"]))
+        return {}
+
+    # ------------------------------------------------------------------ persistence
+    def _pending_work(self) -> tuple[Slot, list[Tier], bool] | None:
+        complete = sorted((s for s in self.slots if s.complete), key=lambda s: -s.step)
+        for slot in complete:
+            forced = self.forced is not None and slot.step == self.forced
+            todo = []
+            for tier in self.tiers:
+                held = self.persisted[tier.name]
+                if slot.step in held or (tier.name, slot.step) in self.errors:
+                    continue
+                if held and max(held) > slot.step:
+                    continue  # the tier already holds something newer
+                if forced or tier.qualifies(slot.step):
+                    todo.append(tier)
+            if todo:
+                return slot, todo, forced
+            if forced:
+                self.forced = None
+        return None
+
+    def persist_loop(self) -> None:
+        while True:
+            with self.cond:
+                work = None
+                while not self.stopping:
+                    work = self._pending_work()
+                    if work is not None:
+                        break
+                    self.cond.wait(1.0)
+                if work is None:
+                    return
+                slot, todo, forced = work
+                slot.persisting = True
+                step = slot.step
+                records = [FileRecord.from_json(slot.done[r]) for r in sorted(slot.done)]
+                manifest_base = read_manifest(slot.dir)
+            try:
+                for tier in todo:
+                    self._persist(tier, slot, step, records, manifest_base)
+            finally:
+                with self.cond:
+                    slot.persisting = False
+                    if forced and self.forced == step and self._pending_work() is None:
+                        self.forced = None
+                    self.cond.notify_all()
+
+    def _persist(self, tier: Tier, slot: Slot, step: int, local: list[FileRecord], base: Manifest) -> None:
+        t0 = time.perf_counter()
+        try:
+            stored = tier.put_files(step, slot.dir, local)
+            if self.group is not None:
+                self.group.publish(f"{tier.name}/{step}", [r.to_json() for r in stored])
+                if self.node != 0:
+                    with self.cond:
+                        self.persisted[tier.name].add(step)
+                    return
+                stored = [FileRecord.from_json(r) for part in self.group.gather(f"{tier.name}/{step}") for r in part]
+            manifest = Manifest(base.layout, sorted(stored, key=lambda f: f.rank), step, base.objects, None, base.topology, base.block_size)
+            tier.commit(step, manifest)
+            nbytes = sum(r.size for r in local)
+            dt = time.perf_counter() - t0
+            log.info("step %s -> %s: %.1f MB in %.2fs (%.2f GB/s)", step, tier.name, nbytes / 1e6, dt, nbytes / dt / 1e9 if dt else 0)
+            with self.cond:
+                self.persisted[tier.name] = set(tier.committed_steps())
+                self.persisted[tier.name].add(step)
+        except Exception as e:
+            log.error("persisting step %s to %s failed: %s\n%s", step, tier.name, e, traceback.format_exc())
+            with self.cond:
+                self.errors[(tier.name, step)] = f"{type(e).__name__}: {e}"
+
+    # ------------------------------------------------------------------ connections
+    def serve_client(self, conn: socket.socket) -> None:
+        chan = Channel(conn)
+        rank = None
+        try:
+            while True:
+                msg = chan.recv()
+                if msg is None:
+                    break
+                op = msg.get("op")
+                if op == "hello":
+                    rank = int(msg["rank"])
+                    with self.cond:
+                        self.connected[rank] = chan
+                handler = getattr(self, f"op_{op}", None)
+                if handler is None:
+                    chan.send({"ok": False, "error": f"unknown op {op!r}"})
+                    continue
+                try:
+                    reply = handler(msg)
+                    chan.send({"ok": True, **reply})
+                except Exception as e:
+                    log.error("op %s failed: %s\n%s", op, e, traceback.format_exc())
+                    chan.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        except Exception as e:  # a broken client must not take the keeper down
+            log.warning("client connection error: %s", e)
+        finally:
+            chan.close()
+            if rank is not None:
+                self._disconnected(rank)
+
+    def _disconnected(self, rank: int) -> None:
+        with self.cond:
+            self.connected.pop(rank, None)
+            self.last_disconnect = time.monotonic()
+            if rank not in self.clean_bye:
+                log.warning("rank %s disconnected without saying goodbye: persisting the newest complete snapshot", rank)
+                for s in self.slots:
+                    if s.step is not None and not s.complete and not s.persisting:
+                        self._uncommit(s)  # an unfinished copy is garbage
+                newest = max((s.step for s in self.slots if s.complete), default=None)
+                if newest is not None:
+                    self.forced = newest if self.forced is None else max(self.forced, newest)
+            self.cond.notify_all()
+
+    def idle_exit_due(self) -> bool:
+        with self.cond:
+            if self.connected or not self.ever_connected:
+                return False
+            busy = any(s.persisting for s in self.slots) or self._pending_work() is not None
+            if busy:
+                return False
+            if self.local_ranks and self.clean_bye >= self.local_ranks:
+                return True
+            return time.monotonic() - self.last_disconnect > self.linger_s
+
+
+def _serve(keeper: Keeper, sock_path: str) -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    server.bind(sock_path)
+    server.listen(64)
+    server.settimeout(0.5)
+    persister = threading.Thread(target=keeper.persist_loop, name="persist", daemon=True)
+    persister.start()
+    started = time.monotonic()
+    try:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                if keeper.idle_exit_due():
+                    break
+                if not keeper.ever_connected and time.monotonic() - started > max(keeper.linger_s, 60):
+                    log.info("no trainer connected; exiting")
+                    break
+                continue
+            threading.Thread(target=keeper.serve_client, args=(conn,), daemon=True).start()
+    finally:
+        with keeper.cond:
+            keeper.stopping = True
+            keeper.cond.notify_all()
+        persister.join(timeout=600)
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock_path)
+
+
+def _own_directory(path: str, timeout_s: float = 60.0) -> bool:
+    """Take the exclusive lock on ``path`` itself (held until exit).
+
+    The lock is on the directory, which an exiting keeper removes while holding it;
+    a lock obtained on a removed inode is retried. Returns False when another live
+    keeper serves the directory (its socket answers).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(os.path.join(path, "keeper.sock"))
+                return False
+            except OSError:
+                pass  # the owner is starting or exiting: wait for it
+            finally:
+                probe.close()
+            time.sleep(0.05)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            _LOCKS.append(fd)  # keep the descriptor (and the lock) for the process lifetime
+            return True
+        os.close(fd)
+    raise SystemExit(f"could not lock {path} within {timeout_s:.0f}s")
+
+
+_LOCKS: list[int] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stalwart.ckpt.keeper", description="stalwart's per-node snapshot keeper")
+    ap.add_argument("--shm-dir", required=True, help="shared-memory directory owned by this keeper")
+    ap.add_argument("--tiers", required=True, help="JSON list of tier specs")
+    ap.add_argument("--slots", type=int, default=2)
+    ap.add_argument("--linger", type=float, default=300.0, help="seconds to wait for trainers after an abrupt disconnect")
+    ap.add_argument("--node", type=int, default=0)
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--group-addr", default=None, help="host:port of the keepers' store (multi-node)")
+    ap.add_argument("--log-file", default=None)
+    ap.add_argument("--keep-shm", action="store_true", help="do not remove the shared memory on exit")
+    args = ap.parse_args(argv)
+
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if args.log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(args.log_file)), exist_ok=True)
+        handlers.append(logging.FileHandler(args.log_file))
+    logging.basicConfig(level=os.environ.get("STALWART_KEEPER_LOG", "INFO"), handlers=handlers,
+                        format=f"%(asctime)s keeper[node {args.node} pid {os.getpid()}] %(levelname)s %(message)s")
+    if not _own_directory(args.shm_dir):
+        log.info("another keeper serves %s; exiting", args.shm_dir)
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: None)  # stay alive for the flush; trainers' exit ends us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tiers = [parse_tier(t) for t in json.loads(args.tiers)]
+    group = None
+    if args.nodes > 1:
+        host, port = args.group_addr.rsplit(":", 1)
+        group = NodeGroup(args.node, args.nodes, host, int(port), timeout_s=600)
+    keeper = Keeper(args.shm_dir, tiers, num_slots=args.slots, linger_s=args.linger, node=args.node, group=group)
+    with open(os.path.join(args.shm_dir, "keeper.pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(args.shm_dir, "keeper.pid.tmp"), os.path.join(args.shm_dir, "keeper.pid"))
+    log.info("keeping %s with %d slots; tiers: %s", args.shm_dir, args.slots, ", ".join(t.url for t in tiers) or "memory only")
+    try:
+        _serve(keeper, os.path.join(args.shm_dir, "keeper.sock"))
+    finally:
+        if not args.keep_shm:
+            shutil.rmtree(args.shm_dir, ignore_errors=True)
+        log.info("keeper exits")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

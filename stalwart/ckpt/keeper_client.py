@@ -1,0 +1,160 @@
+"""Trainer side of the keeper: find this node's keeper or start one, and talk to it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+from stalwart.ckpt.protocol import Channel, KeeperGone, connect
+from stalwart.ckpt.tiers import TierSpec
+from stalwart.errors import StalwartError
+
+SHM_BASE = os.environ.get("STALWART_SHM_BASE", "/dev/shm")
+
+
+def shm_dir_for(root: str, node: int) -> str:
+    """The shared-memory directory of a job (identified by its root) on one node."""
+    key = hashlib.sha1(f"{os.path.abspath(root)}#node{node}".encode()).hexdigest()[:16]
+    return os.path.join(SHM_BASE, f"stalwart-{key}")
+
+
+class KeeperClient:
+    """A connection to the node's keeper, starting it (in its own session) when absent."""
+
+    def __init__(
+        self,
+        root: str,
+        tiers: list[TierSpec],
+        *,
+        rank: int,
+        local_ranks: list[int],
+        node: int = 0,
+        nodes: int = 1,
+        slots: int = 2,
+        linger_s: float = 300.0,
+        group_addr: str | None = None,
+        start_timeout_s: float = 60.0,
+    ) -> None:
+        self.root = root
+        self.tiers = tiers
+        self.rank = rank
+        self.local_ranks = local_ranks
+        self.node = node
+        self.nodes = nodes
+        self.slots = slots
+        self.linger_s = linger_s
+        self.group_addr = group_addr
+        self.start_timeout_s = start_timeout_s
+        self.shm_dir = shm_dir_for(root, node)
+        self.sock_path = os.path.join(self.shm_dir, "keeper.sock")
+        self.chan: Channel | None = None
+        self.started_here = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def _try_connect(self) -> Channel | None:
+        try:
+            return connect(self.sock_path, timeout=5.0)
+        except (FileNotFoundError, ConnectionRefusedError, OSError):
+            return None
+
+    def _spawn(self) -> None:
+        log_dir = os.path.join(self.root, ".stalwart") if "://" not in self.root else self.shm_dir
+        os.makedirs(log_dir, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "stalwart.ckpt.keeper",
+            "--shm-dir", self.shm_dir,
+            "--tiers", json.dumps([t.to_json() for t in self.tiers]),
+            "--slots", str(self.slots),
+            "--linger", str(self.linger_s),
+            "--node", str(self.node),
+            "--nodes", str(self.nodes),
+            "--log-file", os.path.join(log_dir, f"keeper-node{self.node}.log"),
+        ]
+        if self.group_addr:
+            cmd += ["--group-addr", self.group_addr]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "CUDA_VISIBLE"))}
+        subprocess.Popen(
+            cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, close_fds=True, env=env,
+        )
+        self.started_here = True
+
+    def _start_lock_path(self) -> str:
+        # beside the shared-memory directory: an exiting keeper removes the directory
+        return self.shm_dir + ".start"
+
+    def _connect_once(self) -> Channel | None:
+        chan = self._try_connect()
+        if chan is not None:
+            return chan
+        fd = os.open(self._start_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            chan = self._try_connect()
+            if chan is None:
+                self._spawn()
+                deadline = time.monotonic() + self.start_timeout_s
+                while chan is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    chan = self._try_connect()
+        finally:
+            os.close(fd)
+        return chan
+
+    def connect(self) -> dict:
+        """Connect (starting the keeper if needed) and say hello; returns the keeper's status.
+
+        A keeper that is just exiting may accept and then close the connection; the
+        hello is then retried against its successor.
+        """
+        deadline = time.monotonic() + self.start_timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            chan = self._connect_once()
+            if chan is None:
+                break
+            try:
+                reply = chan.call("hello", rank=self.rank, local_ranks=self.local_ranks, pid=os.getpid())
+            except KeeperGone as e:
+                last = e
+                chan.close()
+                time.sleep(0.1)
+                continue
+            self.chan = chan
+            return reply
+        raise StalwartError(
+            f"could not start or reach the keeper at {self.sock_path} within {self.start_timeout_s:.0f}s"
+            + (f" ({last})" if last else "")
+        )
+
+    def cleanup_start_lock(self) -> None:
+        """Remove the start lock once the job's keeper is gone (best effort)."""
+        if not os.path.exists(self.shm_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._start_lock_path())
+
+    def call(self, op: str, **kwargs) -> dict:
+        if self.chan is None:
+            raise KeeperGone("not connected to a keeper")
+        return self.chan.call(op, **kwargs)
+
+    def close(self, clean: bool) -> None:
+        if self.chan is None:
+            return
+        with contextlib.suppress(StalwartError, OSError):
+            self.chan.call("bye", rank=self.rank, clean=clean)
+        self.chan.close()
+        self.chan = None
+
+    def keeper_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.shm_dir, "keeper.pid")) as f:
+                return int(f.read().strip())
+        except (FileNotFoundError, ValueError):
+            return None

@@ -1,0 +1,85 @@
+"""State providers: turn live training objects into named tensors + JSON, and back.
+
+A provider contributes :class:`Item` s (a global :class:`TensorSpec` with this rank's
+local tensor) and JSON objects to each snapshot, and on restore receives the
+tensors it asked for (:meth:`StateProvider.targets`) plus the checkpoint's objects.
+
+*Lazy* items (params, optimizer state) are copied in the background after
+``guard.step()``: they cannot change until the next optimizer step. *Eager* items
+(buffers such as BatchNorm statistics, RNG, data position) change during the
+forward pass and are copied before ``guard.step()`` returns; they are small.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from stalwart.formats.layout import Mesh, Shard, Sharded, TensorSpec, ZeroGroup
+
+
+@dataclass
+class Item:
+    spec: TensorSpec
+    tensor: torch.Tensor  # this rank's local shard (any device); None for ranks that hold nothing
+    lazy: bool = True
+
+
+@dataclass
+class Collected:
+    items: list[Item] = field(default_factory=list)
+    objects: dict = field(default_factory=dict)  # JSON-able; rank 0's are stored
+    groups: dict[str, ZeroGroup] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RestoreContext:
+    """What a provider sees at restore time."""
+
+    mesh: Mesh
+    rank: int
+    step: int | None
+    saved: Mapping[str, TensorSpec]  # the checkpoint's tensors
+    objects: Mapping  # the checkpoint's global objects
+    same_topology: bool  # saved world/mesh equals the current one
+
+
+class StateProvider(ABC):
+    """One source of training state. Names it produces must be unique across providers."""
+
+    name: str = "state"
+
+    @abstractmethod
+    def collect(self, mesh: Mesh, rank: int) -> Collected:
+        """This rank's items and the global objects, as of now."""
+
+    def targets(self, ctx: RestoreContext) -> Collected:
+        """What to load on restore: by default what :meth:`collect` describes, restricted
+        to tensors the checkpoint holds (providers whose state is created lazily, such
+        as optimizers, override this)."""
+        got = self.collect(ctx.mesh, ctx.rank)
+        got.items = [i for i in got.items if i.spec.name in ctx.saved]
+        return got
+
+    @abstractmethod
+    def restore(self, tensors: Mapping[str, torch.Tensor], ctx: RestoreContext) -> None:
+        """Put loaded local tensors (by name) and ``ctx.objects`` back into the live objects."""
+
+
+def per_rank_spec(name: str, mesh: Mesh, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
+    """A tensor with a leading world dimension; rank ``r`` holds row ``r`` (RNG, data position)."""
+    levels = tuple(Shard(0, d, None, "even") for d in mesh.dims if mesh.size(d) > 1)
+    full = (mesh.world_size, *shape)
+    from stalwart.formats.layout import Replicated
+
+    placement = Sharded(levels) if levels else Replicated()
+    return TensorSpec(name, full, dtype, placement, role="other")
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """In-place restore that keeps the live tensor object (and its optimizer identity)."""
+    with torch.no_grad():
+        dst.copy_(src.reshape(dst.shape) if src.shape != dst.shape else src)

@@ -1,0 +1,136 @@
+"""Model parameters and buffers: plain modules, DDP, and FSDP2 / DTensor sharding."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from stalwart.ckpt.providers.base import Collected, Item, RestoreContext, StateProvider, copy_into
+from stalwart.errors import LayoutError
+from stalwart.formats.layout import Mesh, Replicated, Shard, Sharded, TensorSpec
+
+
+def is_deepspeed_engine(obj) -> bool:
+    """True for a DeepSpeed engine, without importing deepspeed."""
+    return any(c.__module__.startswith("deepspeed.") and c.__name__ == "DeepSpeedEngine" for c in type(obj).__mro__)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DDP / DataParallel / DeepSpeed-style wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def dtensor_placement(t, mesh: Mesh) -> tuple[tuple[int, ...], Sharded | Replicated, torch.Tensor]:
+    """(global shape, placement, local tensor) of a DTensor on a mesh matching ``mesh``.
+
+    ``Shard(d)`` on mesh dim ``i`` becomes a chunk-mode :class:`Shard` level (DTensor
+    uses torch.chunk semantics); ``Replicate`` adds nothing. Partial and strided
+    shardings are refused with a clear error.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Shard as DShard
+
+    dmesh = t.device_mesh
+    names = dmesh.mesh_dim_names or tuple(f"mesh{i}" for i in range(dmesh.ndim))
+    levels = []
+    for i, p in enumerate(t.placements):
+        if isinstance(p, Replicate):
+            continue
+        if type(p) is DShard:
+            if names[i] not in mesh.dims:
+                raise LayoutError(f"DTensor mesh dim {names[i]!r} is not part of the checkpoint mesh {mesh.dims}")
+            levels.append(Shard(p.dim, names[i]))
+            continue
+        raise LayoutError(f"DTensor placement {p!r} is not supported yet (Shard and Replicate are)")
+    placement = Sharded(tuple(levels)) if levels else Replicated()
+    return tuple(t.shape), placement, t.to_local()
+
+
+def mesh_from_model(model: torch.nn.Module, world_size: int) -> Mesh:
+    """The checkpoint mesh: a DTensor model's device mesh, else one 'dp' dim of the world."""
+    for p in model.parameters():
+        if _is_dtensor(p):
+            dm = p.device_mesh
+            names = dm.mesh_dim_names or tuple(f"mesh{i}" for i in range(dm.ndim))
+            flat = dm.mesh.flatten().tolist()
+            if flat != list(range(world_size)):
+                raise LayoutError("the DTensor device mesh must cover ranks 0..world-1 in row-major order")
+            return Mesh(tuple(names), tuple(dm.mesh.shape))
+    return Mesh(("dp",), (world_size,))
+
+
+class ModuleProvider(StateProvider):
+    """Params (lazy) and persistent buffers (eager, they change in forward) of a model.
+
+    DDP replicas hold the same values: the tensors are replicated over the mesh and
+    each is stored by one rank (round-robin), so saving work is spread. FSDP2 /
+    DTensor params are stored as each rank's local shard under their placement.
+    """
+
+    name = "model"
+
+    def __init__(self, model: torch.nn.Module, prefix: str = "") -> None:
+        self.model = unwrap(model)
+        self.prefix = prefix
+
+    def _named(self):
+        for name, p in self.model.named_parameters():
+            yield name, p, "param"
+        persistent = set(self.model.state_dict(keep_vars=True).keys())
+        for name, b in self.model.named_buffers():
+            if b is not None and name in persistent:
+                yield name, b, "buffer"
+
+    def collect(self, mesh: Mesh, rank: int) -> Collected:
+        out = Collected()
+        seen: dict[int, str] = {}
+        for name, t, role in self._named():
+            key = id(t)
+            if key in seen:  # tied weights: stored once, alias recorded by the engine
+                continue
+            seen[key] = name
+            if _is_dtensor(t):
+                shape, placement, local = dtensor_placement(t.data if role == "param" else t, mesh)
+            else:
+                shape, placement, local = tuple(t.shape), Replicated(), t.data
+            spec = TensorSpec(self.prefix + name, shape, t.dtype, placement, role=role)
+            out.items.append(Item(spec, local, lazy=role == "param"))
+        return out
+
+    def aliases(self) -> dict[str, str]:
+        """alias name -> owner name for tied parameters."""
+        seen: dict[int, str] = {}
+        out = {}
+        for name, t, _ in self._named():
+            if id(t) in seen:
+                out[self.prefix + name] = self.prefix + seen[id(t)]
+            else:
+                seen[id(t)] = name
+        return out
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], ctx: RestoreContext) -> None:
+        missing = []
+        for name, t, _ in self._named():
+            full = self.prefix + name
+            src = tensors.get(full)
+            if src is None:
+                owner = self.aliases().get(full)
+                if owner is not None and owner in tensors:
+                    continue  # tied: restored through its owner
+                missing.append(full)
+                continue
+            dst = t.to_local() if _is_dtensor(t) else t
+            copy_into(dst, src)
+        if missing:
+            raise LayoutError(f"the checkpoint lacks model tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")

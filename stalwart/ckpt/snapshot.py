@@ -1,0 +1,196 @@
+"""Snapshot planning and the lazy copy into shared-memory slots.
+
+A :class:`SnapshotPlan` fixes, for one rank, which tensors it stores and where their
+bytes go in its slot file (a :class:`~stalwart.formats.datafile.FileImage`). The
+:class:`Copier` moves bytes from live tensors into a slot: eager items right away,
+lazy items on a background thread while the next forward/backward runs. Checksums
+are computed chunk by chunk right after each chunk is copied (the data is still in
+cache), not in a second pass. On CUDA, chunks are copied device-to-host on a side
+stream into the pinned slot, and the optimizer step only waits on the device for
+that stream; hashing then runs on the host in the background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from stalwart.ckpt.providers.base import Collected
+from stalwart.errors import LayoutError
+from stalwart.formats import checksum as ck
+from stalwart.formats.datafile import FileImage
+from stalwart.formats.dtypes import tensor_bytes
+from stalwart.formats.layout import Layout, Mesh
+
+COPY_CHUNK = 4 * 1024 * 1024  # bytes copied then hashed per step (cache-sized, a multiple of the block size)
+
+
+@dataclass
+class SnapshotPlan:
+    layout: Layout
+    image: FileImage
+    lazy: list[tuple[str, torch.Tensor]]
+    eager: list[tuple[str, torch.Tensor]]
+    signature: str
+
+    @property
+    def file_size(self) -> int:
+        return self.image.size
+
+
+def build_plan(collected: list[Collected], mesh: Mesh, rank: int, aliases: dict[str, str]) -> SnapshotPlan:
+    """The layout of everything collected, and this rank's share of it."""
+    specs, groups, items = [], {}, {}
+    owners: dict[str, list[str]] = {}
+    for alias, owner in aliases.items():
+        owners.setdefault(owner, []).append(alias)
+    for c in collected:
+        groups.update(c.groups)
+        for item in c.items:
+            if item.spec.name in items:
+                raise LayoutError(f"two state providers both produce {item.spec.name!r}")
+            items[item.spec.name] = item
+            spec = item.spec
+            if spec.name in owners:
+                spec = replace(spec, aliases=tuple(owners[spec.name]))
+            specs.append(spec)
+    layout = Layout(mesh, specs, groups)
+    lazy, eager, entries = [], [], []
+    for name, shard in layout.writes(rank):
+        item = items[name]
+        t = item.tensor
+        if t is None or t.numel() != shard.numel:
+            raise LayoutError(
+                f"rank {rank}: {name!r} local tensor has {0 if t is None else t.numel()} elements, its layout says {shard.numel}"
+            )
+        entries.append((name, t.dtype, shard.shape))
+        (lazy if item.lazy else eager).append((name, t))
+    image = FileImage(entries, rank=rank)
+    sig = hashlib.sha1(json.dumps([layout.to_json(), rank], sort_keys=True).encode()).hexdigest()
+    return SnapshotPlan(layout, image, lazy, eager, sig)
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat = t.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+class Copier:
+    """Copies snapshot entries into a mapped slot and checksums them; one job at a time."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stalwart-copy")
+        self._future: Future | None = None
+        self._device_event = None  # CUDA: last D2H copy event, for the device-side wait
+        self._stream = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _copy_entry(name: str, src: torch.Tensor, dst: torch.Tensor, table: np.ndarray, block: int) -> None:
+        s = _byte_view(src)
+        n = s.numel()
+        if n != dst.numel():
+            raise LayoutError(f"{name!r}: {n} bytes to copy into a {dst.numel()}-byte slot entry")
+        for start in range(0, n, COPY_CHUNK):
+            stop = min(start + COPY_CHUNK, n)
+            d = dst[start:stop]
+            d.copy_(s[start:stop])
+            first = start // block
+            ck.block_checksums(tensor_bytes(d), block, out=table[first : first + ck.block_count(stop - start, block)])
+
+    def copy_now(self, jobs, tables: dict[str, np.ndarray], block: int) -> None:
+        """Copy small (eager) entries synchronously; CUDA sources are copied blocking."""
+        for name, src, dst in jobs:
+            self._copy_entry(name, src.cpu() if src.is_cuda else src, dst, tables[name], block)
+
+    def start(self, jobs, tables: dict[str, np.ndarray], block: int, finish: Callable[[], None]) -> None:
+        """Copy lazy entries in the background, then call ``finish`` (on the copy thread)."""
+        self.wait()
+        cuda_jobs = [(n, s, d) for n, s, d in jobs if s.is_cuda]
+        cpu_jobs = [(n, s, d) for n, s, d in jobs if not s.is_cuda]
+        events: list[tuple[str, int, int, object]] = []
+        if cuda_jobs:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            self._stream.wait_stream(torch.cuda.current_stream())  # the step that produced the values
+            with torch.cuda.stream(self._stream):
+                for name, src, dst in cuda_jobs:
+                    s = _byte_view(src)
+                    for start in range(0, s.numel(), COPY_CHUNK):
+                        stop = min(start + COPY_CHUNK, s.numel())
+                        dst[start:stop].copy_(s[start:stop], non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(self._stream)
+                        events.append((name, start, stop, ev))
+            self._device_event = events[-1][3] if events else None
+
+        def run() -> None:
+            for name, src, dst in cpu_jobs:
+                self._copy_entry(name, src, dst, tables[name], block)
+            dsts = {n: d for n, _, d in cuda_jobs}
+            for name, start, stop, ev in events:
+                ev.synchronize()
+                first = start // block
+                view = tensor_bytes(dsts[name][start:stop])
+                ck.block_checksums(view, block, out=tables[name][first : first + ck.block_count(stop - start, block)])
+            finish()
+
+        self._future = self._pool.submit(run)
+
+    def wait_before_mutation(self) -> float:
+        """Block until the live tensors may change; returns the seconds waited.
+
+        CPU sources: the background copy must be finished. CUDA sources: only the
+        device must have finished reading them, which the current stream waits for on
+        the device; host-side hashing continues in the background.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        fut = self._future
+        if self._device_event is not None and fut is not None:
+            torch.cuda.current_stream().wait_event(self._device_event)
+            self._device_event = None
+            if fut.done():
+                fut.result()
+            return time.perf_counter() - t0
+        if fut is not None:
+            fut.result()
+        return time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Block until the last job (copy, checksums and ``finish``) is over."""
+        fut = self._future
+        if fut is not None:
+            fut.result()
+
+    def busy(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def map_slot_file(path: str, size: int, pin: bool) -> torch.Tensor:
+    """A writable uint8 view of a shared-memory slot file (pinned for CUDA copies)."""
+    t = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+    if pin and size and torch.cuda.is_available():
+        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), size, 0)
+        if int(rc) != 0:
+            raise RuntimeError(f"cudaHostRegister of {path} failed with {rc}")
+    return t
+
+
+def unpin(t: torch.Tensor) -> None:
+    if torch.cuda.is_available() and t.numel():
+        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())

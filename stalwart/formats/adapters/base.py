@@ -1,0 +1,270 @@
+"""What every foreign-format reader gives the converter: named whole tensors plus state.
+
+A :class:`ConvertSource` is a :class:`~stalwart.formats.sources.TensorSource` that
+also knows, for each tensor, what it is (param, buffer, optimizer slot of which
+param, frozen or not), which names are tied aliases of which, and the training
+state around it (optimizer param groups and hyper-parameters, scheduler, loss
+scaler, step, client state). Names follow the native convention: params and
+buffers by their plain FQN, optimizer slots as ``optim.<fqn>.<slot>``.
+
+Tensors are read one at a time (:meth:`ConvertSource.read`) and readers must be
+thread-safe: the converter reads several at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from stalwart.errors import FormatError
+from stalwart.formats.dtypes import itemsize
+from stalwart.formats.sources import TensorInfo, TensorSource
+
+Reader = Callable[[], torch.Tensor]
+
+
+def slot_name(fqn: str, slot: str) -> str:
+    """The native name of optimizer slot ``slot`` of param ``fqn``."""
+    return f"optim.{fqn}.{slot}"
+
+
+@dataclass
+class SourceTensor:
+    """One logical tensor of a source checkpoint and how to read it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    role: str  # param | buffer | optimizer_slot | other
+    reader: Reader = field(repr=False)
+    param: str | None = None  # optimizer slots: the param they belong to
+    slot: str | None = None
+    requires_grad: bool | None = None  # params: False for frozen ones
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@dataclass
+class SourceMeta:
+    """Everything but the tensors."""
+
+    format: str
+    step: int | None = None
+    optimizer: dict | None = None  # {"class": str | None, "param_groups": [{"params": [fqn, ...], **hparams}]}
+    scheduler: dict | None = None
+    loss_scaler: dict | None = None
+    client: dict = field(default_factory=dict)
+    topology: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    extra_objects: dict = field(default_factory=dict)
+
+
+class ConvertSource(TensorSource):
+    """Base of the format readers; subclasses fill :attr:`tensors`, :attr:`aliases` and :attr:`meta`."""
+
+    format_name = ""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tensors: dict[str, SourceTensor] = {}
+        self.aliases: dict[str, str] = {}  # alias -> owner (owner is in tensors)
+        self.meta = SourceMeta(self.format_name)
+        self._closers: list[Callable[[], None]] = []
+
+    # building ---------------------------------------------------------------
+    def add(self, t: SourceTensor) -> None:
+        if t.name in self.tensors:
+            raise FormatError(f"{self.path}: tensor {t.name!r} appears twice")
+        self.tensors[t.name] = t
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    # TensorSource --------------------------------------------------------------
+    def infos(self) -> dict[str, TensorInfo]:
+        out = {n: TensorInfo(n, t.shape, t.dtype, t.role) for n, t in self.tensors.items()}
+        for alias, owner in self.aliases.items():
+            t = self.tensors[owner]
+            out[alias] = TensorInfo(alias, t.shape, t.dtype, t.role)
+        return out
+
+    def read(self, name: str) -> torch.Tensor:
+        name = self.aliases.get(name, name)
+        t = self.tensors.get(name)
+        if t is None:
+            raise FormatError(f"{self.path}: no tensor named {name!r}")
+        out = t.reader()
+        if tuple(out.shape) != t.shape or out.dtype != t.dtype:
+            raise FormatError(
+                f"{self.path}: tensor {name!r} read as {out.dtype}{list(out.shape)}, expected {t.dtype}{list(t.shape)}"
+            )
+        return out
+
+    def objects(self) -> dict:
+        m = self.meta
+        out: dict = {"source": {"format": m.format, **m.info}}
+        if m.step is not None:
+            out["step"] = m.step
+        for key in ("optimizer", "scheduler", "loss_scaler"):
+            if getattr(m, key) is not None:
+                out[key] = getattr(m, key)
+        if m.client:
+            out["client"] = m.client
+        return out
+
+    def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
+
+
+# --------------------------------------------------------------------------- the write side
+
+
+@dataclass
+class OutTensor:
+    """A tensor the converter writes: its output name and dtype, and what to read for it."""
+
+    name: str
+    source: str  # name in the source
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # output dtype
+    src_dtype: torch.dtype
+    role: str
+    param: str | None = None
+    slot: str | None = None
+    requires_grad: bool | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@dataclass
+class OutState:
+    """Everything a target writes: tensors (model tensors first, then slots), aliases, state."""
+
+    tensors: list[OutTensor]
+    aliases: dict[str, str]  # alias -> owner (an output name)
+    meta: SourceMeta
+    weights_only: bool = False
+    created: str = ""  # ISO time recorded where a format has one (deterministic: the source's)
+
+    def model(self) -> list[OutTensor]:
+        return [t for t in self.tensors if t.role != "optimizer_slot"]
+
+    def slots(self) -> list[OutTensor]:
+        return [t for t in self.tensors if t.role == "optimizer_slot"]
+
+    def aliases_of(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for alias, owner in self.aliases.items():
+            out.setdefault(owner, []).append(alias)
+        return out
+
+
+@dataclass
+class PlannedFile:
+    path: str  # relative to the output
+    nbytes: int
+    tensors: int = 0
+
+
+class Target:
+    """A format the converter writes. Subclasses implement :meth:`plan` and :meth:`write`.
+
+    ``write`` consumes ``stream`` - (OutTensor, tensor) pairs in the order of
+    :meth:`order` - and writes everything under ``out`` (a fresh temporary
+    directory, or a temporary file path when :attr:`single_file`).
+    """
+
+    name = ""
+    description = ""
+    single_file = False
+    keeps_optimizer = True
+
+    def __init__(self, **options) -> None:
+        self.options = options
+
+    def order(self, state: OutState) -> list[OutTensor]:
+        return list(state.tensors)
+
+    def plan(self, state: OutState) -> list[PlannedFile]:
+        raise NotImplementedError
+
+    def notes(self, state: OutState) -> list[str]:
+        """What this target leaves out or changes (shown by --dry-run and in warnings)."""
+        return []
+
+    def write(self, out: str, state: OutState, stream, *, fsync: bool = True) -> None:
+        raise NotImplementedError
+
+
+def check_unique_slots(src: ConvertSource) -> None:
+    """Every slot's param must be a tensor of the source (catches misnamed optimizer state)."""
+    for t in src.tensors.values():
+        if t.role == "optimizer_slot" and t.param not in src.tensors:
+            raise FormatError(f"{src.path}: optimizer slot {t.name!r} belongs to {t.param!r}, which has no tensor")
+
+
+def infer_optimizer_class(slots: set[str], hparams: dict) -> str | None:
+    """Best guess of the torch optimizer class from its slot names and hyper-parameters."""
+    if {"exp_avg", "exp_avg_sq"} <= slots:
+        return "AdamW" if hparams.get("decoupled_weight_decay") else "Adam"
+    if "momentum_buffer" in slots:
+        return "SGD"
+    if "square_avg" in slots:
+        return "RMSprop"
+    if "sum" in slots:
+        return "Adagrad"
+    return None
+
+
+def match_by_shape(
+    candidates: list[tuple[str, tuple[int, ...]]], wanted: list[tuple[int, ...] | None]
+) -> list[str] | None:
+    """Assign each optimizer param (in order) to the next model tensor of its shape.
+
+    ``candidates`` are (name, shape) of the model's unique tensors in order;
+    ``wanted`` the shape of each optimizer param's state (None when it has none,
+    which then takes the next candidate). Returns the names, or None when the
+    shapes cannot be matched in order.
+    """
+    out = []
+    i = 0
+    for shape in wanted:
+        while i < len(candidates) and shape is not None and candidates[i][1] != shape:
+            i += 1
+        if i >= len(candidates):
+            return None
+        out.append(candidates[i][0])
+        i += 1
+    return out
+
+
+__all__ = [
+    "ConvertSource",
+    "OutState",
+    "OutTensor",
+    "PlannedFile",
+    "SourceMeta",
+    "SourceTensor",
+    "Target",
+    "check_unique_slots",
+    "infer_optimizer_class",
+    "match_by_shape",
+    "slot_name",
+]

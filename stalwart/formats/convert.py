@@ -1,0 +1,491 @@
+"""The streaming conversion engine behind ``stalwart convert``.
+
+``convert(src, dst, to=...)`` opens any checkpoint format stalwart reads (the
+format is detected), selects, renames and casts its tensors, and writes them in
+the target format:
+
+* **streaming** - tensors are read one at a time by ``workers`` threads (readers
+  use ``pread`` into fresh buffers, never mapping whole files) and handed to the
+  writer in its order; at most ``buffer_bytes`` of read-ahead is in flight, so
+  peak memory is about the largest tensor plus that buffer, whatever the size of
+  the checkpoint;
+* **all-or-nothing** - everything is written into a temporary sibling of
+  ``dst`` that is renamed into place at the end; a failure leaves nothing;
+* **deterministic** - the same input gives byte-identical output, whatever the
+  number of workers or their timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import re
+import shutil
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from stalwart.errors import ConversionError, StalwartError
+from stalwart.formats.adapters.base import ConvertSource, OutState, OutTensor, PlannedFile, SourceMeta, Target
+from stalwart.formats.commit import fsync_dir, install_dir, temp_sibling
+
+TARGETS = ("native", "hf", "dcp", "ds-universal", "torch")
+DEFAULT_MAX_SHARD = "5GB"
+DEFAULT_BUFFER = 256 * 1024 * 1024
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp64": torch.float64, "float64": torch.float64,
+}
+
+Progress = Callable[[int], None]
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"`` / ``torch.bfloat16`` / None -> a floating torch dtype."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPES[str(value).lower().replace("torch.", "")]
+    except KeyError:
+        raise ConversionError(f"unknown --dtype {value!r}; use one of {', '.join(sorted(DTYPES))}") from None
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def parse_size(value: str | int) -> int:
+    """``"5GB"`` (10^9, as Hugging Face counts), ``"2GiB"``, ``"500MB"`` or bytes -> bytes."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConversionError(f"size {value} must be positive")
+        return value
+    m = _SIZE_RE.match(str(value))
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ConversionError(f"cannot read size {value!r}; write e.g. 5GB, 500MB, 2GiB or a byte count")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ConversionError(f"size {value!r} must be positive")
+    return n
+
+
+def parse_rename(rules: Iterable[str | tuple[str, str]] | None) -> list[tuple[re.Pattern, str]]:
+    """``["^module\\.=", "PATTERN=REPLACEMENT"]`` -> compiled (pattern, replacement) pairs."""
+    out = []
+    for rule in rules or ():
+        if isinstance(rule, tuple):
+            pat, repl = rule
+        else:
+            if "=" not in rule:
+                raise ConversionError(f"rename rule {rule!r} must look like PATTERN=REPLACEMENT (regex, re.sub syntax)")
+            pat, repl = rule.split("=", 1)
+        try:
+            out.append((re.compile(pat), repl))
+        except re.error as e:
+            raise ConversionError(f"rename pattern {pat!r} is not a valid regex: {e}") from None
+    return out
+
+
+def _compile(patterns: Sequence[str] | str | None, what: str) -> list[re.Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ConversionError(f"--{what} pattern {p!r} is not a valid regex: {e}") from None
+    return out
+
+
+# --------------------------------------------------------------------------- plan and result
+
+
+@dataclass
+class ConversionPlan:
+    """What a conversion reads and writes (``--dry-run`` prints it)."""
+
+    source: str
+    source_format: str
+    destination: str
+    target: str
+    state: OutState
+    files: list[PlannedFile]
+    notes: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[OutTensor]:
+        return self.state.tensors
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.state.tensors)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.state.meta.warnings) + self.notes
+
+
+@dataclass
+class ConversionResult:
+    plan: ConversionPlan
+    seconds: float
+    bytes_written: int
+
+    @property
+    def destination(self) -> str:
+        return self.plan.destination
+
+
+# --------------------------------------------------------------------------- sources and targets
+
+
+def open_convert_source(path: str) -> ConvertSource:
+    """Open ``path`` in whatever format it is, as a :class:`ConvertSource`."""
+    from stalwart.formats.adapters.native import NativeConvertSource
+    from stalwart.formats.sources import NativeSource, open_source
+
+    src = open_source(path)
+    if isinstance(src, ConvertSource):
+        return src
+    if isinstance(src, NativeSource):
+        src.close()
+        return NativeConvertSource(path)
+    src.close()
+    raise ConversionError(f"{path}: format {src.format_name!r} cannot be converted")
+
+
+def make_target(to: str, **options) -> Target:
+    from stalwart.formats.adapters.dcp import DCPTarget
+    from stalwart.formats.adapters.ds_universal import UniversalTarget
+    from stalwart.formats.adapters.hf import HFTarget
+    from stalwart.formats.adapters.native import NativeTarget
+    from stalwart.formats.adapters.torch_save import TorchSaveTarget
+
+    table = {"native": NativeTarget, "hf": HFTarget, "dcp": DCPTarget, "ds-universal": UniversalTarget,
+             "torch": TorchSaveTarget}
+    if to not in table:
+        raise ConversionError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
+    return table[to](**options)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select(
+    src: ConvertSource,
+    *,
+    dtype: torch.dtype | None = None,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    rename: Iterable[str | tuple[str, str]] | None = None,
+    weights_only: bool = False,
+) -> tuple[OutState, list[str]]:
+    """Apply filters, renames and the dtype; return the output state and what was dropped."""
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    rules = parse_rename(rename)
+
+    def keep(fqn: str) -> bool:
+        if inc and not any(p.search(fqn) for p in inc):
+            return False
+        return not any(p.search(fqn) for p in exc)
+
+    def new_name(fqn: str) -> str:
+        for pat, repl in rules:
+            fqn = pat.sub(repl, fqn)
+        return fqn
+
+    model = [t for t in src.tensors.values() if t.role != "optimizer_slot"]
+    kept = {t.name for t in model if keep(t.name)}
+    dropped = [t.name for t in model if t.name not in kept]
+    out: list[OutTensor] = []
+    names: dict[str, str] = {}
+    for t in model:
+        if t.name not in kept:
+            continue
+        cast = dtype if dtype is not None and t.dtype.is_floating_point and t.role in ("param", "buffer", "other") else None
+        out.append(OutTensor(new_name(t.name), t.name, t.shape, cast or t.dtype, t.dtype, t.role,
+                             requires_grad=t.requires_grad))
+        names[t.name] = out[-1].name
+    aliases: dict[str, str] = {}
+    for alias, owner in src.aliases.items():
+        if not keep(alias):
+            dropped.append(alias)
+            continue
+        if owner in names:
+            aliases[new_name(alias)] = names[owner]
+        else:  # the owner was filtered out: the alias becomes a tensor of its own
+            t = src.tensors[owner]
+            cast = dtype if dtype is not None and t.dtype.is_floating_point else None
+            out.append(OutTensor(new_name(alias), owner, t.shape, cast or t.dtype, t.dtype, t.role, requires_grad=t.requires_grad))
+            names[alias] = out[-1].name
+    if not weights_only:
+        for t in src.tensors.values():
+            if t.role != "optimizer_slot":
+                continue
+            if t.param is not None and t.param not in names:
+                dropped.append(t.name)
+                continue
+            param = names.get(t.param) if t.param is not None else None
+            name = f"optim.{param}.{t.slot}" if param is not None and t.slot else new_name(t.name)
+            out.append(OutTensor(name, t.name, t.shape, t.dtype, t.dtype, "optimizer_slot", param, t.slot))
+    seen: dict[str, str] = {}
+    for t in out:
+        if t.name in seen:
+            raise ConversionError(f"--rename maps both {seen[t.name]!r} and {t.source!r} to {t.name!r}")
+        seen[t.name] = t.source
+    for alias in aliases:
+        if alias in seen:
+            raise ConversionError(f"--rename maps the tied alias {alias!r} onto the tensor name of {seen[alias]!r}")
+    meta = _select_meta(src.meta, names, weights_only)
+    return OutState(out, aliases, meta, weights_only), dropped
+
+
+def _select_meta(meta: SourceMeta, names: dict[str, str], weights_only: bool) -> SourceMeta:
+    m = replace(meta, warnings=list(meta.warnings), info=dict(meta.info), client=dict(meta.client))
+    if weights_only:
+        m.optimizer = m.scheduler = m.loss_scaler = None
+        return m
+    if m.optimizer is not None:
+        groups = []
+        for g in m.optimizer.get("param_groups") or []:
+            params = [names[p] for p in g.get("params", []) if isinstance(p, str) and p in names]
+            groups.append({**g, "params": params})
+        m.optimizer = {**m.optimizer, "param_groups": groups}
+    return m
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _read_one(src: ConvertSource, t: OutTensor) -> torch.Tensor:
+    x = src.read(t.source)
+    if x.dtype != t.dtype:
+        x = x.to(t.dtype)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x
+
+
+def stream_tensors(
+    src: ConvertSource, order: list[OutTensor], *, workers: int = 2, buffer_bytes: int = DEFAULT_BUFFER
+) -> Iterator[tuple[OutTensor, torch.Tensor]]:
+    """Yield (out tensor, data) in ``order``, reading ahead with ``workers`` threads.
+
+    At most ``buffer_bytes`` of read-ahead (besides the tensor being consumed) is in
+    flight; a tensor larger than that is read alone.
+    """
+    if workers <= 1:
+        for t in order:
+            yield t, _read_one(src, t)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stalwart-convert")
+    queue: deque = deque()
+    it = iter(order)
+    inflight = 0
+    pending = None
+    try:
+        while True:
+            while True:
+                if pending is None:
+                    pending = next(it, None)
+                if pending is None:
+                    break
+                if queue and (inflight + pending.nbytes > buffer_bytes or len(queue) >= 4 * workers):
+                    break
+                queue.append((pending, pool.submit(_read_one, src, pending)))
+                inflight += pending.nbytes
+                pending = None
+            if not queue:
+                return
+            t, fut = queue.popleft()
+            data = fut.result()
+            inflight -= t.nbytes
+            yield t, data
+            del data
+    finally:
+        for _, fut in queue:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def _check_destination(src: str, dst: str, overwrite: bool) -> None:
+    s, d = os.path.realpath(src), os.path.realpath(dst)
+    if d == s or d.startswith(s.rstrip(os.sep) + os.sep) or s.startswith(d.rstrip(os.sep) + os.sep):
+        raise ConversionError(f"destination {dst} overlaps the source {src}; write somewhere else")
+    if os.path.lexists(dst) and not overwrite:
+        if os.path.isdir(dst) and not os.listdir(dst):
+            return
+        raise ConversionError(f"destination {dst} exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def _created(src: ConvertSource) -> str:
+    """A deterministic creation time: the source's own (its newest file), not the wall clock."""
+    created = getattr(src, "created", "")
+    if created:
+        return created
+    newest = 0.0
+    root = src.path
+    with contextlib.suppress(OSError):
+        if os.path.isdir(root):
+            for dirpath, _, files in os.walk(root):
+                for f in files:
+                    newest = max(newest, os.stat(os.path.join(dirpath, f)).st_mtime)
+        else:
+            newest = os.stat(root).st_mtime
+    return _dt.datetime.fromtimestamp(int(newest), _dt.timezone.utc).isoformat(timespec="seconds") if newest else ""
+
+
+def plan_conversion(
+    src: ConvertSource,
+    dst: str,
+    *,
+    to: str,
+    dtype: str | torch.dtype | None = None,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    rename: Iterable[str | tuple[str, str]] | None = None,
+    weights_only: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+    tag: str | None = None,
+) -> tuple[ConversionPlan, Target]:
+    target = make_target(to, max_shard_size=parse_size(max_shard_size), tag=tag)
+    state, dropped = select(src, dtype=parse_dtype(dtype), include=include, exclude=exclude, rename=rename,
+                            weights_only=weights_only or not target.keeps_optimizer)
+    state.created = _created(src)
+    if not state.tensors:
+        raise ConversionError(f"{src.path}: nothing to convert (the filters left no tensor)")
+    files = target.plan(state)
+    notes = target.notes(state)
+    if not target.keeps_optimizer and not weights_only and src.meta.optimizer is not None:
+        notes.insert(0, f"{to}: optimizer state is not written (the format holds weights only)")
+    return ConversionPlan(src.path, src.meta.format, dst, to, state, files, notes, dropped), target
+
+
+def convert(
+    src: str,
+    dst: str,
+    *,
+    to: str,
+    dtype: str | torch.dtype | None = None,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    rename: Iterable[str | tuple[str, str]] | None = None,
+    weights_only: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+    dry_run: bool = False,
+    workers: int = 2,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    fsync: bool = True,
+    tag: str | None = None,
+    buffer_bytes: int = DEFAULT_BUFFER,
+    on_plan: Callable[[ConversionPlan], object] | None = None,
+) -> ConversionPlan | ConversionResult:
+    """Convert checkpoint ``src`` (any supported format, detected) into ``dst`` in format ``to``.
+
+    ``to``: ``native`` | ``hf`` | ``dcp`` | ``ds-universal`` | ``torch``. ``dtype`` casts
+    floating-point params and buffers (optimizer slots keep theirs); ``include`` /
+    ``exclude`` are regexes searched in source param/buffer names (slots follow their
+    param); ``rename`` rules ``PATTERN=REPLACEMENT`` apply ``re.sub`` to names in order;
+    ``weights_only`` drops optimizer state. ``max_shard_size`` bounds Hugging Face
+    shards. ``tag`` names the DeepSpeed universal tag directory. With ``dry_run`` nothing
+    is read or written and the :class:`ConversionPlan` is returned; otherwise a
+    :class:`ConversionResult`. Raises :class:`~stalwart.errors.StalwartError` subclasses
+    for bad input; a failed conversion leaves nothing at ``dst``.
+    """
+    if to not in TARGETS:
+        raise ConversionError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
+    if workers < 1:
+        raise ConversionError(f"workers must be >= 1, got {workers}")
+    _check_destination(src, dst, overwrite or dry_run)
+    started = time.perf_counter()
+    with open_convert_source(src) as source:
+        plan, target = plan_conversion(source, dst, to=to, dtype=dtype, include=include, exclude=exclude,
+                                       rename=rename, weights_only=weights_only, max_shard_size=max_shard_size, tag=tag)
+        if on_plan is not None:
+            on_plan(plan)
+        if dry_run:
+            return plan
+        written = _write(source, dst, plan, target, workers=workers, progress=progress, fsync=fsync,
+                         buffer_bytes=buffer_bytes)
+    return ConversionResult(plan, time.perf_counter() - started, written)
+
+
+def _write(source: ConvertSource, dst: str, plan: ConversionPlan, target: Target, *, workers: int,
+           progress: Progress | None, fsync: bool, buffer_bytes: int) -> int:
+    order = target.order(plan.state)
+    written = 0
+
+    def counted() -> Iterator[tuple[OutTensor, torch.Tensor]]:
+        nonlocal written
+        for t, data in stream_tensors(source, order, workers=workers, buffer_bytes=buffer_bytes):
+            yield t, data
+            written += t.nbytes
+            if progress is not None:
+                progress(t.nbytes)
+
+    if target.single_file:
+        parent = os.path.dirname(os.path.abspath(dst)) or "."
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(dst))}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            target.write(tmp, plan.state, counted(), fsync=fsync)
+            if os.path.isdir(dst):
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)
+            if fsync:
+                fsync_dir(parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return written
+    if os.path.isdir(dst) and not os.listdir(dst):
+        os.rmdir(dst)
+    tmp = temp_sibling(dst)
+    try:
+        target.write(tmp, plan.state, counted(), fsync=fsync)
+        if fsync:
+            fsync_dir(tmp)
+        install_dir(tmp, dst, fsync=fsync)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return written
+
+
+__all__ = [
+    "TARGETS",
+    "ConversionPlan",
+    "ConversionResult",
+    "StalwartError",
+    "convert",
+    "open_convert_source",
+    "parse_dtype",
+    "parse_rename",
+    "parse_size",
+    "plan_conversion",
+    "select",
+    "stream_tensors",
+]
