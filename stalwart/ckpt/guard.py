@@ -35,6 +35,7 @@ import torch
 
 from stalwart.ckpt.dist import side_group, where_am_i
 from stalwart.ckpt.keeper_client import KeeperClient
+from stalwart.ckpt.protocol import KeeperGone
 from stalwart.ckpt.providers.base import Collected, RestoreContext, StateProvider
 from stalwart.ckpt.providers.data import DataProvider, ResumableLoader, data_targets
 from stalwart.ckpt.providers.module import ModuleProvider, is_deepspeed_engine, mesh_from_model, unwrap
@@ -135,6 +136,7 @@ class Guard:
         self._hook_handles: list = []
         self._preempted = threading.Event()
         self._preempt_done = False
+        self._keeper_lost = False
         self._old_sigterm = None
         self._entered = False
 
@@ -221,9 +223,27 @@ class Guard:
         with contextlib.suppress(Exception):
             reply = self.client.call("flush")
             if reply.get("step") is not None:
-                self.client.call("wait", step=reply["step"], timeout=max(1.0, deadline - time.monotonic()))
+                self._call("wait", step=reply["step"], timeout=max(1.0, deadline - time.monotonic()))
         log.error("stalwart: preemption deadline: exiting after persisting the last complete snapshot")
         os._exit(143)
+
+    # ------------------------------------------------------------------ keeper
+    def _reconnect(self, why: Exception) -> None:
+        log.warning("stalwart: lost the keeper (%s); starting a new one (memory snapshots not yet persisted are lost)", why)
+        self.client.close(clean=False)
+        self.client.connect()
+        self.plan = None  # the new keeper learns the plan again on the next snapshot
+        self._keeper_lost = False
+
+    def _call(self, op: str, **kwargs) -> dict:
+        """A keeper request that survives the keeper's death (a new keeper is started)."""
+        if self._keeper_lost:
+            self._reconnect(KeeperGone("a background request failed"))
+        try:
+            return self.client.call(op, **kwargs)
+        except KeeperGone as e:
+            self._reconnect(e)
+            return self.client.call(op, **kwargs)
 
     # ------------------------------------------------------------------ snapshots
     def _before_step(self) -> None:
@@ -247,8 +267,8 @@ class Guard:
                 f" {plan.file_size * self.slots / 2**20:.1f} MiB but max_host_memory is {self.max_host_memory / 2**20:.1f} MiB"
                 f" (fits {allowed} slot(s); pass slots={max(allowed, 1)} or raise max_host_memory)"
             )
-        reply = self.client.call(
-            "plan", rank=self.rank, file_size=plan.file_size, sig=plan.signature,
+        reply = self._call(
+            "plan", rank=self.rank, file_size=plan.file_size, sig=plan.layout_signature,
             layout=plan.layout.to_json(), topology={"framework": type(unwrap(self.model)).__name__},
         )
         self.maps = []
@@ -270,10 +290,11 @@ class Guard:
         objects["stalwart"] = {"step": self.step_count, "world_size": self.where.world_size}
         return objects
 
-    def _snapshot(self, step: int) -> bool:
+    def _snapshot(self, step: int, must: bool = False) -> bool:
+        """Snapshot ``step``; with ``must`` (final / save_now) wait for a slot instead of skipping."""
         collected = self._collect()
         plan = self._ensure_plan(collected)
-        reply = self.client.call("acquire", rank=self.rank, step=step)
+        reply = self._call("acquire", rank=self.rank, step=step, must=must, timeout=600 if must else 60)
         index = reply.get("slot")
         if index is None:
             self.stats.skipped += 1
@@ -295,7 +316,13 @@ class Guard:
             header = image.header(tables)
             mapping[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
             record = image.record(rank_file_name(self.rank), header)
-            self.client.call("done", rank=self.rank, step=step, slot=index, record=record.to_json(), objects=objects)
+            try:
+                self.client.call_background("done", rank=self.rank, step=step, slot=index, record=record.to_json(), objects=objects)
+            except KeeperGone as e:  # the snapshot is lost with the keeper; the next step reconnects
+                log.warning("stalwart: snapshot of step %s lost: %s", step, e)
+                self._keeper_lost = True
+            except StalwartError as e:  # refused (e.g. a restarted keeper): this snapshot is lost, training goes on
+                log.warning("stalwart: snapshot of step %s lost: %s", step, e)
 
         self.copier.start([(n, t, dst(n)) for n, t in plan.lazy], tables, block, finish)
         self.last_snapshot_step = step
@@ -316,10 +343,10 @@ class Guard:
     def _final_on_preemption(self) -> None:
         deadline = time.monotonic() + self.preempt_deadline_s
         self.copier.wait()
-        if self.last_snapshot_step != self.step_count and self._snapshot(self.step_count):
+        if self.last_snapshot_step != self.step_count and self._snapshot(self.step_count, must=True):
             self.copier.wait()
         if self.last_snapshot_step is not None:
-            self.client.call("wait", step=self.last_snapshot_step, force=True, timeout=max(1.0, deadline - time.monotonic()))
+            self._call("wait", step=self.last_snapshot_step, force=True, timeout=max(1.0, deadline - time.monotonic()))
         self._preempt_done = True
         log.warning("stalwart: final checkpoint of step %s written after SIGTERM", self.last_snapshot_step)
         raise Preempted()
@@ -327,10 +354,10 @@ class Guard:
     def save_now(self, timeout: float = 3600.0) -> int:
         """Snapshot the current state now and wait until every tier holds it; returns the step."""
         self.copier.wait()
-        if self.last_snapshot_step != self.step_count and not self._snapshot(self.step_count):
-            raise StalwartError("no free snapshot slot (all are being persisted); try again or add slots")
+        if self.last_snapshot_step != self.step_count and not self._snapshot(self.step_count, must=True):
+            raise StalwartError("no snapshot slot became free in time (all are being persisted)")
         self.copier.wait()
-        reply = self.client.call("wait", step=self.step_count, force=True, timeout=timeout)
+        reply = self._call("wait", step=self.step_count, force=True, timeout=timeout)
         if reply.get("failed"):
             raise StalwartError(f"step {self.step_count} could not be persisted: {reply['failed']}")
         return self.step_count
@@ -342,11 +369,11 @@ class Guard:
             return
         names = [t.name for t in self.tiers if t.qualifies(self.last_snapshot_step)]
         if names:
-            self.client.call("wait", step=self.last_snapshot_step, tiers=names, timeout=timeout)
+            self._call("wait", step=self.last_snapshot_step, tiers=names, timeout=timeout)
 
     def latest(self) -> Latest | None:
         """The newest committed step and the tiers (incl. ``memory``) holding it."""
-        status = self.client.call("status")
+        status = self._call("status")
         holders: dict[int, list[str]] = {}
         for m in status["memory"]:
             holders.setdefault(m["step"], []).append("memory")
@@ -398,7 +425,7 @@ class Guard:
 
     def restore(self, status: dict | None = None) -> int | None:
         """Restore the newest good checkpoint; returns its step (None: nothing to restore)."""
-        status = status if status is not None else self.client.call("status")
+        status = status if status is not None else self._call("status")
         group = side_group("restore")
         try:
             candidates = _agree_on_candidates(self._candidates(status), group)
@@ -488,15 +515,15 @@ class Guard:
                 self.copier.wait()
             if exc_type is None:
                 if self.final_checkpoint and self.plan is not None and self.last_snapshot_step != self.step_count:
-                    self._snapshot(self.step_count)
+                    self._snapshot(self.step_count, must=True)
                     self.copier.wait()
                 if self.last_snapshot_step is not None:
-                    reply = self.client.call("wait", step=self.last_snapshot_step, force=True, timeout=3600)
+                    reply = self._call("wait", step=self.last_snapshot_step, force=True, timeout=3600)
                     if reply.get("failed"):
                         log.error("stalwart: step %s could not be persisted to %s", self.last_snapshot_step, reply["failed"])
             elif not isinstance(exc, Preempted) and self.last_snapshot_step is not None:
                 with contextlib.suppress(Exception):  # keep the last good state: make it durable
-                    self.client.call("wait", step=self.last_snapshot_step, force=True, timeout=600)
+                    self._call("wait", step=self.last_snapshot_step, force=True, timeout=600)
         finally:
             for h in self._hook_handles:
                 with contextlib.suppress(Exception):

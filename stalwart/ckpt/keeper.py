@@ -183,11 +183,12 @@ class Keeper:
                 self.plan_sig = msg.get("sig")
             self.layout_json = msg["layout"]
             self.topology = msg.get("topology", {})
+            resized = self.file_sizes.get(rank) != size
             self.file_sizes[rank] = size
             for s in self.slots:
                 path = os.path.join(s.dir, rank_file_name(rank))
-                if s.step is not None and rank in s.done:
-                    self._uncommit(s)
+                if resized and s.step is not None and rank in s.done:
+                    self._uncommit(s)  # its copy of this rank's file is about to change size
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
                     if os.fstat(fd).st_size != size:
@@ -205,7 +206,7 @@ class Keeper:
         With nothing left, the step is skipped for every rank.
         """
         step = int(msg["step"])
-        deadline = time.monotonic() + float(msg.get("timeout", 60.0))
+        deadline = time.monotonic() + float(msg.get("timeout", 30.0))
         with self.cond:
             while True:
                 for s in self.slots:
@@ -214,15 +215,22 @@ class Keeper:
                 if step in self.skipped:
                     return {"slot": None, "reason": "skipped"}
                 newest = max((s for s in self.slots if s.complete), key=lambda s: s.step, default=None)
+                for s in self.slots:  # a copy of a step older than a complete one can never be needed
+                    if s.step is not None and not s.complete and not s.persisting and newest is not None and s.step <= newest.step:
+                        log.warning("reclaiming slot %s: its copy of step %s never completed", s.index, s.step)
+                        self._uncommit(s)
                 usable = [s for s in self.slots if not s.persisting and s is not newest and (s.step is None or s.complete)]
                 if usable:
                     empty = [s for s in usable if s.step is None]
                     chosen = empty[0] if empty else min(usable, key=lambda s: s.step)
                     self._uncommit(chosen)
                     chosen.step = step
+                    log.debug("step %s -> slot %s (rank %s)", step, chosen.index, msg.get("rank"))
                     return {"slot": chosen.index}
                 filling = [s for s in self.slots if s.step is not None and not s.complete and s.step < step]
-                if not filling or time.monotonic() > deadline:
+                draining = any(s.persisting for s in self.slots)
+                wait = filling or (msg.get("must") and draining)
+                if not wait or time.monotonic() > deadline:
                     self.skipped.add(step)
                     if len(self.skipped) > 1024:
                         self.skipped = set(sorted(self.skipped)[-512:])
@@ -233,8 +241,9 @@ class Keeper:
     def op_done(self, msg: dict) -> dict:
         rank, step, index = int(msg["rank"]), int(msg["step"]), int(msg["slot"])
         with self.cond:
-            slot = self.slots[index]
-            if slot.step != step:
+            slot = self.slots[index] if 0 <= index < len(self.slots) else None
+            if slot is None or slot.step != step or self.layout_json is None or rank not in self.file_sizes:
+                log.debug("stale done: step %s slot %s rank %s", step, index, rank)
                 return {"committed": False, "stale": True}
             slot.done[rank] = msg["record"]
             if msg.get("objects") is not None:
@@ -312,6 +321,10 @@ class Keeper:
                            and not any(x > step for x in self.persisted.get(n, set()))]
                 if not pending:
                     break
+                in_memory = any(s.step == step for s in self.slots)  # complete, or still being copied
+                if not in_memory:
+                    return {"done": False, "pending": pending, "error": f"step {step} is not in memory (skipped or superseded)",
+                            **self.status()}
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return {"done": False, "pending": pending, **self.status()}

@@ -54,6 +54,7 @@ class KeeperClient:
         self.shm_dir = shm_dir_for(root, node)
         self.sock_path = os.path.join(self.shm_dir, "keeper.sock")
         self.chan: Channel | None = None
+        self.bg: Channel | None = None  # background requests (copy done): never queued behind a blocking one
         self.started_here = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -144,7 +145,19 @@ class KeeperClient:
             raise KeeperGone("not connected to a keeper")
         return self.chan.call(op, **kwargs)
 
+    def call_background(self, op: str, **kwargs) -> dict:
+        """A request from a background thread, on its own connection."""
+        if self.bg is None:
+            chan = self._try_connect()
+            if chan is None:
+                raise KeeperGone("the keeper is not reachable")
+            self.bg = chan
+        return self.bg.call(op, **kwargs)
+
     def close(self, clean: bool) -> None:
+        if self.bg is not None:
+            self.bg.close()
+            self.bg = None
         if self.chan is None:
             return
         with contextlib.suppress(StalwartError, OSError):

@@ -38,7 +38,8 @@ class SnapshotPlan:
     image: FileImage
     lazy: list[tuple[str, torch.Tensor]]
     eager: list[tuple[str, torch.Tensor]]
-    signature: str
+    signature: str  # this rank's plan (layout + its share)
+    layout_signature: str  # the layout alone: the same on every rank
 
     @property
     def file_size(self) -> int:
@@ -73,8 +74,10 @@ def build_plan(collected: list[Collected], mesh: Mesh, rank: int, aliases: dict[
         entries.append((name, t.dtype, shard.shape))
         (lazy if item.lazy else eager).append((name, t))
     image = FileImage(entries, rank=rank)
-    sig = hashlib.sha1(json.dumps([layout.to_json(), rank], sort_keys=True).encode()).hexdigest()
-    return SnapshotPlan(layout, image, lazy, eager, sig)
+    layout_json = json.dumps(layout.to_json(), sort_keys=True)
+    layout_sig = hashlib.sha1(layout_json.encode()).hexdigest()
+    sig = hashlib.sha1(f"{layout_sig}#{rank}".encode()).hexdigest()
+    return SnapshotPlan(layout, image, lazy, eager, sig, layout_sig)
 
 
 def _byte_view(t: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,9 @@ class StatefulProvider(StateProvider):
 
 
 def _tensor_names(tree: Mapping) -> list[str]:
-    if tree.get("t") == "tensor":
+    kind = tree.get("t")
+    if kind == "tensor":
         return [tree["name"]]
-    return [n for child in tree.get("v", []) if isinstance(child, Mapping) for n in _tensor_names(child)]
+    if kind in ("dict", "list", "tuple"):
+        return [n for child in tree["v"] for n in _tensor_names(child)]
+    return []

@@ -1,0 +1,184 @@
+"""Where a receiver writes: a plain PyTorch or Hugging Face model, a dict of tensors, or an engine.
+
+:class:`ModelAdapter` exposes a model's parameters and buffers (aliases of tied
+weights included, so either name can be targeted) and two hooks an engine adapter
+can override: :meth:`~ModelAdapter.begin_update` and :meth:`~ModelAdapter.end_update`
+(e.g. re-run post-load processing, or push changed tensors into an engine that keeps
+its own copy; see :class:`CallbackAdapter`).
+
+:class:`Destination` is the receiver's compiled plan for one wire schema: for each
+wire tensor its segments (from :class:`~stalwart.sync.names.NameMapper`) as word views
+of the receiver's tensors. It applies decoded entries in place (numpy on CPU, torch on
+CUDA) and computes the digests the sender's END frame is checked against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from stalwart.formats.checksum import StreamDigest
+from stalwart.sync.codec import DecodedEntry, apply_np, apply_torch, words_torch
+from stalwart.sync.names import NameMapper, Segment
+from stalwart.sync.schema import Schema
+
+_STAGE_BYTES = 16 << 20
+
+
+class ModelAdapter:
+    """The tensors a receiver updates in place.
+
+    Args:
+        model: an ``nn.Module`` (plain or Hugging Face) or a mapping of name -> tensor.
+        include_buffers: also expose the module's buffers.
+    """
+
+    def __init__(
+        self, model: nn.Module | Mapping[str, torch.Tensor], *, include_buffers: bool = True
+    ) -> None:
+        self.model = model
+        self.include_buffers = include_buffers
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Name -> tensor (detached views sharing storage with the model)."""
+        m = self.model
+        if isinstance(m, nn.Module):
+            out = {n: p.detach() for n, p in m.named_parameters(remove_duplicate=False)}
+            if self.include_buffers:
+                for n, b in m.named_buffers(remove_duplicate=False):
+                    out.setdefault(n, b.detach())
+            return out
+        if isinstance(m, Mapping):
+            return {str(n): t.detach() for n, t in m.items()}
+        raise TypeError(f"cannot update a {type(m).__name__}: pass an nn.Module or a mapping of tensors")
+
+    def begin_update(self, version: int, mode: str) -> None:
+        """Called before the first bucket of an update is applied."""
+
+    def end_update(self, version: int, changed: list[str]) -> None:
+        """Called after an update was applied and verified, before it is acknowledged;
+        ``changed`` are receiver tensor names. If it raises, the receiver reports itself
+        stale and gets a full sync."""
+
+
+class CallbackAdapter(ModelAdapter):
+    """Keeps a mirror (``model``) updated in place and hands changed tensors to ``on_update``.
+
+    For engines whose weights are not plain tensors the receiver may write into (tensor
+    parallel shards, quantized layouts): the mirror holds the trainer-layout weights,
+    and ``on_update(version, [(name, tensor), ...])`` pushes the changed ones into the
+    engine, e.g. ``lambda v, items: llm_model.load_weights(items)`` (vLLM worker) or
+    ``lambda v, items: engine.update_weights_from_tensor(items)`` (SGLang).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Mapping[str, torch.Tensor],
+        on_update: Callable[[int, list[tuple[str, torch.Tensor]]], None],
+        *,
+        include_buffers: bool = True,
+    ) -> None:
+        super().__init__(model, include_buffers=include_buffers)
+        self.on_update = on_update
+
+    def end_update(self, version: int, changed: list[str]) -> None:
+        ts = self.tensors()
+        self.on_update(version, [(n, ts[n]) for n in changed])
+
+
+class _Seg:
+    __slots__ = ("cpu", "dst_off", "length", "np", "src_off", "target", "words")
+
+    def __init__(self, s: Segment, t: torch.Tensor) -> None:
+        self.target = s.target
+        self.src_off, self.dst_off, self.length = s.src_off, s.dst_off, s.length
+        self.words = words_torch(t)
+        self.cpu = t.device.type == "cpu"
+        self.np = self.words.numpy() if self.cpu else None
+
+
+class Destination:
+    """A wire schema compiled against one receiver's tensors."""
+
+    def __init__(self, schema: Schema, adapter: ModelAdapter, mapper: NameMapper) -> None:
+        self.schema = schema
+        targets = adapter.tensors()
+        segs = mapper.map_schema(schema, targets)
+        self.segs: list[list[_Seg]] = [[_Seg(s, targets[s.target]) for s in ss] for ss in segs]
+        self._where = self._storage(targets, {s.target for ss in segs for s in ss})
+        self.nbytes = sum(s.length * s.words.element_size() for ss in self.segs for s in ss)
+        self._stage: torch.Tensor | None = None
+
+    @staticmethod
+    def _storage(targets: dict[str, torch.Tensor], names) -> dict[str, tuple]:
+        return {
+            n: (targets[n].device, targets[n].data_ptr(), tuple(targets[n].shape), targets[n].dtype)
+            for n in names
+        }
+
+    def is_current(self, adapter: ModelAdapter) -> bool:
+        """Whether the receiver's tensors still live where this plan writes (engines may reallocate
+        weights, e.g. when sleeping and waking); if not, the plan must be rebuilt."""
+        targets = adapter.tensors()
+        try:
+            return self._storage(targets, self._where) == self._where
+        except KeyError:
+            return False
+
+    def apply(self, e: DecodedEntry) -> list[str]:
+        """Apply one decoded entry; returns the receiver tensors it touched."""
+        h = e.header
+        if h.tensor_id >= len(self.segs):
+            raise IndexError(f"tensor id {h.tensor_id} (schema has {len(self.segs)})")
+        spec = self.schema[h.tensor_id]
+        if h.start + h.length > spec.words or (1 << h.word_log2) != spec.word:
+            raise ValueError(
+                f"entry for {spec.name!r} covers words [{h.start}, {h.start + h.length}) of {spec.words}"
+                f" with {1 << h.word_log2}-byte words (tensor has {spec.word})"
+            )
+        touched = []
+        a, b = h.start, h.start + h.length
+        for s in self.segs[h.tensor_id]:
+            lo, hi = max(a, s.src_off), min(b, s.src_off + s.length)
+            if lo >= hi:
+                continue
+            dst_pos = s.dst_off + (lo - s.src_off)
+            if s.cpu:
+                apply_np(s.np, e, lo - a, hi - a, dst_pos)
+            else:
+                apply_torch(s.words, e, lo - a, hi - a, dst_pos)
+            touched.append(s.target)
+        return touched
+
+    def tensor_digest(self, i: int) -> bytes | None:
+        """XXH3-128 of wire tensor ``i`` as the receiver holds it (None if not mapped)."""
+        ss = self.segs[i]
+        if not ss:
+            return None
+        d = StreamDigest()
+        for s in sorted(ss, key=lambda s: s.src_off):
+            if s.cpu:
+                d.update(memoryview(s.np[s.dst_off : s.dst_off + s.length]).cast("B"))
+            else:
+                self._hash_device(d, s)
+        return bytes.fromhex(d.hexdigest())
+
+    def _hash_device(self, d: StreamDigest, s: _Seg) -> None:
+        w = s.words.element_size()
+        step = _STAGE_BYTES // w
+        if self._stage is None:
+            self._stage = torch.empty(_STAGE_BYTES, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        for off in range(s.dst_off, s.dst_off + s.length, step):
+            n = min(step, s.dst_off + s.length - off)
+            host = self._stage[: n * w].view(s.words.dtype)
+            host.copy_(s.words[off : off + n])
+            d.update(memoryview(host.numpy()).cast("B"))
+
+    def synchronize(self) -> None:
+        for ss in self.segs:
+            for s in ss:
+                if not s.cpu:
+                    torch.cuda.synchronize(s.words.device)
+                    return

@@ -1,0 +1,112 @@
+"""The trainer's side of an update: which tensors are sent, in which dtype, read chunk by chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from stalwart.sync.codec import torch_word_dtype, word_size, words_torch
+from stalwart.sync.errors import SyncError
+from stalwart.sync.schema import Schema, TensorSpec
+
+ModelLike = nn.Module | Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
+
+
+def collect_tensors(model: ModelLike, include_buffers: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """Named tensors to sync: parameters (tied weights once) and persistent buffers, or a mapping's items."""
+    if isinstance(model, nn.Module):
+        out: list[tuple[str, torch.Tensor]] = []
+        seen: set[tuple] = set()
+
+        def add(name: str, t: torch.Tensor) -> None:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                out.append((name, t.detach()))
+
+        for n, p in model.named_parameters():
+            add(n, p)
+        if include_buffers:
+            persistent = set(model.state_dict(keep_vars=True).keys())
+            for n, b in model.named_buffers():
+                if n in persistent:
+                    add(n, b)
+        return out
+    if callable(model) and not isinstance(model, Mapping):
+        model = model()
+    if isinstance(model, Mapping):
+        return [(str(n), t.detach()) for n, t in model.items()]
+    raise TypeError(
+        f"cannot sync a {type(model).__name__}: pass an nn.Module, a mapping of tensors or a callable returning one"
+    )
+
+
+class Source:
+    """Reads the trainer's tensors as wire words (optionally cast to the rollout dtype).
+
+    ``dtype`` casts floating-point tensors (e.g. fp32 master weights -> bf16 as the
+    rollout engine holds them); the cast goes through one reused staging buffer.
+    """
+
+    def __init__(
+        self, model: ModelLike, *, dtype: torch.dtype | None, include_buffers: bool, chunk_words: int
+    ) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.include_buffers = include_buffers
+        self.chunk_words = int(chunk_words)
+        self.tensors: list[torch.Tensor] = []
+        self.schema: Schema | None = None
+        self._cast: dict[tuple, torch.Tensor] = {}
+        self._host: torch.Tensor | None = None
+
+    def wire_dtype(self, t: torch.Tensor) -> torch.dtype:
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            return self.dtype
+        return t.dtype
+
+    def refresh(self) -> Schema:
+        """Re-read the model's tensors (their storage may have been replaced); returns the schema."""
+        named = collect_tensors(self.model, self.include_buffers)
+        specs = []
+        tensors = []
+        for n, t in named:
+            if not t.is_contiguous():
+                raise SyncError(f"trainer tensor {n!r} is not contiguous; weight sync reads tensors in place")
+            specs.append(TensorSpec(n, self.wire_dtype(t), tuple(t.shape)))
+            tensors.append(t)
+        if self.schema is None or [s for s in self.schema] != specs:
+            self.schema = Schema(specs)
+        self.tensors = tensors
+        return self.schema
+
+    def read(
+        self, i: int, start: int, n: int, need_host: bool = True
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Words ``[start, start + n)`` of tensor ``i``: (on the tensor's device, on the host)."""
+        t = self.tensors[i]
+        spec = self.schema[i]
+        if spec.dtype != t.dtype:  # cast (element == word for every castable dtype)
+            key = (t.device, spec.dtype)
+            stage = self._cast.get(key)
+            if stage is None:
+                stage = self._cast[key] = torch.empty(self.chunk_words, dtype=spec.dtype, device=t.device)
+            stage[:n].copy_(t.reshape(-1)[start : start + n])
+            dev = words_torch(stage)[:n]
+        else:
+            dev = words_torch(t)[start : start + n]
+        if dev.device.type == "cpu":
+            return dev, dev.numpy()
+        if not need_host:
+            return dev, None
+        w = word_size(spec.dtype)
+        if self._host is None:
+            self._host = torch.empty(
+                self.chunk_words * 8, dtype=torch.uint8, pin_memory=torch.cuda.is_available()
+            )
+        host = self._host[: n * w].view(torch_word_dtype(w))
+        host.copy_(dev)
+        return dev, host.numpy()

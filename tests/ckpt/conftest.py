@@ -1,0 +1,85 @@
+"""Shared helpers for the checkpoint-engine tests: launching workers, cleaning up keepers."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+WORKERS = os.path.join(os.path.dirname(__file__), "workers")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, max_restarts: int = 0, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1",
+        os.path.join(WORKERS, script), *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return run_group(cmd, timeout, full_env)
+
+
+def run_group(cmd: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole group (no orphans)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def stalwart_shm_dirs() -> set[str]:
+    return set(glob.glob("/dev/shm/stalwart-*"))
+
+
+def kill_keepers(dirs) -> None:
+    """Stop keepers serving the given shared-memory dirs (tests must not leave any)."""
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "keeper.pid")) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            pass
+    deadline = time.monotonic() + 5
+    for d in dirs:
+        while os.path.exists(d) and time.monotonic() < deadline:
+            import shutil
+
+            shutil.rmtree(d, ignore_errors=True)
+        for extra in (d + ".start",):
+            if os.path.exists(extra):
+                os.remove(extra)
+
+
+@pytest.fixture
+def no_leftovers():
+    """Fails the test if it leaves keepers or /dev/shm segments behind; cleans them regardless."""
+    before = stalwart_shm_dirs() | set(glob.glob("/dev/shm/stalwart-*.start"))
+    yield
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = (stalwart_shm_dirs() | set(glob.glob("/dev/shm/stalwart-*.start"))) - before
+        if not left:
+            return
+        time.sleep(0.2)
+    kill_keepers([d for d in left if not d.endswith(".start")])
+    for d in left:
+        if d.endswith(".start") and os.path.exists(d):
+            os.remove(d)
+    pytest.fail(f"test left shared memory behind: {sorted(left)}")

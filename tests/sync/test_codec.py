@@ -1,0 +1,274 @@
+"""Property tests of the delta codec: decode(encode(delta)) applied to the baseline == new, bit for bit."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stalwart.sync.bucket import BucketWriter
+from stalwart.sync.codec import (
+    ENTRY_SIZE,
+    IDX_BITMAP,
+    IDX_DENSE,
+    IDX_VARINT,
+    VAL_RAW,
+    VAL_XOR_ZSTD,
+    Decoder,
+    Encoder,
+    apply_np,
+    apply_torch,
+    gaps_of,
+    indices_from_gaps,
+    max_entry_bytes,
+    varint_decode,
+    varint_encode_into,
+    varint_lengths,
+    word_size,
+    words_np,
+)
+from stalwart.sync.errors import IntegrityError, ProtocolError
+from stalwart.sync.wire import HEADER_SIZE, parse_header, verify_payload
+
+DTYPES = [
+    torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
+    torch.int32, torch.int64, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64,
+    torch.complex128,
+]  # fmt: skip
+FLOATS = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+# SYNC_HYPOTHESIS_EXAMPLES=2000 for a longer hunt
+SETTINGS = settings(
+    max_examples=int(os.environ.get("SYNC_HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def random_tensor(dtype: torch.dtype, n: int, rng: np.random.Generator) -> torch.Tensor:
+    t = torch.empty(n, dtype=dtype)
+    raw = words_np(t).view(np.uint8)
+    raw[:] = rng.integers(0, 256, size=raw.size, dtype=np.uint8)
+    if dtype == torch.bool:  # only 0/1 are valid bools
+        raw[:] &= 1
+    return t
+
+
+def mutate(base: torch.Tensor, density: float, rng: np.random.Generator, specials: bool) -> torch.Tensor:
+    new = base.clone()
+    n = new.numel()
+    k = round(density * n)
+    if k == 0 or n == 0:
+        return new
+    idx = rng.choice(n, size=k, replace=False)
+    src = random_tensor(base.dtype, n, rng)
+    new[idx] = src[idx]
+    if specials and base.dtype in FLOATS:
+        # signed zeros, NaNs with different payloads, infinities: equal by value, different in bits
+        w = words_np(new)
+        sub = rng.choice(n, size=min(n, 8), replace=False)
+        nan = torch.tensor([float("nan"), -0.0, 0.0, float("inf")], dtype=base.dtype)
+        vals = words_np(nan)
+        w[sub] = vals[rng.integers(0, 4, size=len(sub))]
+        w[sub[:2]] ^= 1  # NaN payload / denormal bits
+    return new
+
+
+def roundtrip(
+    base: torch.Tensor, new: torch.Tensor, chunk: int, compression: str = "auto", use_torch: bool = False
+):
+    """Encode base->new in chunks into one bucket, decode, apply to a copy of base; return (result, plans)."""
+    w = word_size(base.dtype)
+    bw, nw = words_np(base), words_np(new)
+    enc = Encoder(chunk, compression=compression)
+    buf = np.zeros(
+        HEADER_SIZE + sum(max_entry_bytes(min(chunk, len(bw) - s), w) for s in range(0, len(bw), chunk)) + 64,
+        np.uint8,
+    )
+    writer = BucketWriter(buf)
+    plans = []
+    for s in range(0, len(bw), chunk):
+        e = min(len(bw), s + chunk)
+        if use_torch:
+            p = enc.plan_delta_torch(torch.from_numpy(nw[s:e]), torch.from_numpy(bw[s:e]))
+        else:
+            p = enc.plan_delta(nw[s:e], bw[s:e])
+        if p is None:
+            assert np.array_equal(nw[s:e], bw[s:e])
+            continue
+        assert p.nbytes <= max_entry_bytes(e - s, w)  # never more than the dense form
+        plans.append(p)
+        writer.add(p, 7, s, w)
+    nbytes = writer.finish(3, 0)
+    hdr = parse_header(buf[:HEADER_SIZE])
+    payload = buf[HEADER_SIZE:nbytes]
+    verify_payload(hdr, payload, "bucket")
+    out = base.clone()
+    ow = words_np(out)
+    for d in Decoder().entries(payload, hdr.count, "bucket"):
+        assert d.header.tensor_id == 7
+        if use_torch:
+            apply_torch(torch.from_numpy(ow), d, 0, d.header.length, d.header.start)
+        else:
+            apply_np(ow, d, 0, d.header.length, d.header.start)
+    return out, plans
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return words_np(t).tobytes()
+
+
+@SETTINGS
+@given(
+    dtype=st.sampled_from(DTYPES),
+    n=st.integers(0, 3000),
+    density=st.sampled_from([0.0, 0.0005, 0.003, 0.01, 0.05, 0.2, 0.5, 0.9, 1.0]),
+    chunk=st.sampled_from([1, 7, 64, 1000, 4096]),
+    compression=st.sampled_from(["auto", "always", "off"]),
+    seed=st.integers(0, 2**32 - 1),
+    specials=st.booleans(),
+)
+def test_delta_roundtrip_is_bitwise(dtype, n, density, chunk, compression, seed, specials):
+    rng = np.random.default_rng(seed)
+    base = random_tensor(dtype, n, rng)
+    new = mutate(base, density, rng, specials)
+    out, _ = roundtrip(base, new, chunk, compression)
+    assert bits(out) == bits(new)
+
+
+@SETTINGS
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.int8, torch.float8_e5m2, torch.complex128]),
+    n=st.integers(1, 2000),
+    density=st.sampled_from([0.001, 0.02, 0.3, 1.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_torch_path_matches(dtype, n, density, seed):
+    """The device (torch) diff path, run on CPU tensors, decodes to the same bits."""
+    rng = np.random.default_rng(seed)
+    base = random_tensor(dtype, n, rng)
+    new = mutate(base, density, rng, True)
+    out, _ = roundtrip(base, new, 512, "auto", use_torch=True)
+    assert bits(out) == bits(new)
+
+
+def test_signed_zero_and_nan_payloads_are_changes():
+    base = torch.tensor([0.0, float("nan"), 1.0, -0.0] * 100, dtype=torch.bfloat16)
+    new = base.clone()
+    new[0] = -0.0  # == 0.0 by value
+    words_np(new)[1] ^= 1  # another NaN
+    out, plans = roundtrip(base, new, 4096)
+    assert sum(p.count for p in plans) == 2
+    assert bits(out) == bits(new)
+    assert torch.signbit(out[0].float()) and out[0] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("density", "want"),
+    [(0.002, IDX_VARINT), (0.04, IDX_VARINT), (0.3, IDX_BITMAP), (0.8, IDX_BITMAP), (1.0, IDX_DENSE)],
+)
+def test_index_encoding_follows_density(density, want):
+    rng = np.random.default_rng(0)
+    base = (torch.randn(200_000) * 0.02).to(torch.bfloat16)
+    new = base.clone()
+    nw = words_np(new)
+    k = int(density * len(nw))
+    idx = rng.choice(len(nw), k, replace=False)
+    nw[idx] += 1  # one ulp, like a small optimizer step
+    _, plans = roundtrip(base, new, 1 << 20, "off")
+    assert [p.idx_enc for p in plans] == [want]
+    p = plans[0]
+    if want == IDX_VARINT:  # gaps below 2**14 take at most two bytes, below 2**7 one
+        assert p.idx_nbytes <= 2 * k and (density < 0.01 or p.idx_nbytes < 1.2 * k)
+    if want == IDX_BITMAP:
+        assert p.idx_nbytes == (len(nw) + 7) // 8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_dense_never_exceeds_1_02x(dtype):
+    rng = np.random.default_rng(1)
+    for n in (1000, 10_000, 100_000):
+        base = random_tensor(dtype, n, rng)
+        new = random_tensor(dtype, n, rng)  # incompressible, every word differs
+        _, plans = roundtrip(base, new, 1 << 20, "auto")
+        total = sum(p.nbytes for p in plans) + HEADER_SIZE
+        dense = n * base.element_size()
+        assert total <= dense + ENTRY_SIZE + 7 + HEADER_SIZE  # fixed overhead only
+        assert n < 10_000 or total <= 1.02 * dense
+        assert plans[0].idx_enc == IDX_DENSE and plans[0].val_enc == VAL_RAW
+
+
+def test_xor_zstd_chosen_for_small_changes():
+    base = (torch.randn(100_000) * 0.02).to(torch.float32)
+    new = base + 1e-7 * torch.randn(100_000)  # every element, only low mantissa bits move
+    _, plans = roundtrip(base, new, 1 << 20, "auto")
+    assert plans[0].idx_enc == IDX_DENSE and plans[0].val_enc == VAL_XOR_ZSTD
+    assert plans[0].nbytes < 0.8 * 100_000 * 4
+    _, off = roundtrip(base, new, 1 << 20, "off")
+    assert off[0].val_enc == VAL_RAW
+
+
+@SETTINGS
+@given(
+    st.one_of(
+        st.lists(st.integers(0, 2**62), max_size=300), st.lists(st.integers(0, 2**14 - 1), max_size=300)
+    )
+)
+def test_varint_roundtrip(gaps):
+    g = np.array(gaps, dtype=np.int64)
+    nb = varint_lengths(g)
+    out = np.zeros(int(nb.sum()) + 1, np.uint8)
+    m = varint_encode_into(g, nb, out)
+    assert m == int(nb.sum())
+    assert np.array_equal(varint_decode(out[:m], len(g), "t"), g)
+
+
+def test_varint_gaps_roundtrip_indices():
+    idx = np.array([0, 1, 5, 200, 201, 70000, 1 << 33], dtype=np.int64)
+    assert np.array_equal(indices_from_gaps(gaps_of(idx)), idx)
+
+
+def test_decoder_rejects_garbage_without_crashing():
+    base = (torch.randn(5000)).to(torch.bfloat16)
+    new = base.clone()
+    words_np(new)[::50] += 1
+    enc = Encoder(8192)
+    plan = enc.plan_delta(words_np(new), words_np(base))
+    buf = np.zeros(HEADER_SIZE + plan.nbytes, np.uint8)
+    w = BucketWriter(buf)
+    w.add(plan, 0, 0, 2)
+    n = w.finish(1, 0)
+    payload = buf[HEADER_SIZE:n].copy()
+    # wrong counts, truncated sections and trailing bytes are protocol errors, not crashes
+    bad = payload.copy()
+    bad[20] ^= 0xFF  # count field
+    with pytest.raises(ProtocolError):
+        list(Decoder().entries(bad, 1, "b"))
+    with pytest.raises(ProtocolError):
+        list(Decoder().entries(payload[:-9], 1, "b"))
+    with pytest.raises(ProtocolError):
+        list(Decoder().entries(np.concatenate([payload, np.zeros(8, np.uint8)]), 1, "b"))
+    bad = payload.copy()
+    bad[ENTRY_SIZE + 3] ^= 0x40  # inside the varint stream
+    with pytest.raises(ProtocolError):
+        list(Decoder().entries(bad, 1, "b"))
+    # a flipped value bit is caught by the bucket checksum before anything is decoded
+    hdr = parse_header(buf[:HEADER_SIZE])
+    corrupt = payload.copy()
+    corrupt[-3] ^= 1
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        verify_payload(hdr, corrupt, "bucket 0")
+
+
+@pytest.mark.parametrize("density", [0.021, 0.03, 0.05, 0.07, 0.099])
+def test_mid_density_large_chunks_roundtrip(density):
+    """Chunks large enough for the padded-nonzero and two-byte-varint fast paths."""
+    rng = np.random.default_rng(int(density * 1000))
+    base = random_tensor(torch.bfloat16, 300_000, rng)
+    new = mutate(base, density, rng, True)
+    out, plans = roundtrip(base, new, 1 << 17, "auto")
+    assert bits(out) == bits(new)
+    assert sum(p.count for p in plans) == int(np.count_nonzero(words_np(base) != words_np(new)))
