@@ -534,11 +534,6 @@ class Guard:
             self.maps = []
             self.client.close(clean=clean)
             self.copier.close()
-            if clean and self.where.local_rank == 0:
-                deadline = time.monotonic() + 10
-                while os.path.exists(self.client.shm_dir) and time.monotonic() < deadline:
-                    time.sleep(0.05)  # the keeper drains and exits once every local rank said goodbye
-                self.client.cleanup_start_lock()
 
 
 def _agree_on_candidates(mine: list[tuple[int, int, str]], group) -> list[tuple[int, int, str]]:

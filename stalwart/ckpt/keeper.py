@@ -208,6 +208,8 @@ class Keeper:
         step = int(msg["step"])
         deadline = time.monotonic() + float(msg.get("timeout", 30.0))
         with self.cond:
+            if msg.get("must"):
+                self.skipped.discard(step)  # a final / save_now snapshot overrides an earlier skip
             while True:
                 for s in self.slots:
                     if s.step == step and not s.complete:
@@ -579,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep_shm:
             shutil.rmtree(args.shm_dir, ignore_errors=True)
+            # the trainers' start lock: at worst a trainer starts a second keeper, which finds
+            # this directory's lock taken by nobody and serves; two never run (see _own_directory)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.shm_dir + ".start")
         log.info("keeper exits")
     return 0
 

@@ -134,12 +134,6 @@ class KeeperClient:
             + (f" ({last})" if last else "")
         )
 
-    def cleanup_start_lock(self) -> None:
-        """Remove the start lock once the job's keeper is gone (best effort)."""
-        if not os.path.exists(self.shm_dir):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._start_lock_path())
-
     def call(self, op: str, **kwargs) -> dict:
         if self.chan is None:
             raise KeeperGone("not connected to a keeper")

@@ -44,11 +44,13 @@ def run_group(cmd: list[str], timeout: float, env=None) -> subprocess.CompletedP
 
 
 def stalwart_shm_dirs() -> set[str]:
-    return set(glob.glob("/dev/shm/stalwart-*"))
+    return {d for d in glob.glob("/dev/shm/stalwart-*") if os.path.isdir(d)}
 
 
-def kill_keepers(dirs) -> None:
-    """Stop keepers serving the given shared-memory dirs (tests must not leave any)."""
+def kill_keepers(dirs, remove: bool = True) -> None:
+    """SIGKILL the keepers serving the given shared-memory dirs; with ``remove``, also
+    delete what they leave (tests must not leave anything behind)."""
+    dirs = [d for d in dirs if os.path.isdir(d)]
     for d in dirs:
         try:
             with open(os.path.join(d, "keeper.pid")) as f:
@@ -56,6 +58,8 @@ def kill_keepers(dirs) -> None:
             os.kill(pid, signal.SIGKILL)
         except (FileNotFoundError, ValueError, ProcessLookupError):
             pass
+    if not remove:
+        return
     deadline = time.monotonic() + 5
     for d in dirs:
         while os.path.exists(d) and time.monotonic() < deadline:

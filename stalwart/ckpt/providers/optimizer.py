@@ -112,7 +112,10 @@ class OptimizerProvider(StateProvider):
                     live[k] = v
         capturable = {id(p): bool(g.get("capturable") or g.get("fused")) for g in self.optimizer.param_groups for p in g["params"]}
         self.optimizer.state.clear()
-        for name, local in tensors.items():
+        # Fill the state in the optimizer's own parameter order (as its first step did).
+        position = {id(p): i for i, p in enumerate(q for g in self.optimizer.param_groups for q in g["params"])}
+        ordered = sorted(tensors.items(), key=lambda kv: (position.get(id(params[ctx.saved[kv[0]].param]), 1 << 30), kv[0]))
+        for name, local in ordered:
             spec = ctx.saved[name]
             p = params[spec.param]
             on_param_device = spec.slot != "step" or capturable.get(id(p), False)
