@@ -138,6 +138,7 @@ class Guard:
         self._preempt_done = False
         self._keeper_lost = False
         self._old_sigterm = None
+        self._wakeup: tuple[int, int] | None = None
         self._entered = False
 
     # ------------------------------------------------------------------ setup
@@ -198,18 +199,60 @@ class Guard:
             self._hook_handles.append(opt.register_step_pre_hook(lambda *_: self._before_step()))
 
     def _install_sigterm(self) -> None:
+        """Handle SIGTERM (preemption) even while the main thread is blocked in C code.
+
+        A Python signal handler only runs when the main thread executes bytecode; a
+        rank stuck in a collective with a dead peer would never run it (and torchrun
+        would wait out its grace period). The C-level handler also writes the signal
+        number to a wakeup pipe, which a watcher thread reads at once.
+        """
         if threading.current_thread() is not threading.main_thread():
             return
         self._old_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda signum, frame: self._on_sigterm())
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            previous = -1
+        if previous != -1:  # someone else (e.g. asyncio) owns the wakeup fd: keep theirs
+            signal.set_wakeup_fd(previous)
+            os.close(r)
+            os.close(w)
+            return
+        self._wakeup = (r, w)
+        threading.Thread(target=self._watch_signals, args=(r,), name="stalwart-signals", daemon=True).start()
 
-        def on_term(signum, frame):
-            if self._preempted.is_set():
+    def _watch_signals(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
                 return
-            self._preempted.set()
-            log.warning("stalwart: SIGTERM: the next guard.step() writes a final checkpoint (deadline %.0fs)", self.preempt_deadline_s)
-            threading.Thread(target=self._preempt_watchdog, daemon=True).start()
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                self._on_sigterm()
 
-        signal.signal(signal.SIGTERM, on_term)
+    def _on_sigterm(self) -> None:
+        if self._preempted.is_set() or not self._entered:
+            return
+        self._preempted.set()
+        log.warning("stalwart: SIGTERM: the next guard.step() writes a final checkpoint (deadline %.0fs)", self.preempt_deadline_s)
+        threading.Thread(target=self._preempt_watchdog, daemon=True).start()
+
+    def _remove_sigterm(self) -> None:
+        if self._old_sigterm is not None:
+            with contextlib.suppress(Exception):
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+        if self._wakeup is not None:
+            with contextlib.suppress(Exception):
+                signal.set_wakeup_fd(-1)
+            for fd in self._wakeup:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wakeup = None
 
     def _preempt_watchdog(self) -> None:
         """If the loop does not reach guard.step() within half the deadline, persist the
@@ -528,9 +571,7 @@ class Guard:
             for h in self._hook_handles:
                 with contextlib.suppress(Exception):
                     h.remove()
-            if self._old_sigterm is not None:
-                with contextlib.suppress(Exception):
-                    signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._remove_sigterm()
             self.maps = []
             self.client.close(clean=clean)
             self.copier.close()

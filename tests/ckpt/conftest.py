@@ -25,7 +25,7 @@ def torchrun(script: str, *args: str, nproc: int = 2, max_restarts: int = 0, tim
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
         "--monitor-interval=0.1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1",
-        os.path.join(WORKERS, script), *args,
+        script if os.path.isabs(script) or os.sep in script else os.path.join(WORKERS, script), *args,
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return run_group(cmd, timeout, full_env)
