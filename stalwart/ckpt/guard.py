@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -139,6 +140,7 @@ class Guard:
         self._keeper_lost = False
         self._old_sigterm = None
         self._wakeup: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
         self._entered = False
 
     # ------------------------------------------------------------------ setup
@@ -222,18 +224,10 @@ class Guard:
             os.close(w)
             return
         self._wakeup = (r, w)
-        threading.Thread(target=self._watch_signals, args=(r,), name="stalwart-signals", daemon=True).start()
-
-    def _watch_signals(self, fd: int) -> None:
-        while True:
-            try:
-                data = os.read(fd, 64)
-            except OSError:
-                return
-            if not data:
-                return
-            if signal.SIGTERM in data:
-                self._on_sigterm()
+        # The watcher holds only a weak reference: a thread that drops the last reference to
+        # the guard would free its tensors during interpreter shutdown, which aborts.
+        self._watcher = threading.Thread(target=_watch_signals, args=(r, weakref.ref(self)), name="stalwart-signals", daemon=True)
+        self._watcher.start()
 
     def _on_sigterm(self) -> None:
         if self._preempted.is_set() or not self._entered:
@@ -247,11 +241,16 @@ class Guard:
             with contextlib.suppress(Exception):
                 signal.signal(signal.SIGTERM, self._old_sigterm)
         if self._wakeup is not None:
+            r, w = self._wakeup
             with contextlib.suppress(Exception):
                 signal.set_wakeup_fd(-1)
-            for fd in self._wakeup:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(w)  # the watcher reads end-of-file and returns
+            if self._watcher is not None:
+                self._watcher.join(timeout=5)
+                self._watcher = None
+            with contextlib.suppress(OSError):
+                os.close(r)
             self._wakeup = None
 
     def _preempt_watchdog(self) -> None:
@@ -573,8 +572,26 @@ class Guard:
                     h.remove()
             self._remove_sigterm()
             self.maps = []
+            self.plan = None
+            self._pending_data = None
             self.client.close(clean=clean)
             self.copier.close()
+
+
+def _watch_signals(fd: int, guard_ref) -> None:
+    """Read the signal wakeup pipe; on SIGTERM start the guard's preemption path."""
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        if signal.SIGTERM in data:
+            guard = guard_ref()
+            if guard is not None:
+                guard._on_sigterm()
+            del guard
 
 
 def _agree_on_candidates(mine: list[tuple[int, int, str]], group) -> list[tuple[int, int, str]]:

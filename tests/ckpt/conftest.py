@@ -43,8 +43,17 @@ def run_group(cmd: list[str], timeout: float, env=None) -> subprocess.CompletedP
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def shm_base() -> str:
+    """This test session's private shared-memory base (see tests/conftest.py)."""
+    return os.environ["STALWART_SHM_BASE"]
+
+
 def stalwart_shm_dirs() -> set[str]:
-    return {d for d in glob.glob("/dev/shm/stalwart-*") if os.path.isdir(d)}
+    return {d for d in glob.glob(os.path.join(shm_base(), "stalwart-*")) if os.path.isdir(d)}
+
+
+def start_locks() -> set[str]:
+    return set(glob.glob(os.path.join(shm_base(), "stalwart-*.start")))
 
 
 def kill_keepers(dirs, remove: bool = True) -> None:
@@ -74,11 +83,11 @@ def kill_keepers(dirs, remove: bool = True) -> None:
 @pytest.fixture
 def no_leftovers():
     """Fails the test if it leaves keepers or /dev/shm segments behind; cleans them regardless."""
-    before = stalwart_shm_dirs() | set(glob.glob("/dev/shm/stalwart-*.start"))
+    before = stalwart_shm_dirs() | start_locks()
     yield
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        left = (stalwart_shm_dirs() | set(glob.glob("/dev/shm/stalwart-*.start"))) - before
+        left = (stalwart_shm_dirs() | start_locks()) - before
         if not left:
             return
         time.sleep(0.2)

@@ -17,7 +17,7 @@ import pytest
 import stalwart.formats as F
 from stalwart.formats.commit import read_latest
 
-from .conftest import WORKERS, free_port, kill_keepers, run_group
+from .conftest import WORKERS, free_port, kill_keepers, run_group, shm_base, stalwart_shm_dirs
 
 SINGLE = os.path.join(WORKERS, "single_train.py")
 
@@ -72,7 +72,7 @@ def test_corrupted_memory_snapshot_falls_back_to_the_next_tier(tmp_path, no_left
     root = tmp_path / "run"
     tiers = local_tier(root, keep_last=5)
     train(root, "--steps", 6, "--sleep", 0.05, "--kill-at", 6, "--tiers", tiers, "--linger", 20, expect=-9)
-    shm = glob.glob("/dev/shm/stalwart-*/slot-*/manifest.json")
+    shm = glob.glob(os.path.join(shm_base(), "stalwart-*/slot-*/manifest.json"))
     mine = [m for m in shm if os.path.exists(m)]
     assert mine, "the keeper must still hold the snapshot in memory"
     for manifest in mine:  # corrupt every memory snapshot of this job
@@ -108,7 +108,7 @@ def test_sigterm_writes_a_final_checkpoint_within_the_deadline(tmp_path, no_left
     latest = read_latest(str(root / "local"))
     assert latest in ("step-00000009", "step-00000010")
     assert F.verify(str(root / "local" / latest)).ok
-    kill_keepers(glob.glob("/dev/shm/stalwart-*"))  # the next run must restore from disk
+    kill_keepers(stalwart_shm_dirs())  # the next run must restore from disk
     out, _ = train(root, "--steps", 12, "--tiers", tiers)
     assert out["start"] in (9, 10) and out["stats"]["restored_from"].startswith("local:")
 
@@ -127,7 +127,7 @@ def test_tier_every_retention_compression_and_durability(tmp_path, no_leftovers)
         assert F.verify(str(local / f"step-{s:08d}")).ok
     with open(local / "durability.json") as f:
         assert json.load(f)["steps"] == steps
-    kill_keepers(glob.glob("/dev/shm/stalwart-*"))
+    kill_keepers(stalwart_shm_dirs())
     out, _ = train(root, "--steps", 14, "--tiers", tiers)
     assert out["start"] == 12, "restores from the compressed tier"
 
@@ -178,7 +178,7 @@ def test_s3_tier_on_a_real_s3_server(tmp_path, s3_server, no_leftovers):
         assert F.verify(local).ok
     finally:
         tier.release(local)
-    kill_keepers(glob.glob("/dev/shm/stalwart-*"))
+    kill_keepers(stalwart_shm_dirs())
     out, _ = train(root, "--steps", 9, "--tiers", tiers)
     assert out["start"] == 6 and out["stats"]["restored_from"] == "s3://ckpt/run7"
     assert out["digest"] == ref["digest"]
@@ -195,7 +195,7 @@ def _stress_trials(tmp_path, trials: int, seed: int) -> None:
         time.sleep(rnd.uniform(2.5, 5.0))  # import time + some steps: kills land during persistence
         victim = rnd.choice(["keeper", "trainer"])
         if victim == "keeper":
-            kill_keepers(glob.glob("/dev/shm/stalwart-*"), remove=False)
+            kill_keepers(stalwart_shm_dirs(), remove=False)
         else:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=120)
@@ -205,7 +205,7 @@ def _stress_trials(tmp_path, trials: int, seed: int) -> None:
             report = F.verify(str(local / latest))
             assert report.ok, f"trial {trial} ({victim} killed): latest {latest} does not verify: {report.problems}"
         # nothing half-written is ever loaded: a fresh run restores a verified step (or starts fresh)
-        kill_keepers(glob.glob("/dev/shm/stalwart-*"))
+        kill_keepers(stalwart_shm_dirs())
         again, res = train(root, "--steps", 40, "--width", 384, "--tiers", tiers, "--linger", 1)
         assert again is not None, res.stderr[-2000:]
         assert not again["stats"]["fallbacks"], f"trial {trial}: a committed step failed to restore: {again['stats']['fallbacks']}"

@@ -85,7 +85,8 @@ class ModuleProvider(StateProvider):
         self.prefix = prefix
 
     def _named(self):
-        for name, p in self.model.named_parameters():
+        # remove_duplicate=False: tied parameters appear under every name (aliases need them)
+        for name, p in self.model.named_parameters(remove_duplicate=False):
             yield name, p, "param"
         persistent = set(self.model.state_dict(keep_vars=True).keys())
         for name, b in self.model.named_buffers():
