@@ -20,8 +20,9 @@ What is stored (names are ``engine.module`` FQNs):
   - ZeRO-3: :class:`~stalwart.formats.layout.ZeroParam` (``ceil(numel / dp)`` per rank;
     the last rank's padding is not stored), views into the sub-group buffers
     ``fp32_partitioned_groups_flat[sg]`` (sub-groups are walked in order);
-  - stage 0: replicated (``FP16_Optimizer``'s ``fp32_groups_flat`` for fp16/bf16; the
-    module parameters themselves for fp32, where the engine's optimizer is the torch one).
+  - stage 0: replicated (``FP16_Optimizer``'s ``fp32_groups_flat`` and
+    ``FP16_UnfusedOptimizer``'s per-param fp32 copies for fp16/bf16; for fp32 the engine's
+    optimizer is the torch one and the module parameters are the masters).
 * ``optim.<fqn>.<slot>`` (role ``optimizer_slot``): every tensor slot of the inner torch
   optimizer. Elementwise slots (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...: as
   long as the flat master) follow their param's placement exactly; scalar tensor slots
@@ -29,10 +30,14 @@ What is stored (names are ``engine.module`` FQNs):
   Non-tensor slots and the param groups' hyper-parameters (``lr`` as the scheduler left
   it, betas, ...) go to ``objects["optimizer"]``, in the same form as
   :class:`~stalwart.ckpt.providers.optimizer.OptimizerProvider` writes it.
-* frozen (and zero-element) params and persistent buffers: ``<fqn>`` in their own dtype
-  (low precision for a bf16/fp16 engine). Replicated, except ZeRO-3 frozen params, whose
-  ``ds_tensor`` partitions are stored as ``ZeroParam`` (as DeepSpeed's own
-  ``frozen_param_fragments``).
+* frozen (and zero-element) params: ``<fqn>`` in their own (low-precision) dtype,
+  replicated, except under ZeRO-3, whose ``ds_tensor`` partitions are stored as
+  ``ZeroParam`` (as DeepSpeed's own ``frozen_param_fragments``).
+* persistent buffers: DeepSpeed does not keep them in sync across DP ranks (BatchNorm
+  statistics diverge), so ``<fqn>`` holds rank 0's copy (what DeepSpeed's own checkpoint
+  keeps, and what a resharded restore loads everywhere) and
+  ``__deepspeed__.rank_buffer.<fqn>`` (a leading DP dimension, one row per rank) every
+  rank's own, restored when the topology is unchanged.
 * ``objects["deepspeed"]``: ``global_steps``, ``global_samples``, ``skipped_steps``,
   ``micro_steps``, the loss scaler's state (``cur_scale``, ``cur_iter``,
   ``last_overflow_iter``, hysteresis, ...), the engine's ``lr_scheduler`` state, the
@@ -56,14 +61,22 @@ A snapshot must be taken at a gradient-accumulation boundary (``guard.step()`` r
 the ``engine.step()`` that applied the update): partially accumulated gradients are not
 state stalwart keeps, and collecting mid-accumulation raises an error.
 
+DeepSpeed's CPU Adam kernels (``DeepSpeedCPUAdam`` for ZeRO-Offload, ``FusedAdam``'s CPU
+build) keep ``beta^t`` in C++ state that a restore cannot set; restore replays the step
+sequence on a one-element dummy so the kernel continues bit for bit
+(:meth:`DeepSpeedProvider._replay_cpu_adam`).
+
 The loop waits for the snapshot copy only right before the inner torch optimizer's
 ``step()`` mutates the masters and slots (:meth:`DeepSpeedProvider.step_hook_target`), so
 the copy overlaps the whole forward/backward, gradient reduction and clipping.
 
+Restoring into another topology (DP size, ZeRO stage) reshards through the targets the
+live engine describes; RNG streams and per-rank buffers then fall back to what a
+resharded restore can give (the guard's RNG provider skips, buffers take rank 0's).
+
 Not supported (refused with a clear error): model/pipeline/sequence parallelism (the
 checkpoint mesh is pure DP), MoE expert groups, NVMe swapping, ZeRO-3 partial optimizer
-offload, ZenFlow, ``FP16_UnfusedOptimizer``. CPU offload keeps the same buffers on the host
-and goes through the same code, but is not covered by the tests here.
+offload, ZenFlow, param groups partitioned over different DP groups.
 """
 
 from __future__ import annotations
@@ -143,11 +156,6 @@ class _Geometry:
     owned: set[int] = field(default_factory=set)  # ids of params held by a flat buffer
 
 
-def _is_optimized(p: torch.nn.Parameter) -> bool:
-    numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-    return bool(p.requires_grad) and numel > 0
-
-
 def _shape(p: torch.nn.Parameter) -> tuple[int, ...]:
     return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
@@ -167,8 +175,10 @@ class DeepSpeedProvider(StateProvider):
 
     # ------------------------------------------------------------------ geometry
     def _check_supported(self) -> None:
+        import torch.distributed as dist
+
         e = self.engine
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        world = dist.get_world_size() if dist.is_initialized() else 1
         dp = int(getattr(e, "dp_world_size", world))
         if getattr(e, "has_moe_layers", False):
             raise LayoutError("DeepSpeedProvider: MoE engines (expert groups) are not supported")
@@ -562,7 +572,44 @@ class DeepSpeedProvider(StateProvider):
             if src is not None:
                 copy_into(b, src)
         self._rebuild_lp(geo)
+        self._replay_cpu_adam(geo, inner)
         self._restore_engine_state(ctx.objects.get("deepspeed"))
+
+    def _replay_cpu_adam(self, geo: _Geometry, inner: torch.optim.Optimizer) -> None:
+        """Bring the hidden state of DeepSpeed's CPU Adam kernels to the restored step.
+
+        ``DeepSpeedCPUAdam`` and ``FusedAdam``'s CPU build (``csrc/includes/cpu_adam.h``)
+        keep the bias corrections ``beta^t`` in C++, multiplied by ``beta`` at every
+        consecutive step and recomputed with ``pow`` after a jump; the two differ in the
+        last bit, so a restored run would drift by an ulp. Replaying the step sequence
+        (every flat buffer, in the optimizer's order, steps ``1..t``) on a one-element
+        dummy tensor leaves the kernel exactly as the uninterrupted run left it.
+        """
+        kind = type(inner).__name__
+        if not geo.flats or geo.flats[0].master.device.type != "cpu":
+            return
+        if kind == "DeepSpeedCPUAdam":
+            def call(s: int, g: dict, t: list[torch.Tensor]) -> None:
+                b1, b2 = g["betas"]
+                inner.ds_opt_adam.adam_update(inner.opt_id, s, g["lr"], b1, b2, g["eps"], g["weight_decay"],
+                                              g.get("bias_correction", True), t[0], t[1], t[2], t[3])
+        elif kind == "FusedAdam" and hasattr(inner, "multi_tensor_adam"):
+            def call(s: int, g: dict, t: list[torch.Tensor]) -> None:
+                b1, b2 = g["betas"]
+                inner.multi_tensor_adam(2048 * 32, inner._dummy_overflow_buf, [[t[1]], [t[0]], [t[2]], [t[3]]], g["lr"],
+                                        b1, b2, g["eps"], s, inner.adam_w_mode, 1 if g.get("bias_correction", True) else 0,
+                                        g["weight_decay"])
+        else:
+            return
+        steps = []
+        for flat in geo.flats:
+            s = inner.state.get(flat.master, {}).get("step", 0)
+            steps.append(int(s.item()) if isinstance(s, torch.Tensor) else int(s))
+        dummy = [torch.zeros(1) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
+        for s in range(1, max(steps, default=0) + 1):
+            for flat, last in zip(geo.flats, steps):
+                if s <= last:
+                    call(s, inner.param_groups[flat.group_index], dummy)
 
     def _rebuild_lp(self, geo: _Geometry) -> None:
         """Set the low-precision weights from the restored masters, as DeepSpeed's step does."""
