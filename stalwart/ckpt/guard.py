@@ -132,7 +132,6 @@ class Guard:
             group_addr=os.environ.get("STALWART_KEEPER_GROUP"),
         )
         self._loader: ResumableLoader | None = None
-        self._pending_rng: torch.Tensor | None = None
         self._pending_data: Mapping | None = None
         self._hook_handles: list = []
         self._preempted = threading.Event()
@@ -428,16 +427,17 @@ class Guard:
         return Latest(step, tuple(holders[step]))
 
     # ------------------------------------------------------------------ data
-    def resume(self, loader: Iterable, *, epochs: int | None = None) -> ResumableLoader:
+    def resume(self, loader: Iterable, *, epochs: int | None = None, skip: str = "sampler") -> ResumableLoader:
         """Wrap ``loader`` so iteration continues where the restored checkpoint left off.
 
-        The first call restores the data position (skipping batches already seen);
-        with ``epochs``, iteration runs from the restored epoch up to ``epochs``.
+        The first call restores the data position (skipping batches already seen, see
+        :class:`ResumableLoader` for ``skip``); with ``epochs``, iteration runs from the
+        restored epoch up to ``epochs``.
         """
         if self._loader is not None and self._loader.loader is loader:
             self._loader.epochs = epochs if epochs is not None else self._loader.epochs
             return self._loader
-        wrapper = ResumableLoader(loader, epochs)
+        wrapper = ResumableLoader(loader, epochs, skip)
         provider = DataProvider(wrapper)
         self.providers.append(provider)
         self._loader = wrapper
@@ -445,9 +445,6 @@ class Guard:
             tensors, ctx = self._pending_data
             provider.restore(tensors, ctx)
             self._pending_data = None
-        if self._pending_rng is not None:
-            wrapper.resume_rng_after_replay(self._pending_rng)
-            self._pending_rng = None
         return wrapper
 
     @property
@@ -541,10 +538,6 @@ class Guard:
                 if isinstance(p, DataProvider):
                     p.restore(tensors, ctx)
             self._pending_data = None
-        self._pending_rng = torch.get_rng_state()
-        if self._loader is not None:
-            self._loader.resume_rng_after_replay(self._pending_rng)
-            self._pending_rng = None
 
     # ------------------------------------------------------------------ exit
     def __exit__(self, exc_type, exc, tb) -> None:

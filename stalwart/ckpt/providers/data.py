@@ -90,18 +90,26 @@ class ResumableLoader:
 
     ``epochs``: iterate from the current epoch up to (not including) this epoch in one
     loop; None iterates the current epoch only (call again for the next one).
+
+    ``skip``: how a resumed epoch passes the batches already seen. ``"sampler"`` (the
+    default) advances a map-style DataLoader's batch sampler without loading data;
+    exact whenever batch contents depend only on their indices and the epoch's seeds.
+    ``"load"`` loads and drops them (slower; also exact when worker processes draw
+    their own random numbers per item). Other iterables are always consumed.
     """
 
-    def __init__(self, loader: Iterable, epochs: int | None = None) -> None:
+    def __init__(self, loader: Iterable, epochs: int | None = None, skip: str = "sampler") -> None:
+        if skip not in ("sampler", "load"):
+            raise ValueError("skip must be 'sampler' or 'load'")
         self.loader = loader
         self.epochs = epochs
+        self.skip = skip
         self.epoch = 0
         self.batch = 0  # batches handed out in the current epoch
         self.samples = 0
         self._epoch_rng = torch.get_rng_state()
         self._gen = getattr(loader, "generator", None)
         self._gen_state = self._gen.get_state() if isinstance(self._gen, torch.Generator) else None
-        self._resume_rng: torch.Tensor | None = None  # the RNG to hand back after replaying an epoch start
         self._pending_skip = 0
         # torchdata's StatefulDataLoader (or any loader with its own state) resumes itself
         self._stateful = hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
@@ -135,43 +143,37 @@ class ResumableLoader:
         else:
             self._pending_skip = self.batch
 
-    def resume_rng_after_replay(self, state: torch.Tensor) -> None:
-        """Called on restore: the RNG to set once the resumed epoch's start is replayed."""
-        self._resume_rng = state
-
     # --- iteration -------------------------------------------------------------
     def _epoch_iterator(self) -> Iterator:
         loader = self.loader
-        resuming = self._resume_rng is not None
-        if resuming:
-            torch.set_rng_state(self._epoch_rng)
-            if self._gen is not None and self._gen_state is not None:
-                self._gen.set_state(self._gen_state)
-        else:
-            self._epoch_rng = torch.get_rng_state()
-            self._gen_state = self._gen.get_state() if isinstance(self._gen, torch.Generator) else None
+        skip = 0 if self._stateful else self._pending_skip
+        self._pending_skip = 0
         set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
         if callable(set_epoch):
             set_epoch(self.epoch)
-        skip = self._pending_skip
-        if self._stateful:
-            skip = 0
-        if skip and isinstance(loader, torch.utils.data.DataLoader) and loader.batch_sampler is not None:
-            sampler = _SkipBatchSampler(loader.batch_sampler, skip)
-            it = iter(_rebuild_with_batch_sampler(loader, sampler))  # draws the base seed, as iter(loader) did
-            sampler.prime()  # then the sampler's own draw, as the first batch fetch did
-            skip = 0
-        else:
-            it = iter(loader)
-            if skip:
-                # generic iterables: consume what was already seen, then continue with the rest
-                for _ in range(skip):
+        if not skip:
+            # A new epoch: remember the RNG its start draws from (shuffle and worker seeds).
+            self._epoch_rng = torch.get_rng_state()
+            self._gen_state = self._gen.get_state() if isinstance(self._gen, torch.Generator) else None
+            return iter(loader)
+        # Resuming mid-epoch: replay the epoch start under its RNG, skip what was seen, and
+        # leave the global RNG exactly as it was (the checkpoint restored it already).
+        current = torch.get_rng_state()
+        torch.set_rng_state(self._epoch_rng)
+        if self._gen is not None and self._gen_state is not None:
+            self._gen.set_state(self._gen_state)
+        try:
+            if self.skip == "sampler" and isinstance(loader, torch.utils.data.DataLoader) and loader.batch_sampler is not None:
+                sampler = _SkipBatchSampler(loader.batch_sampler, skip)
+                it = iter(_rebuild_with_batch_sampler(loader, sampler))  # draws the base seed, as iter(loader) did
+                sampler.prime()  # then the sampler's own draw, as the first batch fetch did
+            else:
+                it = iter(loader)
+                for _ in range(skip):  # load and drop what was already seen
                     if next(it, _END) is _END:
                         break
-        if resuming:
-            torch.set_rng_state(self._resume_rng)
-            self._resume_rng = None
-        self._pending_skip = 0
+        finally:
+            torch.set_rng_state(current)
         return it
 
     def __iter__(self) -> Iterator:
