@@ -12,10 +12,12 @@ forward pass and are copied before ``guard.step()`` returns; they are small.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from stalwart.formats.layout import Mesh, Shard, Sharded, TensorSpec, ZeroGroup
@@ -77,6 +79,49 @@ def per_rank_spec(name: str, mesh: Mesh, shape: tuple[int, ...], dtype: torch.dt
 
     placement = Sharded(levels) if levels else Replicated()
     return TensorSpec(name, full, dtype, placement, role="other")
+
+
+def blob_targets(ctx: RestoreContext, name: str) -> Collected:
+    """Load this rank's row of a per-rank blob, if saved under the same topology."""
+    saved = ctx.saved.get(name)
+    if saved is None or not ctx.same_topology:
+        return Collected()
+    spec = per_rank_spec(name, ctx.mesh, saved.shape[1:], torch.uint8)
+    return Collected(items=[Item(spec, torch.empty((1, *saved.shape[1:]), dtype=torch.uint8), lazy=False)])
+
+
+class PerRankBlobProvider(StateProvider):
+    """State that is one byte blob per rank (RNG streams, data position).
+
+    Stored as a uint8 tensor with a leading world dimension (rank ``r`` holds row ``r``),
+    copied eagerly, and restored only when the topology is unchanged (the rows belong
+    to ranks that may no longer exist).
+    """
+
+    tensor_name: str = ""
+    what: str = ""  # for the warning when it cannot be restored
+
+    def pack(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def unpack(self, blob: bytes) -> None:
+        raise NotImplementedError
+
+    def collect(self, mesh: Mesh, rank: int) -> Collected:
+        blob = torch.from_numpy(self.pack())
+        spec = per_rank_spec(self.tensor_name, mesh, tuple(blob.shape), torch.uint8)
+        return Collected(items=[Item(spec, blob.view(1, -1), lazy=False)])
+
+    def targets(self, ctx: RestoreContext) -> Collected:
+        return blob_targets(ctx, self.tensor_name)
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], ctx: RestoreContext) -> None:
+        blob = tensors.get(self.tensor_name)
+        if blob is None:
+            if self.tensor_name in ctx.saved:
+                warnings.warn(f"topology changed: {self.what} is per rank and is not restored", stacklevel=2)
+            return
+        self.unpack(blob.reshape(-1).numpy().tobytes())
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:

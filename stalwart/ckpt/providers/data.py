@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from stalwart.ckpt.providers.base import Collected, Item, RestoreContext, StateProvider, per_rank_spec
+from stalwart.ckpt.providers.base import Collected, PerRankBlobProvider, RestoreContext, blob_targets
 from stalwart.errors import StalwartError
-from stalwart.formats.layout import Mesh
 from stalwart.formats.tree import decode_value, encode_value
 
 _HEAD = struct.Struct("<qqqq")  # epoch, batches consumed in epoch, samples consumed in total, flags
@@ -207,32 +205,19 @@ def _batch_len(batch) -> int:
 
 def data_targets(ctx: RestoreContext) -> Collected:
     """The saved data position of this rank (loaded even before a loader is attached)."""
-    saved = ctx.saved.get(DataProvider.tensor_name)
-    if saved is None or not ctx.same_topology:
-        return Collected()
-    spec = per_rank_spec(DataProvider.tensor_name, ctx.mesh, saved.shape[1:], torch.uint8)
-    return Collected(items=[Item(spec, torch.empty((1, *saved.shape[1:]), dtype=torch.uint8), lazy=False)])
+    return blob_targets(ctx, DataProvider.tensor_name)
 
 
-class DataProvider(StateProvider):
+class DataProvider(PerRankBlobProvider):
     name = "data"
     tensor_name = "__stalwart__.data"
+    what = "the data position"
 
     def __init__(self, loader: ResumableLoader) -> None:
         self.loader = loader
 
-    def collect(self, mesh: Mesh, rank: int) -> Collected:
-        blob = torch.from_numpy(self.loader.pack())
-        spec = per_rank_spec(self.tensor_name, mesh, tuple(blob.shape), torch.uint8)
-        return Collected(items=[Item(spec, blob.view(1, -1), lazy=False)])
+    def pack(self) -> np.ndarray:
+        return self.loader.pack()
 
-    def targets(self, ctx: RestoreContext) -> Collected:
-        return data_targets(ctx)
-
-    def restore(self, tensors: Mapping[str, torch.Tensor], ctx: RestoreContext) -> None:
-        blob = tensors.get(self.tensor_name)
-        if blob is None:
-            if self.tensor_name in ctx.saved:
-                warnings.warn("topology changed: the data position is per rank and is not restored", stacklevel=2)
-            return
-        self.loader.unpack(blob.reshape(-1).numpy().tobytes())
+    def unpack(self, blob: bytes) -> None:
+        self.loader.unpack(blob)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import random
 import struct
 import warnings
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from stalwart.ckpt.providers.base import Collected, Item, RestoreContext, StateProvider, per_rank_spec
-from stalwart.formats.layout import Mesh
+from stalwart.ckpt.providers.base import PerRankBlobProvider
 
 _PY = struct.Struct("<i625Id?")  # version, 624 state words + position, gauss, has_gauss
 _NP = struct.Struct("<624Iiid")  # key, pos, has_gauss, cached_gaussian
@@ -62,26 +60,13 @@ def unpack_rng(blob: bytes) -> None:
         )
 
 
-class RNGProvider(StateProvider):
+class RNGProvider(PerRankBlobProvider):
     name = "rng"
     tensor_name = "__stalwart__.rng"
+    what = "the RNG state"
 
-    def collect(self, mesh: Mesh, rank: int) -> Collected:
-        blob = torch.from_numpy(pack_rng())
-        spec = per_rank_spec(self.tensor_name, mesh, tuple(blob.shape), torch.uint8)
-        return Collected(items=[Item(spec, blob.view(1, -1), lazy=False)])
+    def pack(self) -> np.ndarray:
+        return pack_rng()
 
-    def targets(self, ctx: RestoreContext) -> Collected:
-        saved = ctx.saved.get(self.tensor_name)
-        if saved is None or not ctx.same_topology:
-            return Collected()
-        spec = per_rank_spec(self.tensor_name, ctx.mesh, saved.shape[1:], torch.uint8)
-        return Collected(items=[Item(spec, torch.empty((1, *saved.shape[1:]), dtype=torch.uint8), lazy=False)])
-
-    def restore(self, tensors: Mapping[str, torch.Tensor], ctx: RestoreContext) -> None:
-        blob = tensors.get(self.tensor_name)
-        if blob is None:
-            if self.tensor_name in ctx.saved:
-                warnings.warn("topology changed: RNG streams are not restored (they are per rank)", stacklevel=2)
-            return
-        unpack_rng(blob.reshape(-1).numpy().tobytes())
+    def unpack(self, blob: bytes) -> None:
+        unpack_rng(blob)
