@@ -5,10 +5,10 @@ format is detected), selects, renames and casts its tensors, and writes them in
 the target format:
 
 * **streaming** - tensors are read one at a time by ``workers`` threads (readers
-  use ``pread`` into fresh buffers, never mapping whole files) and handed to the
-  writer in its order; at most ``buffer_bytes`` of read-ahead is in flight, so
-  peak memory is about the largest tensor plus that buffer, whatever the size of
-  the checkpoint;
+  ``pread`` exactly a tensor's bytes, into recycled buffers where the target allows,
+  never mapping whole files) and handed to the writer in its order; at most
+  ``buffer_bytes`` of read-ahead is in flight, so peak memory is about the largest
+  tensor plus that buffer, whatever the size of the checkpoint;
 * **all-or-nothing** - everything is written into a temporary sibling of
   ``dst`` that is renamed into place at the end; a failure leaves nothing;
 * **deterministic** - the same input gives byte-identical output, whatever the
@@ -22,6 +22,7 @@ import datetime as _dt
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections import deque
@@ -32,8 +33,18 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from stalwart.errors import ConversionError, StalwartError
-from stalwart.formats.adapters.base import ConvertSource, OutState, OutTensor, PlannedFile, SourceMeta, Target
+from stalwart.formats.adapters.base import (
+    ConvertSource,
+    OutState,
+    OutTensor,
+    PlannedFile,
+    RawBytes,
+    SourceMeta,
+    Target,
+    fill_from_ranges,
+)
 from stalwart.formats.commit import fsync_dir, install_dir, temp_sibling
+from stalwart.formats.dtypes import tensor_bytes
 
 TARGETS = ("native", "hf", "dcp", "ds-universal", "torch")
 DEFAULT_MAX_SHARD = "5GB"
@@ -157,11 +168,26 @@ class ConversionResult:
 # --------------------------------------------------------------------------- sources and targets
 
 
+def _raise_open_files_limit(want: int = 65536) -> None:
+    """Readers keep one descriptor per source file (a ZeRO checkpoint has one per DP rank,
+    a universal one several per param): lift the soft limit towards the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - platform without rlimits
+        pass
+
+
 def open_convert_source(path: str) -> ConvertSource:
     """Open ``path`` in whatever format it is, as a :class:`ConvertSource`."""
     from stalwart.formats.adapters.native import NativeConvertSource
     from stalwart.formats.sources import NativeSource, open_source
 
+    _raise_open_files_limit()
     src = open_source(path)
     if isinstance(src, ConvertSource):
         return src
@@ -275,28 +301,80 @@ def _select_meta(meta: SourceMeta, names: dict[str, str], weights_only: bool) ->
 # --------------------------------------------------------------------------- streaming
 
 
-def _read_one(src: ConvertSource, t: OutTensor) -> torch.Tensor:
+class BufferPool:
+    """Read buffers that are reused, so that after the first tensors no fresh pages are
+    faulted in per tensor (first touch is the slowest part of a copy on many hosts).
+    Buffers coming back beyond ``limit`` bytes of free capacity are dropped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+            if fits:
+                best = min(fits, key=lambda i: self.free[i].numel())
+                return self.free.pop(best)
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+    def release(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            if sum(b.numel() for b in self.free) + buf.numel() <= self.limit:
+                self.free.append(buf)
+
+
+def _read_one(src: ConvertSource, t: OutTensor, pool: BufferPool | None, raw_ok: bool):
+    """(payload, pooled buffer or None): a tensor of ``t``'s dtype, or RawBytes when ``raw_ok``."""
+    st = src.tensors[src.aliases.get(t.source, t.source)]
+    if st.ranges is not None and (raw_ok or pool is not None) and st.nbytes:
+        if raw_ok and st.dtype == t.dtype:
+            return RawBytes(st.ranges(), st.dtype, st.shape, src.path), None
+        if pool is not None:
+            buf = pool.acquire(st.nbytes)
+            fill_from_ranges(st.ranges(), tensor_bytes(buf[: st.nbytes]), src.path)
+            x = buf[: st.nbytes].view(st.dtype).view(st.shape)
+            if x.dtype == t.dtype:
+                return x, buf
+            y = x.to(t.dtype)
+            pool.release(buf)
+            return y, None
     x = src.read(t.source)
     if x.dtype != t.dtype:
         x = x.to(t.dtype)
     if not x.is_contiguous():
         x = x.contiguous()
-    return x
+    return x, None
 
 
 def stream_tensors(
-    src: ConvertSource, order: list[OutTensor], *, workers: int = 2, buffer_bytes: int = DEFAULT_BUFFER
-) -> Iterator[tuple[OutTensor, torch.Tensor]]:
+    src: ConvertSource,
+    order: list[OutTensor],
+    *,
+    workers: int = 2,
+    buffer_bytes: int = DEFAULT_BUFFER,
+    reuse_buffers: bool = False,
+    raw_ok: bool = False,
+) -> Iterator[tuple[OutTensor, torch.Tensor | RawBytes]]:
     """Yield (out tensor, data) in ``order``, reading ahead with ``workers`` threads.
 
     At most ``buffer_bytes`` of read-ahead (besides the tensor being consumed) is in
-    flight; a tensor larger than that is read alone.
+    flight; a tensor larger than that is read alone. With ``reuse_buffers`` a tensor's
+    memory is recycled once the consumer asks for the next one (so the consumer must
+    be done with it by then); with ``raw_ok`` tensors whose bytes lie in the source
+    files as they are come as :class:`RawBytes` instead of being read.
     """
+    pool = BufferPool(buffer_bytes) if reuse_buffers else None
     if workers <= 1:
         for t in order:
-            yield t, _read_one(src, t)
+            data, buf = _read_one(src, t, pool, raw_ok)
+            yield t, data
+            del data
+            if buf is not None:
+                pool.release(buf)
         return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stalwart-convert")
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stalwart-convert")
     queue: deque = deque()
     it = iter(order)
     inflight = 0
@@ -310,20 +388,22 @@ def stream_tensors(
                     break
                 if queue and (inflight + pending.nbytes > buffer_bytes or len(queue) >= 4 * workers):
                     break
-                queue.append((pending, pool.submit(_read_one, src, pending)))
+                queue.append((pending, executor.submit(_read_one, src, pending, pool, raw_ok)))
                 inflight += pending.nbytes
                 pending = None
             if not queue:
                 return
             t, fut = queue.popleft()
-            data = fut.result()
+            data, buf = fut.result()
             inflight -= t.nbytes
             yield t, data
             del data
+            if buf is not None:
+                pool.release(buf)
     finally:
         for _, fut in queue:
             fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -368,8 +448,9 @@ def plan_conversion(
     weights_only: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD,
     tag: str | None = None,
+    workers: int = 2,
 ) -> tuple[ConversionPlan, Target]:
-    target = make_target(to, max_shard_size=parse_size(max_shard_size), tag=tag)
+    target = make_target(to, max_shard_size=parse_size(max_shard_size), tag=tag, workers=workers)
     state, dropped = select(src, dtype=parse_dtype(dtype), include=include, exclude=exclude, rename=rename,
                             weights_only=weights_only or not target.keeps_optimizer)
     state.created = _created(src)
@@ -397,7 +478,7 @@ def convert(
     workers: int = 2,
     progress: Progress | None = None,
     overwrite: bool = False,
-    fsync: bool = True,
+    fsync: bool = False,
     tag: str | None = None,
     buffer_bytes: int = DEFAULT_BUFFER,
     on_plan: Callable[[ConversionPlan], object] | None = None,
@@ -409,7 +490,10 @@ def convert(
     ``exclude`` are regexes searched in source param/buffer names (slots follow their
     param); ``rename`` rules ``PATTERN=REPLACEMENT`` apply ``re.sub`` to names in order;
     ``weights_only`` drops optimizer state. ``max_shard_size`` bounds Hugging Face
-    shards. ``tag`` names the DeepSpeed universal tag directory. With ``dry_run`` nothing
+    shards. ``tag`` names the DeepSpeed universal tag directory. ``fsync`` makes the
+    output durable against power loss before it is renamed into place (off by default,
+    like the tools it replaces: the output is derived data, and the rename alone already
+    makes it all-or-nothing for the process). With ``dry_run`` nothing
     is read or written and the :class:`ConversionPlan` is returned; otherwise a
     :class:`ConversionResult`. Raises :class:`~stalwart.errors.StalwartError` subclasses
     for bad input; a failed conversion leaves nothing at ``dst``.
@@ -422,7 +506,8 @@ def convert(
     started = time.perf_counter()
     with open_convert_source(src) as source:
         plan, target = plan_conversion(source, dst, to=to, dtype=dtype, include=include, exclude=exclude,
-                                       rename=rename, weights_only=weights_only, max_shard_size=max_shard_size, tag=tag)
+                                       rename=rename, weights_only=weights_only, max_shard_size=max_shard_size, tag=tag,
+                                       workers=workers)
         if on_plan is not None:
             on_plan(plan)
         if dry_run:
@@ -439,7 +524,8 @@ def _write(source: ConvertSource, dst: str, plan: ConversionPlan, target: Target
 
     def counted() -> Iterator[tuple[OutTensor, torch.Tensor]]:
         nonlocal written
-        for t, data in stream_tensors(source, order, workers=workers, buffer_bytes=buffer_bytes):
+        for t, data in stream_tensors(source, order, workers=workers, buffer_bytes=buffer_bytes,
+                                      reuse_buffers=target.sync_writes, raw_ok=target.accepts_raw):
             yield t, data
             written += t.nbytes
             if progress is not None:

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from stalwart.errors import FormatError
-from stalwart.formats.dtypes import itemsize
+from stalwart.formats.adapters.safe_load import pread_into
+from stalwart.formats.dtypes import itemsize, tensor_bytes
 from stalwart.formats.sources import TensorInfo, TensorSource
 
 Reader = Callable[[], torch.Tensor]
+Ranges = Callable[[], list[tuple[int, int, int]]]
 
 
 def slot_name(fqn: str, slot: str) -> str:
@@ -43,6 +45,10 @@ class SourceTensor:
     param: str | None = None  # optimizer slots: the param they belong to
     slot: str | None = None
     requires_grad: bool | None = None  # params: False for frozen ones
+    # Where the tensor's bytes lie in the source files, when they lie there as they are
+    # (contiguous, this dtype, little-endian): (fd, offset, nbytes) pieces in order. Lets
+    # the converter read into buffers it reuses, or copy file to file in the kernel.
+    ranges: Ranges | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -51,6 +57,34 @@ class SourceTensor:
     @property
     def nbytes(self) -> int:
         return self.numel * itemsize(self.dtype)
+
+
+class RawBytes:
+    """A tensor that was not read: its bytes' places in the source files (see ``SourceTensor.ranges``).
+
+    Targets that store tensors as raw bytes stream them from the source files straight
+    into their output (no intermediate tensor); others call :meth:`read`.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int, int]], dtype: torch.dtype, shape: tuple[int, ...], where: str) -> None:
+        self.ranges, self.dtype, self.shape, self.where = ranges, dtype, tuple(shape), where
+        self.nbytes = sum(n for _, _, n in ranges)
+        if self.nbytes != math.prod(self.shape) * itemsize(dtype):
+            raise FormatError(f"{where}: byte ranges hold {self.nbytes} bytes, {dtype}{list(shape)} needs more")
+
+    def read(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        fill_from_ranges(self.ranges, tensor_bytes(out), self.where)
+        return out
+
+
+def fill_from_ranges(ranges: list[tuple[int, int, int]], buf: memoryview, where: str) -> None:
+    """Read the concatenation of ``ranges`` into ``buf``."""
+    view = memoryview(buf).cast("B")
+    pos = 0
+    for fd, off, n in ranges:
+        pread_into(fd, view[pos : pos + n], off, where)
+        pos += n
 
 
 @dataclass
@@ -72,13 +106,13 @@ class SourceMeta:
 class ConvertSource(TensorSource):
     """Base of the format readers; subclasses fill :attr:`tensors`, :attr:`aliases` and :attr:`meta`."""
 
-    format_name = ""
+    default_format = ""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.tensors: dict[str, SourceTensor] = {}
         self.aliases: dict[str, str] = {}  # alias -> owner (owner is in tensors)
-        self.meta = SourceMeta(self.format_name)
+        self.meta = SourceMeta(self.default_format)
         self._closers: list[Callable[[], None]] = []
 
     # building ---------------------------------------------------------------
@@ -91,6 +125,11 @@ class ConvertSource(TensorSource):
         self._closers.append(fn)
 
     # TensorSource --------------------------------------------------------------
+    @property
+    def format_name(self) -> str:  # type: ignore[override]
+        """The detected format, e.g. ``deepspeed-zero3`` (shown by ``stalwart diff``)."""
+        return self.meta.format
+
     def infos(self) -> dict[str, TensorInfo]:
         out = {n: TensorInfo(n, t.shape, t.dtype, t.role) for n, t in self.tensors.items()}
         for alias, owner in self.aliases.items():
@@ -109,6 +148,13 @@ class ConvertSource(TensorSource):
                 f"{self.path}: tensor {name!r} read as {out.dtype}{list(out.shape)}, expected {t.dtype}{list(t.shape)}"
             )
         return out
+
+    def raw(self, name: str) -> RawBytes | None:
+        """The tensor's bytes in place (None when the format cannot give them, e.g. checksummed)."""
+        t = self.tensors[self.aliases.get(name, name)]
+        if t.ranges is None:
+            return None
+        return RawBytes(t.ranges(), t.dtype, t.shape, self.path)
 
     def objects(self) -> dict:
         m = self.meta
@@ -195,6 +241,8 @@ class Target:
     description = ""
     single_file = False
     keeps_optimizer = True
+    accepts_raw = False  # write() takes RawBytes payloads (copies them file to file)
+    sync_writes = True  # done with a tensor's memory once it asks for the next one
 
     def __init__(self, **options) -> None:
         self.options = options
@@ -260,6 +308,7 @@ __all__ = [
     "OutState",
     "OutTensor",
     "PlannedFile",
+    "RawBytes",
     "SourceMeta",
     "SourceTensor",
     "Target",

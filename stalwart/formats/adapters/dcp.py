@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pickle
+import threading
 
 import torch
 
@@ -42,9 +43,9 @@ from stalwart.formats.adapters.base import (
     infer_optimizer_class,
     slot_name,
 )
-from stalwart.formats.adapters.safe_load import LazyFile, jsonable, load_dcp_metadata, load_small, pread_into
+from stalwart.formats.adapters.direct_io import DirectWriter
+from stalwart.formats.adapters.safe_load import LazyFile, jsonable, load_dcp_metadata, load_small
 from stalwart.formats.adapters.torch_save import optimizer_groups
-from stalwart.formats.dtypes import tensor_bytes
 from stalwart.formats.sources import register_source
 
 METADATA = ".metadata"
@@ -58,7 +59,7 @@ DATA_FILE = "__0_0.distcp"
 class DCPSource(ConvertSource):
     """A DCP checkpoint directory (see the module docstring)."""
 
-    format_name = "dcp"
+    default_format = "dcp"
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -67,6 +68,7 @@ class DCPSource(ConvertSource):
         if not hasattr(self.md, "state_dict_metadata") or not hasattr(self.md, "storage_data"):
             raise FormatError(f"{path}/{METADATA}: not DCP metadata")
         self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
         self.on_close(self._close_fds)
         self._chunks: dict[str, list] = {}
         for index, info in (self.md.storage_data or {}).items():
@@ -85,44 +87,53 @@ class DCPSource(ConvertSource):
         self._fds.clear()
 
     def _fd(self, rel: str) -> int:
-        fd = self._fds.get(rel)
-        if fd is None:
-            full = os.path.join(self.path, rel)
-            if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
-                raise FormatError(f"{self.path}: storage path {rel!r} points outside the checkpoint")
-            try:
-                fd = self._fds[rel] = os.open(full, os.O_RDONLY)
-            except FileNotFoundError:
-                raise FormatError(f"{self.path}: data file {rel} named by the metadata is missing") from None
-        return fd
+        with self._fd_lock:
+            fd = self._fds.get(rel)
+            if fd is None:
+                full = os.path.join(self.path, rel)
+                if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+                    raise FormatError(f"{self.path}: storage path {rel!r} points outside the checkpoint")
+                try:
+                    fd = self._fds[rel] = os.open(full, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise FormatError(f"{self.path}: data file {rel} named by the metadata is missing") from None
+            return fd
 
-    def _safetensors_layout(self) -> dict[str, int]:
-        """For DCP's safetensors serialization: data start of each file (its header length)."""
-        out: dict[str, int] = {}
+    def _safetensors_layout(self) -> dict:
+        """Files written with ``SerializationFormat.SAFETENSORS``: parsed, by relative path.
+
+        Their storage offsets are not byte offsets: each chunk is the entry named by its
+        key in the file of its ``relative_path``.
+        """
+        from stalwart.formats.adapters.hf import SafetensorsFile
+
+        out: dict = {}
         for chunks in self._chunks.values():
             for _, info in chunks:
                 rel = info.relative_path
-                if rel in out or not rel.endswith(".safetensors"):
+                if rel in out:
                     continue
-                fd = self._fd(rel)
-                n = int.from_bytes(os.pread(fd, 8, 0), "little")
-                out[rel] = 8 + n
+                head = os.pread(self._fd(rel), 9, 0)
+                if len(head) == 9 and head[8:9] == b"{":
+                    sf = out[rel] = SafetensorsFile(os.path.join(self.path, rel))
+                    self.on_close(sf.close)
         return out
 
     def _read_chunk(self, index, info, dtype: torch.dtype, sizes: tuple[int, ...]) -> torch.Tensor:
-        fd = self._fd(info.relative_path)
-        if info.relative_path in self._safetensors_offsets:
-            out = torch.empty(sizes, dtype=dtype)
-            if out.numel():
-                pread_into(fd, tensor_bytes(out), self._safetensors_offsets[info.relative_path] + info.offset, self.path)
-            return out
-        lf = LazyFile(os.path.join(self.path, info.relative_path), base=info.offset, size=info.length, fd=fd)
-        ref = lf.obj
-        if not hasattr(ref, "read"):
-            raise FormatError(f"{self.path}: entry {index.fqn!r} does not hold a tensor")
-        t = ref.read()
-        if tuple(t.shape) != tuple(sizes):
-            raise FormatError(f"{self.path}: chunk of {index.fqn!r} holds {list(t.shape)}, metadata says {list(sizes)}")
+        sf = self._safetensors_offsets.get(info.relative_path)
+        if sf is not None:
+            if index.fqn not in sf.entries:
+                raise FormatError(f"{sf.path}: no entry {index.fqn!r}, which the DCP metadata places there")
+            t = sf.reader(index.fqn)()
+        else:
+            fd = self._fd(info.relative_path)
+            lf = LazyFile(os.path.join(self.path, info.relative_path), base=info.offset, size=info.length, fd=fd)
+            ref = lf.obj
+            if not hasattr(ref, "read"):
+                raise FormatError(f"{self.path}: entry {index.fqn!r} does not hold a tensor")
+            t = ref.read()
+        if tuple(t.shape) != tuple(sizes) or t.dtype != dtype:
+            raise FormatError(f"{self.path}: chunk of {index.fqn!r} holds {t.dtype}{list(t.shape)}, metadata says {dtype}{list(sizes)}")
         return t
 
     def _tensor_reader(self, fqn: str, md):
@@ -373,10 +384,14 @@ class DCPTarget(Target):
         sd_md: dict = {}
         storage: dict = {}
         path = os.path.join(out, DATA_FILE)
-        with open(path, "wb") as f:
+        f = DirectWriter(path)
+        try:
             for ot, tensor in stream:
                 offset = f.tell()
-                torch.save(tensor.detach().contiguous(), f)
+                t = tensor.detach()
+                if not t.is_contiguous() or t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                    t = t.clone(memory_format=torch.contiguous_format)  # torch.save stores whole storages
+                torch.save(t, f)
                 length = f.tell() - offset
                 nd = len(ot.shape)
                 for key in key_of[ot.name]:
@@ -395,9 +410,10 @@ class DCPTarget(Target):
                 f.write(buf.getbuffer())
                 sd_md[key] = BytesStorageMetadata()
                 storage[MetadataIndex(key)] = _StorageInfo(DATA_FILE, offset, f.tell() - offset)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
+        except BaseException:
+            f.abort()
+            raise
+        f.close(fsync)
         ordered = {k: sd_md[k] for k in flat if k in sd_md}
         md = Metadata(state_dict_metadata=ordered, planner_data=dict(mappings), storage_data=storage, version="1.0.0")
         with open(os.path.join(out, METADATA), "wb") as f:

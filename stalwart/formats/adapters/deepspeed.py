@@ -111,16 +111,28 @@ def find_tag_dir_quiet(path: str) -> str | None:
 # --------------------------------------------------------------------------- reading helpers
 
 
-def _gather(shape: tuple[int, ...], dtype: torch.dtype, pieces: list[tuple[TensorRef, int, int, int]]) -> Callable:
-    """A reader concatenating flat pieces (ref, src start, count, dst start) into one tensor."""
+class _Gather:
+    """Reads a tensor concatenated from flat pieces (ref, src start, count, dst start) of
+    saved tensors; also says where those bytes lie in the files (``ranges``)."""
 
-    def read() -> torch.Tensor:
-        out = torch.empty(math.prod(shape), dtype=dtype)
-        for ref, start, count, dst in pieces:
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, pieces: list[tuple[TensorRef, int, int, int]]) -> None:
+        self.shape, self.dtype, self.pieces = tuple(shape), dtype, pieces
+        for ref, _, _, _ in pieces:
+            if ref.dtype != dtype:
+                raise FormatError(f"{ref.where}: a fragment is {ref.dtype}, the tensor it belongs to {dtype}")
+
+    def __call__(self) -> torch.Tensor:
+        out = torch.empty(math.prod(self.shape), dtype=self.dtype)
+        for ref, start, count, dst in self.pieces:
             ref.read_flat(start, count, out=out[dst : dst + count])
-        return out.view(shape)
+        return out.view(self.shape)
 
-    return read
+    def ranges(self) -> list[tuple[int, int, int]]:
+        return [ref.byte_range(start, count) for ref, start, count, _ in sorted(self.pieces, key=lambda p: p[3])]
+
+
+def _gather(shape: tuple[int, ...], dtype: torch.dtype, pieces: list[tuple[TensorRef, int, int, int]]) -> _Gather:
+    return _Gather(shape, dtype, pieces)
 
 
 def _scalar_value(v) -> torch.Tensor:
@@ -160,7 +172,7 @@ def _hparams(groups: list[dict], names: list[list[str]], where: str) -> list[dic
 class DeepSpeedSource(ConvertSource):
     """A DeepSpeed checkpoint tag directory as named whole tensors (see the module docstring)."""
 
-    format_name = "deepspeed"
+    default_format = "deepspeed"
 
     def __init__(self, tag_dir: str, *, root: str | None = None) -> None:
         super().__init__(root or tag_dir)
@@ -301,8 +313,6 @@ class DeepSpeedSource(ConvertSource):
         self.shared = shared
         self.trainable: list[str] = []
         self.groups: list[list[str]] = []
-        self.slots_of: dict[str, list[str]] = {}
-        self.master_dtype: dict[str, torch.dtype] = {}
         self._pending: dict[str, tuple[tuple[int, ...], torch.dtype, Callable]] = {}
         self._slot_pending: dict[str, list[SourceTensor]] = {}
         if self.kind in ("zero1", "zero2", "bf16_optimizer"):
@@ -587,7 +597,8 @@ class DeepSpeedSource(ConvertSource):
 
     def _add_slot(self, name: str, slot: str, shape, dtype, reader) -> None:
         self._slot_pending.setdefault(name, []).append(
-            SourceTensor(slot_name(name, slot), tuple(shape), dtype, "optimizer_slot", reader, param=name, slot=slot)
+            SourceTensor(slot_name(name, slot), tuple(shape), dtype, "optimizer_slot", reader, param=name, slot=slot,
+                         ranges=getattr(reader, "ranges", None))
         )
 
     def _emit(self) -> None:
@@ -603,10 +614,12 @@ class DeepSpeedSource(ConvertSource):
         for name in order:
             if name in self._pending:
                 shape, dtype, reader = self._pending[name]
-                self.add(SourceTensor(name, shape, dtype, "param", reader, requires_grad=True))
+                self.add(SourceTensor(name, shape, dtype, "param", reader, requires_grad=True,
+                                      ranges=getattr(reader, "ranges", None)))
             elif name in self.frozen_readers:
                 dtype, reader = self.frozen_readers[name]
-                self.add(SourceTensor(name, self.frozen_shapes[name], dtype, "param", reader, requires_grad=False))
+                self.add(SourceTensor(name, self.frozen_shapes[name], dtype, "param", reader, requires_grad=False,
+                                      ranges=getattr(reader, "ranges", None)))
             else:
                 ref = self.module.get(name)
                 role = "buffer" if name in self.buffer_names else "param"
@@ -621,7 +634,8 @@ class DeepSpeedSource(ConvertSource):
                     continue
                 reader = _gather(ref.shape, ref.dtype, [(ref, 0, ref.numel, 0)]) if ref.is_contiguous() else ref.read
                 self.add(SourceTensor(name, ref.shape, ref.dtype, role, reader,
-                                      requires_grad=False if role == "param" else None))
+                                      requires_grad=False if role == "param" else None,
+                                      ranges=getattr(reader, "ranges", None)))
         if skipped:
             self.meta.warnings.append(
                 f"frozen params {skipped[:5]} are not in this checkpoint (saved with exclude_frozen_parameters?): left out"
@@ -664,6 +678,11 @@ class DeepSpeedSource(ConvertSource):
         if cfg is not None:
             info["ds_config"] = cfg
         m.info = info
+        no_hparams = self._hparam_groups is None and bool(self.groups) and self.kind != "stage0"
+        if no_hparams:
+            # elastic ZeRO-1/2 checkpoints keep the per-group state but not the param groups
+            self._hparam_groups = [{} for _ in self.groups]
+            m.warnings.append("the optimizer's hyper-parameters are not in this checkpoint (elastic format)")
         if self._hparam_groups is not None and self.groups:
             if len(self._hparam_groups) != len(self.groups):
                 raise FormatError(f"{self.tag_dir}: {len(self._hparam_groups)} optimizer param groups, {len(self.groups)} groups of params")
@@ -671,7 +690,8 @@ class DeepSpeedSource(ConvertSource):
             slots = {t.slot for t in self.tensors.values() if t.role == "optimizer_slot"}
             opt_cfg = (cfg or {}).get("optimizer") if isinstance(cfg, dict) else None
             cls = opt_cfg.get("type") if isinstance(opt_cfg, dict) else None
-            m.optimizer = {"class": cls or infer_optimizer_class(slots, groups[0] if groups else {}), "param_groups": groups}
+            guess = None if no_hparams else infer_optimizer_class(slots, groups[0] if groups else {})
+            m.optimizer = {"class": cls or guess, "param_groups": groups}
             if not cls:
                 m.optimizer["class_inferred"] = True
         sched = ms0.get("lr_scheduler")

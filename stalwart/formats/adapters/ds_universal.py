@@ -84,7 +84,7 @@ def find_ucp_dir(path: str) -> str | None:
 class UniversalSource(ConvertSource):
     """A DeepSpeed universal checkpoint directory (see the module docstring)."""
 
-    format_name = "ds-universal"
+    default_format = "ds-universal"
 
     def __init__(self, tag_dir: str, *, root: str | None = None) -> None:
         super().__init__(root or tag_dir)
@@ -127,16 +127,14 @@ class UniversalSource(ConvertSource):
             raise FormatError(f"{self.tag_dir}: model-states file has no param_shapes")
         shapes = [OrderedDict((str(k), tuple(int(x) for x in v)) for k, v in g.items()) for g in shapes]
         inner = self.osd.get("optimizer_state_dict") if isinstance(self.osd.get("optimizer_state_dict"), dict) else None
-        zero3_form = "param_groups" not in self.osd and inner is not None
-        hp_groups = self.osd.get("param_groups") if not zero3_form else inner.get("param_groups")
-        # group of each param_shapes entry: ZeRO-1/2 one entry per group; ZeRO-3 one per sub-group
+        zero3_form = int(self.osd.get("zero_stage") or 0) == 3 or "fp32_flat_groups" in self.osd
+        hp_groups = self.osd.get("param_groups") or (inner or {}).get("param_groups")
+        # Each group's 'params' lists the param_shapes entries it holds: groups (ZeRO-1/2) or sub-groups (ZeRO-3).
         group_of_entry = list(range(len(shapes)))
-        if zero3_form and hp_groups:
-            group_of_entry = [0] * len(shapes)
-            for gi, g in enumerate(hp_groups):
-                for s in g.get("params", []):
-                    if isinstance(s, int) and s < len(shapes):
-                        group_of_entry[s] = gi
+        for gi, g in enumerate(hp_groups or []):
+            for s_idx in g.get("params", []):
+                if isinstance(s_idx, int) and 0 <= s_idx < len(shapes):
+                    group_of_entry[s_idx] = gi
         ngroups = max(len(hp_groups or []), max(group_of_entry, default=-1) + 1)
         groups: list[list[str]] = [[] for _ in range(ngroups)]
         module = ms.get("module") if isinstance(ms.get("module"), dict) else {}
@@ -159,11 +157,13 @@ class UniversalSource(ConvertSource):
                     if ref.numel != math.prod(shape):
                         raise FormatError(f"{self.tag_dir}: zero/{name}/{key}.pt holds {ref.numel} elements, {name!r} has shape {list(shape)}")
                     reader = _viewer(ref, shape)
+                    ranges = reader.ranges if ref.is_contiguous() else None
                     if key == "fp32":
-                        trainable[name] = SourceTensor(name, shape, ref.dtype, "param", reader, requires_grad=True)
+                        trainable[name] = SourceTensor(name, shape, ref.dtype, "param", reader, requires_grad=True,
+                                                       ranges=ranges)
                     else:
                         self._pending_slots.append(SourceTensor(slot_name(name, key), shape, ref.dtype,
-                                                                "optimizer_slot", reader, name, key))
+                                                                "optimizer_slot", reader, name, key, ranges=ranges))
                 if zero3_form and "step" not in files and inner is not None:
                     st = (inner.get("state") or {}).get(e) or (inner.get("state") or {}).get(0) or {}
                     step = st.get("step")
@@ -186,9 +186,10 @@ class UniversalSource(ConvertSource):
             role = "buffer" if name in buffers else "param"
             want = frozen.get(name)
             if isinstance(ref, TensorRef) and (want is None or ref.numel == math.prod(want)) and ref.numel:
-                self.add(SourceTensor(name, tuple(ref.shape) if want is None else want, ref.dtype, role,
-                                      _viewer(ref, tuple(ref.shape) if want is None else want),
-                                      requires_grad=False if role == "param" else None))
+                reader = _viewer(ref, tuple(ref.shape) if want is None else want)
+                self.add(SourceTensor(name, reader.shape, ref.dtype, role, reader,
+                                      requires_grad=False if role == "param" else None,
+                                      ranges=reader.ranges if ref.is_contiguous() else None))
             elif os.path.isfile(os.path.join(self.zero, name, "fp32.pt")):
                 ref = self._param_file(name, "fp32")
                 shape = want or tuple(ref.shape)
@@ -235,11 +236,17 @@ class UniversalSource(ConvertSource):
             m.warnings.append(f"client state not representable as JSON, dropped: {dropped[:8]}")
 
 
-def _viewer(ref: TensorRef, shape: tuple[int, ...]):
-    def read() -> torch.Tensor:
-        return ref.read().reshape(shape)
+class _viewer:
+    """Reads a saved tensor as ``shape`` (the ZeRO-3 form stores flat tensors)."""
 
-    return read
+    def __init__(self, ref: TensorRef, shape: tuple[int, ...]) -> None:
+        self.ref, self.shape = ref, tuple(shape)
+
+    def __call__(self) -> torch.Tensor:
+        return self.ref.read().reshape(self.shape)
+
+    def ranges(self) -> list[tuple[int, int, int]]:
+        return [self.ref.byte_range()]
 
 
 def _detect(path: str) -> UniversalSource | None:
@@ -391,7 +398,7 @@ class UniversalTarget(Target):
                     folder = os.path.join(zero, _safe_dirname(ot.param))
                     os.makedirs(folder, exist_ok=True)
                     if ot.slot == "step":
-                        steps.setdefault(ot.param, tensor)
+                        steps.setdefault(ot.param, tensor.clone())  # kept past this item: not the stream's buffer
                         save_small(tensor, os.path.join(folder, "step.pt"), fsync=fsync)
                     else:
                         save_small({"param": tensor, "cat_dim": 0}, os.path.join(folder, f"{_safe_filename(ot.slot)}.pt"), fsync=fsync)

@@ -25,7 +25,15 @@ import re
 import torch
 
 from stalwart.errors import ConversionError, FormatError
-from stalwart.formats.adapters.base import ConvertSource, OutState, PlannedFile, SourceTensor, Target
+from stalwart.formats.adapters.base import (
+    ConvertSource,
+    OutState,
+    PlannedFile,
+    RawBytes,
+    SourceTensor,
+    Target,
+)
+from stalwart.formats.adapters.direct_io import DirectWriter
 from stalwart.formats.adapters.safe_load import LazyFile, TensorRef, is_zip_file, pread_into
 from stalwart.formats.dtypes import dtype_from_safetensors, itemsize, safetensors_code, tensor_bytes
 from stalwart.formats.sources import register_source
@@ -86,6 +94,10 @@ class SafetensorsFile:
             end_max = max(end_max, end)
         if self.data_start + end_max > size:
             raise FormatError(f"{self.path} is truncated: its entries need {self.data_start + end_max} bytes, it has {size}")
+
+    def ranges(self, name: str):
+        _, _, offset, nbytes = self.entries[name]
+        return lambda: [(self.fd, offset, nbytes)]
 
     def reader(self, name: str):
         dtype, shape, offset, nbytes = self.entries[name]
@@ -159,7 +171,7 @@ def _read_index(path: str) -> dict[str, str]:
 class HFSource(ConvertSource):
     """A Hugging Face checkpoint (see the module docstring)."""
 
-    format_name = "hf"
+    default_format = "hf"
 
     def __init__(self, path: str, kind: str, files: list[str], weight_map: dict[str, str] | None) -> None:
         super().__init__(path)
@@ -201,7 +213,8 @@ class HFSource(ConvertSource):
                 names = list(weight_map)
             else:
                 names = [n for sf in opened for n in sf.entries]
-            self._add_model(names, lambda n: owner[n].entries[n][:2], lambda n: owner[n].reader(n), extra)
+            self._add_model(names, lambda n: owner[n].entries[n][:2], lambda n: owner[n].reader(n), extra,
+                            lambda n: owner[n].ranges(n))
         self.meta.info = {"files": len(opened)}
 
     def _read_dcp_sharded(self, opened: list[SafetensorsFile]) -> None:
@@ -264,10 +277,11 @@ class HFSource(ConvertSource):
                 names.remove(n)
             else:
                 seen.setdefault(key, n)
-        self._add_model(names, lambda n: (owner[n].dtype, owner[n].shape), lambda n: owner[n].read, {})
+        self._add_model(names, lambda n: (owner[n].dtype, owner[n].shape), lambda n: owner[n].read, {},
+                        lambda n: _ref_ranges(owner[n]))
         self.aliases = {a: o for a, o in self.aliases.items() if o in self.tensors}
 
-    def _add_model(self, names, info, reader, extra: dict) -> None:
+    def _add_model(self, names, info, reader, extra: dict, ranges=None) -> None:
         buffers = set(extra.get("buffers") or [])
         frozen = set(extra.get("frozen") or [])
         aliases = extra.get("aliases") or {}
@@ -277,12 +291,19 @@ class HFSource(ConvertSource):
             dtype, shape = info(name)
             role = "buffer" if name in buffers else "param"
             self.add(SourceTensor(name, tuple(shape), dtype, role, reader(name),
-                                  requires_grad=(name not in frozen) if role == "param" else None))
+                                  requires_grad=(name not in frozen) if role == "param" else None,
+                                  ranges=ranges(name) if ranges is not None else None))
         for alias, owner in aliases.items():
             if owner in self.tensors and alias not in self.tensors:
                 self.aliases[alias] = owner
         if isinstance(extra.get("step"), int):
             self.meta.step = extra["step"]
+
+
+def _ref_ranges(ref: TensorRef):
+    if not ref.is_contiguous():
+        return None
+    return lambda: [ref.byte_range()]
 
 
 def _detect(path: str) -> HFSource | None:
@@ -346,59 +367,57 @@ def safetensors_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], 
 
 
 class SafetensorsStreamWriter:
-    """Writes a safetensors file whose entries are declared up front, tensor by tensor (pwrite)."""
+    """Writes a safetensors file sequentially: the header (known up front), then every
+    tensor in file order (element size descending, then name), past the page cache."""
 
     def __init__(self, path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> None:
         self.path = path
         head, self.offsets = safetensors_header(entries, metadata)
         self.data_start = len(head)
         self.sizes = {n: math.prod(s) * itemsize(d) for n, d, s in entries}
-        self.total = self.data_start + sum(self.sizes.values())
-        self.done: set[str] = set()
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, self.total)
-        _pwrite_all(self.fd, head, 0)
+        self.order = sorted(self.offsets, key=lambda n: self.offsets[n])
+        self.next = 0
+        self.file = DirectWriter(path)
+        self.file.write(head)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        if tensor.numel() * tensor.element_size() != self.sizes[name]:
-            raise FormatError(f"{self.path}: {name!r} is {tensor.numel() * tensor.element_size()} bytes, declared {self.sizes[name]}")
-        if self.sizes[name]:
-            _pwrite_all(self.fd, tensor_bytes(tensor.contiguous()), self.data_start + self.offsets[name])
-        self.done.add(name)
+    def write(self, name: str, tensor) -> None:
+        """Append ``tensor`` (or the source bytes of :class:`RawBytes`), which must be the next entry."""
+        if self.next >= len(self.order) or self.order[self.next] != name:
+            raise FormatError(f"{self.path}: {name!r} written out of file order")
+        size = tensor.nbytes if isinstance(tensor, RawBytes) else tensor.numel() * tensor.element_size()
+        if size != self.sizes[name]:
+            raise FormatError(f"{self.path}: {name!r} is {size} bytes, declared {self.sizes[name]}")
+        if isinstance(tensor, RawBytes):
+            for fd, off, n in tensor.ranges:
+                try:
+                    self.file.write_from_fd(fd, off, n, tensor.where)
+                except EOFError as e:
+                    raise FormatError(str(e)) from None
+        elif size:
+            self.file.write(tensor_bytes(tensor.contiguous()))
+        self.next += 1
 
-    def close(self, fsync: bool = True) -> None:
-        missing = set(self.sizes) - self.done
-        if missing:
-            raise FormatError(f"{self.path}: tensors never written: {sorted(missing)[:5]}")
-        if fsync:
-            os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+    def close(self, fsync: bool = False) -> None:
+        if self.next != len(self.order):
+            raise FormatError(f"{self.path}: tensors never written: {self.order[self.next:][:5]}")
+        self.file.close(fsync)
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    mv = memoryview(data).cast("B")
-    while mv:
-        n = os.pwrite(fd, mv, offset)
-        mv = mv[n:]
-        offset += n
+        self.file.abort()
 
 
 class HFTarget(Target):
     name = "hf"
     description = "Hugging Face safetensors, sharded by --max-shard-size, with index"
     keeps_optimizer = False
+    accepts_raw = True
 
     def _shards(self, state: OutState) -> list[list]:
         return shard_plan(state.model(), int(self.options.get("max_shard_size") or 5 * 10**9))
 
     def order(self, state: OutState) -> list:
-        return [t for shard in self._shards(state) for t in shard]
+        # each shard's tensors in their file order, so every file is written sequentially
+        return [t for shard in self._shards(state) for t in sorted(shard, key=lambda t: (-itemsize(t.dtype), t.name))]
 
     def _metadata(self, state: OutState) -> dict[str, str]:
         extra: dict = {}

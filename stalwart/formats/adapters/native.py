@@ -28,7 +28,7 @@ KNOWN_OBJECTS = {"source", "optimizer", "scheduler", "loss_scaler", "client", "f
 class NativeConvertSource(ConvertSource):
     """A stalwart checkpoint read through the converter's interface."""
 
-    format_name = "stalwart"
+    default_format = "stalwart"
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -82,6 +82,7 @@ def native_objects(state: OutState) -> dict:
 class NativeTarget(Target):
     name = "native"
     description = "stalwart's universal format: manifest.json + one checksummed safetensors data file"
+    sync_writes = False  # DataFileWriter's last chunk of a tensor may still be in flight
 
     def _specs(self, state: OutState) -> list[TensorSpec]:
         aliases = state.aliases_of()

@@ -26,6 +26,7 @@ only: a plain state dict (``model.load_state_dict`` takes it). Otherwise
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import math
 import os
@@ -44,6 +45,7 @@ from stalwart.formats.adapters.base import (
     match_by_shape,
     slot_name,
 )
+from stalwart.formats.adapters.direct_io import DirectWriter
 from stalwart.formats.adapters.safe_load import (
     LazyFile,
     StandIn,
@@ -79,6 +81,12 @@ def _reader(v):
     return lambda: t.clone()
 
 
+def _ranges(v):
+    if isinstance(v, TensorRef) and v.is_contiguous():
+        return lambda: [v.byte_range()]
+    return None
+
+
 def _alias_key(v) -> tuple | None:
     if isinstance(v, TensorRef):
         return v.alias_key() if v.numel else None
@@ -98,7 +106,7 @@ def _is_optimizer(d) -> bool:
 class TorchSaveSource(ConvertSource):
     """A ``torch.save`` file (see the module docstring)."""
 
-    format_name = "torch"
+    default_format = "torch"
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -154,7 +162,7 @@ class TorchSaveSource(ConvertSource):
                 continue
             if _is_tensor(v):
                 dtype, shape = _info(v)
-                self.add(SourceTensor(str(k), shape, dtype, "other", _reader(v)))
+                self.add(SourceTensor(str(k), shape, dtype, "other", _reader(v), ranges=_ranges(v)))
             else:
                 client[k] = v
         if isinstance(extra.get("client"), dict):
@@ -186,7 +194,7 @@ class TorchSaveSource(ConvertSource):
             dtype, shape = _info(v)
             role = "buffer" if name in buffers else "param"
             self.add(SourceTensor(name, shape, dtype, role, _reader(v),
-                                  requires_grad=(name not in frozen) if role == "param" else None))
+                                  requires_grad=(name not in frozen) if role == "param" else None, ranges=_ranges(v)))
 
     def _add_optimizer(self, osd: dict) -> None:
         groups = osd["param_groups"]
@@ -222,7 +230,8 @@ class TorchSaveSource(ConvertSource):
                 slots.add(slot)
                 if _is_tensor(v):
                     dtype, shape = _info(v)
-                    self.add(SourceTensor(slot_name(name, slot), shape, dtype, "optimizer_slot", _reader(v), name, slot))
+                    self.add(SourceTensor(slot_name(name, slot), shape, dtype, "optimizer_slot", _reader(v), name, slot,
+                                          ranges=_ranges(v)))
                 elif isinstance(v, (int, float)) and not isinstance(v, bool):
                     t = torch.tensor(v, dtype=torch.int64 if isinstance(v, int) else torch.float64)
                     self.add(SourceTensor(slot_name(name, slot), (), t.dtype, "optimizer_slot", _reader(t), name, slot))
@@ -339,15 +348,19 @@ class StreamingTorchSave:
     then one ``data/<key>`` per tensor, written by :meth:`write` in the order of
     the stubs' keys (``"0"``, ``"1"``, ...). The file is written through a stream, so
     the archive's inner folder is ``archive`` whatever the file name: output bytes
-    do not depend on temporary names.
+    do not depend on temporary names. Files of at least ``DIRECT_MIN`` bytes of
+    tensors are written past the page cache (:class:`.direct_io.DirectWriter`).
     """
+
+    DIRECT_MIN = 4 * 1024 * 1024
 
     def __init__(self, path: str, obj) -> None:
         self.path = path
         data, self.storages = dumps(obj)
         self.order = sorted(self.storages, key=int)
         self.next = 0
-        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        size = sum(s.numel * torch.empty((), dtype=s.dtype).element_size() for s in self.storages.values())
+        self.file = DirectWriter(path) if size >= self.DIRECT_MIN else _PlainFile(path)
         try:
             self.zip = torch.serialization._open_zipfile_writer(self.file)
             self.writer = self.zip.file_like
@@ -359,7 +372,7 @@ class StreamingTorchSave:
                 self.writer.write_record(".storage_alignment", text, len(text))
             self.writer.write_record("byteorder", "little", len("little"))
         except BaseException:
-            self.file.close()
+            self.abort()
             raise
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -380,34 +393,70 @@ class StreamingTorchSave:
             self.abort()
             raise FormatError(f"{self.path}: {len(self.order) - self.next} tensor records never written")
         self.zip.__exit__(None, None, None)
-        self.file.flush()
-        if fsync:
-            os.fsync(self.file.fileno())
-        self.file.close()
+        self.writer = self.zip = None
+        self.file.close(fsync)
 
     def abort(self) -> None:
+        # Finish the zip writer while its file is open: its destructor would otherwise
+        # write the end record into a closed file and abort the process.
+        writer = getattr(self, "writer", None)
+        if writer is not None and not self.file.closed:
+            with contextlib.suppress(RuntimeError, OSError, ValueError):
+                writer.write_end_of_file()
+        self.writer = self.zip = None
         if not self.file.closed:
-            self.file.close()
+            self.file.abort()
 
 
-def save_small(obj, path: str, *, fsync: bool = True) -> None:
+class _PlainFile:
+    """The :class:`DirectWriter` interface over an ordinary buffered file (small outputs)."""
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
+    def write(self, data) -> int:
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self, fsync: bool = False) -> None:
+        self.f.flush()
+        if fsync:
+            os.fsync(self.f.fileno())
+        self.f.close()
+
+    def abort(self) -> None:
+        self.f.close()
+
+
+def _stub_tree(o, tensors: list[torch.Tensor]):
+    """``o`` with every tensor replaced by a stub (the tensors appended to ``tensors``)."""
+    if isinstance(o, torch.Tensor):
+        tensors.append(o.detach().contiguous())
+        return TensorStub(str(len(tensors) - 1), o.dtype, tuple(o.shape))
+    if isinstance(o, collections.OrderedDict):
+        return collections.OrderedDict((k, _stub_tree(v, tensors)) for k, v in o.items())
+    if isinstance(o, dict):
+        return {k: _stub_tree(v, tensors) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_stub_tree(v, tensors) for v in o]
+    if isinstance(o, tuple):
+        return tuple(_stub_tree(v, tensors) for v in o)
+    return o
+
+
+def save_small(obj, path: str, *, fsync: bool = False) -> None:
     """torch.save ``obj`` (tensors included) with the stand-in aware pickler, at ``path``."""
     tensors: list[torch.Tensor] = []
-
-    def stub(o):
-        if isinstance(o, torch.Tensor):
-            tensors.append(o.detach().contiguous())
-            return TensorStub(str(len(tensors) - 1), o.dtype, tuple(o.shape))
-        if isinstance(o, dict):
-            return type(o)((k, stub(v)) for k, v in o.items()) if isinstance(o, collections.OrderedDict) else {
-                k: stub(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [stub(v) for v in o]
-        if isinstance(o, tuple):
-            return tuple(stub(v) for v in o)
-        return o
-
-    w = StreamingTorchSave(path, stub(obj))
+    w = StreamingTorchSave(path, _stub_tree(obj, tensors))
     try:
         for i, t in enumerate(tensors):
             w.write(str(i), t)
