@@ -104,7 +104,7 @@ def _fragment_counts(layout) -> dict[str, int] | None:
 
 
 def _steps_of_root(root: str) -> list[dict]:
-    from stalwart.formats.commit import parse_step_dirname, read_latest
+    from stalwart.formats.atomic import parse_step_dirname, read_latest
     from stalwart.formats.manifest import MANIFEST_NAME
 
     latest = read_latest(root)

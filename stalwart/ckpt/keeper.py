@@ -14,7 +14,10 @@ group kill and a trainer's SIGKILL do not reach it). It:
   superseded before they could be written (back-pressure never grows memory);
 * on a trainer's abrupt death, persists the newest complete snapshot to every
   tier, then lingers for restarted trainers (which restore from memory);
-* on start, adopts committed slots left by a previous keeper.
+* on start, adopts committed slots left by a previous keeper;
+* with several nodes, serves its snapshots' byte ranges to other nodes' restores and,
+  with ``--ec k,m``, erasure-codes them across redundancy groups of ``k + m`` nodes and
+  rebuilds lost nodes' snapshots (:mod:`stalwart.ckpt.redundancy`).
 
 Run by :mod:`stalwart.ckpt.keeper_client`; ``python -m stalwart.ckpt.keeper --help``.
 """
@@ -37,8 +40,21 @@ import traceback
 from dataclasses import dataclass, field
 
 from stalwart.ckpt.protocol import Channel
+from stalwart.ckpt.redundancy import (
+    DEFAULT_CHUNK,
+    NODES_FILE,
+    SLOT_EXTRA_FILES,
+    ECConfig,
+    PeerService,
+    Redundancy,
+    RedundancyError,
+    StoreLink,
+    local_address,
+    parse_ec,
+    snapshot_id,
+)
 from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tier
-from stalwart.formats.commit import atomic_write
+from stalwart.formats.atomic import atomic_write
 from stalwart.formats.datafile import FileRecord
 from stalwart.formats.layout import Layout
 from stalwart.formats.manifest import MANIFEST_NAME, Manifest, rank_file_name, read_manifest
@@ -55,34 +71,38 @@ class Slot:
     complete: bool = False
     persisting: bool = False
     objects: dict = field(default_factory=dict)
+    pins: int = 0  # erasure coding, rebuilding or peer reads in progress: never reused meanwhile
+    protected: bool = False  # every keeper of the redundancy group holds its parity of ``step``
+    sid: str | None = None  # identity of the snapshot's bytes (redundancy.snapshot_id)
+    records: list = field(default_factory=list)  # every node's file records of ``step``
+    owners: dict = field(default_factory=dict)  # rank -> node holding its file (multi-node)
+    incs: dict = field(default_factory=dict)  # node -> incarnation of the keeper that committed it
+
+    @property
+    def pinned(self) -> bool:
+        return self.persisting or self.pins > 0
 
 
 class NodeGroup:
     """Commit metadata exchange between the keepers of several nodes (a TCPStore).
 
     Node 0 hosts the store; every keeper publishes the records of the files it wrote
-    for a step, node 0 writes the manifest once all nodes published.
+    for a step, node 0 writes the manifest once all nodes published. The store link
+    reconnects after node 0's keeper restarts, and a gather gives up early (naming the
+    nodes) when a keeper it waits for is dead or was replaced.
     """
 
     def __init__(self, node: int, nodes: int, host: str, port: int, timeout_s: float) -> None:
-        import datetime
-
-        import torch.distributed as dist
-
         self.node = node
         self.nodes = nodes
         self.timeout_s = timeout_s
-        self.store = dist.TCPStore(host, port, nodes, node == 0, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        self.link = StoreLink(host, port, node, nodes, timeout_s=timeout_s)
 
     def publish(self, key: str, obj) -> None:
-        self.store.set(f"{key}/node{self.node}", json.dumps(obj))
+        self.link.set(f"{key}/node{self.node}", json.dumps(obj))
 
-    def gather(self, key: str) -> list:
-        import datetime
-
-        keys = [f"{key}/node{i}" for i in range(self.nodes)]
-        self.store.wait(keys, datetime.timedelta(seconds=self.timeout_s))
-        return [json.loads(self.store.get(k)) for k in keys]
+    def gather(self, key: str, incs: dict | None = None) -> list:
+        return self.link.gather(key, range(self.nodes), incs=incs, timeout_s=self.timeout_s)
 
 
 class Keeper:
@@ -118,6 +138,9 @@ class Keeper:
         self.forced: int | None = None  # a step to persist to every tier regardless of 'every'
         self.skipped: set[int] = set()  # steps no slot was given to (decided once for all ranks)
         self.stopping = False
+        self.session: str | None = None  # the trainers' run (keys of the multi-node exchange)
+        self.redundancy: Redundancy | None = None
+        self.peer: PeerService | None = None
         for s in self.slots:
             os.makedirs(s.dir, exist_ok=True)
         self._adopt()
@@ -129,16 +152,23 @@ class Keeper:
             if not os.path.exists(os.path.join(s.dir, MANIFEST_NAME)):
                 continue
             try:
-                m = read_manifest(s.dir)
+                self._adopt_slot(s)
             except Exception as e:  # a damaged slot is dropped, not fatal
                 log.warning("dropping slot %s: %s", s.dir, e)
-                os.remove(os.path.join(s.dir, MANIFEST_NAME))
-                continue
-            s.step, s.complete = m.step, True
-            s.done = {f.rank: f.to_json() for f in m.files if f.rank is not None}
-            s.objects = m.objects
-            self.layout_json = {"mesh": m.layout.mesh.to_json(), "groups": m.layout.to_json()["groups"], "tensors": m.layout.to_json()["tensors"]}
-            log.info("adopted memory snapshot of step %s in %s", s.step, s.dir)
+                self._uncommit(s)
+
+    def _adopt_slot(self, s: Slot) -> None:
+        """Take a slot directory with a manifest as a complete memory snapshot."""
+        m = read_manifest(s.dir)
+        s.step, s.complete = m.step, True
+        s.records = [f.to_json() for f in m.files]
+        s.done = {f.rank: f.to_json() for f in m.files if f.rank is not None and os.path.exists(os.path.join(s.dir, f.path))}
+        s.objects = m.objects
+        s.sid = snapshot_id(s.records)
+        with contextlib.suppress(FileNotFoundError, ValueError), open(os.path.join(s.dir, NODES_FILE)) as f:
+            s.owners = {int(r): int(n) for r, n in json.load(f).items()}
+        self.layout_json = {"mesh": m.layout.mesh.to_json(), "groups": m.layout.to_json()["groups"], "tensors": m.layout.to_json()["tensors"]}
+        log.info("adopted memory snapshot of step %s in %s", s.step, s.dir)
 
     def memory_steps(self) -> list[dict]:
         return sorted(
@@ -153,12 +183,17 @@ class Keeper:
             "errors": [{"tier": t, "step": s, "error": e} for (t, s), e in self.errors.items()],
             "slots": len(self.slots),
             "pool_bytes": len(self.slots) * sum(self.file_sizes.values()),
+            **({"ec": self.redundancy.status()} if self.redundancy is not None else {}),
         }
 
     def _uncommit(self, slot: Slot) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(slot.dir, MANIFEST_NAME))
+        for name in (MANIFEST_NAME, *SLOT_EXTRA_FILES):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(slot.dir, name))
+        if self.redundancy is not None:
+            self.redundancy.forget(slot)
         slot.step, slot.complete, slot.done, slot.objects = None, False, {}, {}
+        slot.protected, slot.sid, slot.records, slot.owners, slot.incs = False, None, [], {}, {}
 
     # ------------------------------------------------------------------ ops
     def op_hello(self, msg: dict) -> dict:
@@ -174,8 +209,11 @@ class Keeper:
         rank = int(msg["rank"])
         size = int(msg["file_size"])
         with self.cond:
-            while any(s.persisting for s in self.slots):
+            while any(s.pinned for s in self.slots):
                 self.cond.wait(0.5)
+            if self.peer is not None:
+                self.peer.purge()  # snapshots again: restores (and their peer views) are over
+            self.session = msg.get("session") or self.session
             if msg.get("sig") != self.plan_sig:
                 for s in self.slots:
                     if s.step is not None:
@@ -200,10 +238,12 @@ class Keeper:
     def op_acquire(self, msg: dict) -> dict:
         """The slot every local rank writes snapshot ``step`` into (one decision per step).
 
-        Never reused: the slot being persisted, the newest complete snapshot (memory
-        always keeps one), and a slot another rank is still filling (the request waits
-        for that copy instead: the caller would wait at its next collective anyway).
-        With nothing left, the step is skipped for every rank.
+        Never reused: a pinned slot (being persisted, erasure-coded or read by a peer),
+        the newest complete snapshot (memory always keeps one), the newest EC-protected
+        one, and a slot another rank is still filling (the request waits for that copy
+        instead: the caller would wait at its next collective anyway). With nothing left,
+        the step is skipped for every rank. Complete snapshots of this step or later
+        belong to an abandoned run (the trainers restarted from an earlier step): dropped.
         """
         step = int(msg["step"])
         deadline = time.monotonic() + float(msg.get("timeout", 30.0))
@@ -216,12 +256,18 @@ class Keeper:
                         return {"slot": s.index}
                 if step in self.skipped:
                     return {"slot": None, "reason": "skipped"}
+                for s in self.slots:
+                    if s.complete and s.step >= step and not s.pinned:
+                        log.info("dropping the memory snapshot of step %s: the trainers restarted from an earlier step", s.step)
+                        self._uncommit(s)
                 newest = max((s for s in self.slots if s.complete), key=lambda s: s.step, default=None)
+                protected = max((s for s in self.slots if s.protected), key=lambda s: s.step, default=None)
                 for s in self.slots:  # a copy of a step older than a complete one can never be needed
-                    if s.step is not None and not s.complete and not s.persisting and newest is not None and s.step <= newest.step:
+                    if s.step is not None and not s.complete and not s.pinned and newest is not None and s.step <= newest.step:
                         log.warning("reclaiming slot %s: its copy of step %s never completed", s.index, s.step)
                         self._uncommit(s)
-                usable = [s for s in self.slots if not s.persisting and s is not newest and (s.step is None or s.complete)]
+                usable = [s for s in self.slots
+                          if not s.pinned and s is not newest and s is not protected and (s.step is None or s.complete)]
                 if usable:
                     empty = [s for s in usable if s.step is None]
                     chosen = empty[0] if empty else min(usable, key=lambda s: s.step)
@@ -230,7 +276,7 @@ class Keeper:
                     log.debug("step %s -> slot %s (rank %s)", step, chosen.index, msg.get("rank"))
                     return {"slot": chosen.index}
                 filling = [s for s in self.slots if s.step is not None and not s.complete and s.step < step]
-                draining = any(s.persisting for s in self.slots)
+                draining = any(s.pinned for s in self.slots)
                 wait = filling or (msg.get("must") and draining)
                 if not wait or time.monotonic() > deadline:
                     self.skipped.add(step)
@@ -270,6 +316,8 @@ class Keeper:
     def _commit_memory(self, slot: Slot, records: list[dict], objects: dict) -> None:
         """Write the slot's manifest (called with the lock held)."""
         slot.objects = objects
+        slot.records = records
+        slot.sid = snapshot_id(records)
         manifest = self._manifest(slot, records)
         atomic_write(os.path.join(slot.dir, MANIFEST_NAME), manifest.dumps(), fsync=False)
         slot.complete = True
@@ -279,17 +327,21 @@ class Keeper:
         with self.cond:
             local = [slot.done[r] for r in sorted(slot.done)]
             objects = slot.objects
+        key = f"mem/{self.session}/{step}" if self.session else f"mem/{step}"
         try:
-            self.group.publish(f"mem/{step}", {"records": local, "objects": objects})
-            parts = self.group.gather(f"mem/{step}")
+            self.group.publish(key, {"records": local, "objects": objects, "inc": self.group.link.inc})
+            parts = self.group.gather(key)
         except Exception as e:
             log.error("memory commit of step %s: the other nodes did not report (%s)", step, e)
             return
         with self.cond:
-            if slot.step != step:
+            if slot.step != step or slot.complete:
                 return  # overwritten meanwhile
             records = [r for p in parts for r in p["records"]]
             objects = next((p["objects"] for p in parts if p["objects"]), objects)
+            slot.owners = {int(r["rank"]): node for node, p in enumerate(parts) for r in p["records"]}
+            slot.incs = {node: p.get("inc") for node, p in enumerate(parts)}
+            atomic_write(os.path.join(slot.dir, NODES_FILE), json.dumps(slot.owners).encode(), fsync=False)
             self._commit_memory(slot, records, objects)
             self.cond.notify_all()
 
@@ -338,6 +390,17 @@ class Keeper:
         with self.cond:
             return self.status()
 
+    def op_peer_view(self, msg: dict) -> dict:
+        """A directory holding memory step ``step`` with other nodes' byte ranges fetched."""
+        if self.peer is None:
+            raise RedundancyError("reading other nodes' memory needs a multi-node keeper group")
+        return {"dir": self.peer.view(int(msg["step"]), msg.get("reads") or {}, int(msg.get("rank", 0)))}
+
+    def op_release_view(self, msg: dict) -> dict:
+        if self.peer is not None:
+            self.peer.release(str(msg["dir"]))
+        return {}
+
     def op_bye(self, msg: dict) -> dict:
         with self.cond:
             if msg.get("clean"):
@@ -380,9 +443,10 @@ class Keeper:
                 step = slot.step
                 records = [FileRecord.from_json(slot.done[r]) for r in sorted(slot.done)]
                 manifest_base = read_manifest(slot.dir)
+                incs = dict(slot.incs)
             try:
                 for tier in todo:
-                    self._persist(tier, slot, step, records, manifest_base)
+                    self._persist(tier, slot, step, records, manifest_base, incs)
             finally:
                 with self.cond:
                     slot.persisting = False
@@ -390,17 +454,19 @@ class Keeper:
                         self.forced = None
                     self.cond.notify_all()
 
-    def _persist(self, tier: Tier, slot: Slot, step: int, local: list[FileRecord], base: Manifest) -> None:
+    def _persist(self, tier: Tier, slot: Slot, step: int, local: list[FileRecord], base: Manifest, incs: dict) -> None:
         t0 = time.perf_counter()
         try:
             stored = tier.put_files(step, slot.dir, local)
             if self.group is not None:
-                self.group.publish(f"{tier.name}/{step}", [r.to_json() for r in stored])
+                key = f"{tier.name}/{self.session}/{step}" if self.session else f"{tier.name}/{step}"
+                self.group.publish(key, [r.to_json() for r in stored])
                 if self.node != 0:
                     with self.cond:
                         self.persisted[tier.name].add(step)
                     return
-                stored = [FileRecord.from_json(r) for part in self.group.gather(f"{tier.name}/{step}") for r in part]
+                # gives up early when a node's keeper that held this step died or was replaced
+                stored = [FileRecord.from_json(r) for part in self.group.gather(key, incs=incs or None) for r in part]
             manifest = Manifest(base.layout, sorted(stored, key=lambda f: f.rank), step, base.objects, None, base.topology, base.block_size)
             tier.commit(step, manifest)
             nbytes = sum(r.size for r in local)
@@ -452,7 +518,7 @@ class Keeper:
             if rank not in self.clean_bye:
                 log.warning("rank %s disconnected without saying goodbye: persisting the newest complete snapshot", rank)
                 for s in self.slots:
-                    if s.step is not None and not s.complete and not s.persisting:
+                    if s.step is not None and not s.complete and not s.pinned:
                         self._uncommit(s)  # an unfinished copy is garbage
                 newest = max((s.step for s in self.slots if s.complete), default=None)
                 if newest is not None:
@@ -503,6 +569,27 @@ def _serve(keeper: Keeper, sock_path: str) -> None:
             os.unlink(sock_path)
 
 
+def _start_redundancy(keeper: Keeper, group: NodeGroup | None, args) -> None:
+    """Peer reads for multi-node keepers; erasure coding with ``--ec``."""
+    if group is None:
+        if args.ec:
+            log.error("--ec %s needs a multi-node keeper group: memory snapshots are not erasure-coded", args.ec)
+        return
+    bind = local_address(group.link.host)
+    keeper.peer = PeerService(keeper, group.link, args.node, bind)
+    if not args.ec:
+        return
+    try:
+        k, m = parse_ec(args.ec)
+        cfg = ECConfig(k, m, args.max_parity_memory, args.ec_chunk, args.ec_rate)
+        keeper.redundancy = Redundancy(keeper, group.link, cfg, args.node, args.nodes, bind)
+    except RedundancyError as e:
+        log.error("memory snapshots are not erasure-coded: %s", e)
+        return
+    keeper.redundancy.start()
+    log.info("erasure coding RS(%d,%d) across nodes %s", k, m, keeper.redundancy.members)
+
+
 def _own_directory(path: str, timeout_s: float = 60.0) -> bool:
     """Take the exclusive lock on ``path`` itself (held until exit).
 
@@ -551,6 +638,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", type=int, default=0)
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--group-addr", default=None, help="host:port of the keepers' store (multi-node)")
+    ap.add_argument("--ec", default=None, help="k,m: erasure-code memory snapshots across groups of k+m nodes")
+    ap.add_argument("--max-parity-memory", type=int, default=None, help="bytes of parity this keeper may hold")
+    ap.add_argument("--ec-chunk", type=int, default=DEFAULT_CHUNK, help="bytes per erasure-coding transfer round")
+    ap.add_argument("--ec-rate", type=float, default=None, help="bytes/s this keeper sends for erasure coding at most")
     ap.add_argument("--log-file", default=None)
     ap.add_argument("--keep-shm", action="store_true", help="do not remove the shared memory on exit")
     args = ap.parse_args(argv)
@@ -569,9 +660,12 @@ def main(argv: list[str] | None = None) -> int:
     tiers = [parse_tier(t) for t in json.loads(args.tiers)]
     group = None
     if args.nodes > 1:
+        if not args.group_addr:
+            raise SystemExit("--group-addr host:port is required with --nodes > 1")
         host, port = args.group_addr.rsplit(":", 1)
         group = NodeGroup(args.node, args.nodes, host, int(port), timeout_s=600)
     keeper = Keeper(args.shm_dir, tiers, num_slots=args.slots, linger_s=args.linger, node=args.node, group=group)
+    _start_redundancy(keeper, group, args)
     with open(os.path.join(args.shm_dir, "keeper.pid.tmp"), "w") as f:
         f.write(str(os.getpid()))
     os.replace(os.path.join(args.shm_dir, "keeper.pid.tmp"), os.path.join(args.shm_dir, "keeper.pid"))

@@ -27,7 +27,7 @@ from typing import Any
 
 from stalwart.errors import StalwartError
 from stalwart.formats import checksum as ck
-from stalwart.formats.commit import (
+from stalwart.formats.atomic import (
     atomic_write,
     fsync_dir,
     parse_step_dirname,

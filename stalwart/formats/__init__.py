@@ -8,44 +8,64 @@ Unsharded use is as simple as torch.save / torch.load::
 Sharded use passes a :class:`Layout` (how global tensors map onto ranks); ``load``
 with a different layout reshards, reading only the bytes a rank needs. See
 docs/FORMAT.md for the on-disk specification.
+
+Names are imported on first use (PEP 562), so light tools (``stalwart --help``) do
+not pay for importing torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 
-from stalwart.formats.geometry import Box, Piece
-from stalwart.formats.layout import (
-    Explicit,
-    Fragment,
-    Layout,
-    LocalShard,
-    Mesh,
-    ParallelConfig,
-    Replicated,
-    Shard,
-    Sharded,
-    TensorSpec,
-    TPRule,
-    ZeroFlat,
-    ZeroGroup,
-    ZeroParam,
-    layout_from_model,
-)
-from stalwart.formats.manifest import FORMAT_VERSION, Manifest
-from stalwart.formats.reader import Checkpoint, VerifyReport
-from stalwart.formats.writer import commit, save, write_rank
+_EXPORTS = {
+    "Box": "geometry",
+    "Piece": "geometry",
+    "Explicit": "layout",
+    "Fragment": "layout",
+    "Layout": "layout",
+    "LocalShard": "layout",
+    "Mesh": "layout",
+    "ParallelConfig": "layout",
+    "Replicated": "layout",
+    "Shard": "layout",
+    "Sharded": "layout",
+    "TPRule": "layout",
+    "TensorSpec": "layout",
+    "ZeroFlat": "layout",
+    "ZeroGroup": "layout",
+    "ZeroParam": "layout",
+    "layout_from_model": "layout",
+    "FORMAT_VERSION": "manifest",
+    "Manifest": "manifest",
+    "Checkpoint": "reader",
+    "VerifyReport": "reader",
+    "commit": "writer",
+    "save": "writer",
+    "write_rank": "writer",
+}
 
 
-def open(path: str) -> Checkpoint:
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stalwart.formats' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"stalwart.formats.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def open(path: str):
     """Open a checkpoint (or a root with a ``latest`` pointer) for its manifest and partial reads."""
+    from stalwart.formats.reader import Checkpoint
+
     return Checkpoint(path)
 
 
 def load(
     path: str,
     *,
-    layout: Layout | None = None,
+    layout=None,
     rank: int = 0,
     names: Iterable[str] | None = None,
     progress=None,
@@ -60,42 +80,18 @@ def load(
     default), tensors stored whole are copy-on-write views of the file's pages
     instead of copies, like safetensors' ``load_file``.
     """
+    from stalwart.formats.reader import Checkpoint
+
     with Checkpoint(path) as ckpt:
         return ckpt.load(layout, rank, names, progress=progress, mmap=mmap)
 
 
-def verify(path: str, *, progress=None) -> VerifyReport:
-    """Check every checksum and every tensor's coverage; see :class:`VerifyReport`."""
+def verify(path: str, *, progress=None):
+    """Check every checksum and every tensor's coverage; returns a :class:`VerifyReport`."""
+    from stalwart.formats.reader import Checkpoint
+
     with Checkpoint(path) as ckpt:
         return ckpt.verify(progress=progress)
 
 
-__all__ = [
-    "FORMAT_VERSION",
-    "Box",
-    "Checkpoint",
-    "Explicit",
-    "Fragment",
-    "Layout",
-    "LocalShard",
-    "Manifest",
-    "Mesh",
-    "ParallelConfig",
-    "Piece",
-    "Replicated",
-    "Shard",
-    "Sharded",
-    "TPRule",
-    "TensorSpec",
-    "VerifyReport",
-    "ZeroFlat",
-    "ZeroGroup",
-    "ZeroParam",
-    "commit",
-    "layout_from_model",
-    "load",
-    "open",
-    "save",
-    "verify",
-    "write_rank",
-]
+__all__ = [*sorted(_EXPORTS), "load", "open", "verify"]

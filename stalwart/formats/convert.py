@@ -43,12 +43,9 @@ from stalwart.formats.adapters.base import (
     Target,
     fill_from_ranges,
 )
-from stalwart.formats.commit import fsync_dir, install_dir, temp_sibling
+from stalwart.formats.atomic import fsync_dir, install_dir, temp_sibling
+from stalwart.formats.convert_options import DEFAULT_BUFFER, DEFAULT_MAX_SHARD, TARGETS
 from stalwart.formats.dtypes import tensor_bytes
-
-TARGETS = ("native", "hf", "dcp", "ds-universal", "torch")
-DEFAULT_MAX_SHARD = "5GB"
-DEFAULT_BUFFER = 256 * 1024 * 1024
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,

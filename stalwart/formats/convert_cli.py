@@ -54,7 +54,7 @@ Exit status: 0 converted (or planned), 2 bad input or usage (one-line error, not
 
 def add_convert_command(subparsers) -> argparse.ArgumentParser:
     """Register ``convert`` on the ``stalwart`` command's sub-parsers."""
-    from stalwart.formats.convert import DEFAULT_MAX_SHARD, TARGETS
+    from stalwart.formats.convert_options import DEFAULT_MAX_SHARD, TARGETS
 
     p = subparsers.add_parser(
         "convert",

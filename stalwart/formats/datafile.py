@@ -293,6 +293,13 @@ class DataFileWriter:
             self._pending = self._pool.submit(_pwrite_all, self._fd, chunk, self.data_start + e.begin + offset + start)
         self._written[name] += len(mv)
 
+    def flush(self) -> None:
+        """Wait until every byte handed to :meth:`write` / :meth:`write_at` is written,
+        so the caller may reuse its buffers."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
     def _entry(self, name: str) -> Entry:
         try:
             return self.entries[name]
@@ -302,9 +309,7 @@ class DataFileWriter:
     def close(self, *, fsync: bool = True) -> FileRecord:
         """Finish the file (final header, fsync) and return its record."""
         try:
-            if self._pending is not None:
-                self._pending.result()
-                self._pending = None
+            self.flush()
             short = [n for n, e in self.entries.items() if self._written[n] != e.nbytes]
             if short:
                 raise FormatError(f"data file {self.path}: entries not completely written: {short[:5]}")

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from stalwart.errors import ChecksumError, FormatError, LayoutError, StalwartError
+from stalwart.formats.atomic import parse_step_dirname, read_latest
 from stalwart.formats.checksum import verify_blocks
-from stalwart.formats.commit import parse_step_dirname, read_latest
 from stalwart.formats.datafile import FileHeader, open_data_file, read_entry_range, read_header, verify_file
 from stalwart.formats.dtypes import dtype_name, itemsize, tensor_bytes
 from stalwart.formats.geometry import Box

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from stalwart.errors import FormatError, LayoutError
+from stalwart.formats.atomic import atomic_write, install_dir, step_dirname, temp_sibling, write_latest
 from stalwart.formats.checksum import DEFAULT_BLOCK_SIZE
-from stalwart.formats.commit import atomic_write, install_dir, step_dirname, temp_sibling, write_latest
 from stalwart.formats.datafile import FileRecord, write_datafile
 from stalwart.formats.layout import Layout, LocalShard, TensorSpec
 from stalwart.formats.manifest import MANIFEST_NAME, Manifest, rank_file_name
@@ -127,8 +127,14 @@ def commit(
     topology: dict | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     fsync: bool = True,
+    created: str | None = None,
+    producer: dict | None = None,
 ) -> Manifest:
-    """Write the manifest of a checkpoint whose data files are all written (the commit point)."""
+    """Write the manifest of a checkpoint whose data files are all written (the commit point).
+
+    ``created`` / ``producer`` override the timestamp and tool record (converters pass
+    fixed values so the same input gives byte-identical output).
+    """
     records = sorted(records, key=lambda r: (r.rank if r.rank is not None else -1, r.path))
     manifest = Manifest(
         layout=layout,
@@ -138,6 +144,8 @@ def commit(
         tree=tree,
         topology=dict(topology or {}),
         block_size=block_size,
+        created=created or "",
+        producer=dict(producer or {}),
     )
     atomic_write(os.path.join(ckpt_dir, MANIFEST_NAME), manifest.dumps(), fsync=fsync)
     return manifest

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import stalwart.formats as F
-from stalwart.formats.commit import read_latest
+from stalwart.formats.atomic import read_latest
 
 from .conftest import WORKERS, free_port, kill_keepers, run_group, shm_base, stalwart_shm_dirs
 

@@ -15,8 +15,8 @@ import os
 
 from stalwart import __version__
 from stalwart.formats.adapters.base import ConvertSource, OutState, PlannedFile, SourceTensor, Target
+from stalwart.formats.atomic import atomic_write
 from stalwart.formats.checksum import DEFAULT_BLOCK_SIZE, block_count, packed_length
-from stalwart.formats.commit import atomic_write
 from stalwart.formats.datafile import DataFileWriter
 from stalwart.formats.layout import Layout, Mesh, Replicated, TensorSpec
 from stalwart.formats.manifest import MANIFEST_NAME, Manifest, rank_file_name
