@@ -43,6 +43,7 @@ from stalwart.ckpt.providers.module import ModuleProvider, is_deepspeed_engine, 
 from stalwart.ckpt.providers.objects import StatefulProvider
 from stalwart.ckpt.providers.optimizer import OptimizerProvider
 from stalwart.ckpt.providers.rng import RNGProvider
+from stalwart.ckpt.redundancy import ECConfig, check_topology, missing_reads
 from stalwart.ckpt.snapshot import Copier, SnapshotPlan, build_plan, map_slot_file
 from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tiers
 from stalwart.errors import StalwartError
@@ -71,6 +72,9 @@ class GuardStats:
     restored_step: int | None = None
     restored_from: str | None = None
     fallbacks: list[str] = field(default_factory=list)
+    parity_bytes: int = 0  # erasure-coding parity this node's keeper holds (redundancy=)
+    parity_overhead: float | None = None  # m / k
+    redundancy: dict = field(default_factory=dict)  # the keeper's last erasure-coding status
 
 
 @dataclass(frozen=True)
@@ -99,9 +103,12 @@ class Guard:
         resume: bool = True,
         final_checkpoint: bool = True,
         providers: list[StateProvider] | None = None,
+        redundancy=None,
+        max_parity_memory: int | None = None,
     ) -> None:
         if every < 1:
             raise StalwartError("every must be >= 1")
+        self.redundancy: ECConfig | None = ECConfig.coerce(redundancy, max_parity_memory)
         self.model = model
         self.optimizer = optimizer
         self.root = os.fspath(root)
@@ -115,6 +122,11 @@ class Guard:
         self.final_checkpoint = final_checkpoint
         self.where = where_am_i()
         self.rank = self.where.rank
+        if self.redundancy is not None:
+            check_topology(self.redundancy.k, self.redundancy.m, self.where.num_nodes)
+            if not os.environ.get("STALWART_KEEPER_GROUP"):
+                raise StalwartError("redundancy= needs the keepers' store address: set STALWART_KEEPER_GROUP=host:port")
+        self._session: str | None = None  # this run's id, agreed at restore (multi-node commit keys)
         self.providers: list[StateProvider] = list(providers) if providers is not None else self._default_providers(
             model, optimizer, scheduler, extra
         )
@@ -125,11 +137,12 @@ class Guard:
         self.copier = Copier()
         self.plan: SnapshotPlan | None = None
         self.maps: list[torch.Tensor] = []
+        self._views: dict[int, tuple] = {}  # slot -> (image, mapping, entry views, checksum tables)
         self.slot_dirs: list[str] = []
         self.client = KeeperClient(
             self.root, self.tier_specs, rank=self.rank, local_ranks=self.where.local_ranks, node=self.where.node_rank,
             nodes=self.where.num_nodes, slots=slots, linger_s=keeper_linger_s,
-            group_addr=os.environ.get("STALWART_KEEPER_GROUP"),
+            group_addr=os.environ.get("STALWART_KEEPER_GROUP"), ec=self.redundancy,
         )
         self._loader: ResumableLoader | None = None
         self._pending_data: Mapping | None = None
@@ -311,8 +324,10 @@ class Guard:
         reply = self._call(
             "plan", rank=self.rank, file_size=plan.file_size, sig=plan.layout_signature,
             layout=plan.layout.to_json(), topology={"framework": type(unwrap(self.model)).__name__},
+            session=self._session,
         )
         self.maps = []
+        self._views.clear()
         pin = any(t.is_cuda for _, t in plan.lazy)
         for d in reply["slots"]:
             self.maps.append(map_slot_file(os.path.join(d, rank_file_name(self.rank)), plan.file_size, pin))
@@ -331,6 +346,18 @@ class Guard:
         objects["stalwart"] = {"step": self.step_count, "world_size": self.where.world_size}
         return objects
 
+    def _slot_views(self, index: int, image, mapping: torch.Tensor) -> tuple[dict, dict]:
+        """Each entry's destination view in slot ``index`` and its checksum table, built once
+        per slot and plan (every block of a table is rewritten by each copy; a slot is
+        reused only after its previous copy finished)."""
+        cached = self._views.get(index)
+        if cached is None or cached[0] is not image or cached[1] is not mapping:
+            start = image.data_start
+            dst = {n: mapping[start + e.begin : start + e.end] for n, e in image.entries.items()}
+            tables = {n: np.zeros(c, dtype=np.uint64) for n, c in image.block_counts.items()}
+            cached = self._views[index] = (image, mapping, dst, tables)
+        return cached[2], cached[3]
+
     def _snapshot(self, step: int, must: bool = False) -> bool:
         """Snapshot ``step``; with ``must`` (final / save_now) wait for a slot instead of skipping."""
         collected = self._collect()
@@ -343,14 +370,9 @@ class Guard:
             return False
         mapping = self.maps[index]
         image = plan.image
-        tables = {n: np.zeros(c, dtype=np.uint64) for n, c in image.block_counts.items()}
-
-        def dst(name: str) -> torch.Tensor:
-            e = image.entries[name]
-            return mapping[image.data_start + e.begin : image.data_start + e.end]
-
+        dst, tables = self._slot_views(index, image, mapping)
         block = image.block_size
-        self.copier.copy_now([(n, t, dst(n)) for n, t in plan.eager], tables, block)
+        self.copier.copy_now([(n, t, dst[n]) for n, t in plan.eager], tables, block)
         objects = self._objects(collected) if self.rank == 0 else None
 
         def finish() -> None:
@@ -365,7 +387,7 @@ class Guard:
             except StalwartError as e:  # refused (e.g. a restarted keeper): this snapshot is lost, training goes on
                 log.warning("stalwart: snapshot of step %s lost: %s", step, e)
 
-        self.copier.start([(n, t, dst(n)) for n, t in plan.lazy], tables, block, finish)
+        self.copier.start([(n, t, dst[n]) for n, t in plan.lazy], tables, block, finish)
         self.last_snapshot_step = step
         self.stats.snapshots += 1
         return True
@@ -411,6 +433,42 @@ class Guard:
         names = [t.name for t in self.tiers if t.qualifies(self.last_snapshot_step)]
         if names:
             self._call("wait", step=self.last_snapshot_step, tiers=names, timeout=timeout)
+
+    def redundancy_status(self) -> dict | None:
+        """The node keeper's erasure-coding status (``None`` without ``redundancy=``): generation,
+        state, protected steps, ``parity_bytes``, ``overhead`` (m/k), rebuilt steps, errors."""
+        return self._note_redundancy(self._call("status"))
+
+    def _note_redundancy(self, status: dict) -> dict | None:
+        ec = status.get("ec")
+        if ec:
+            self.stats.redundancy = ec
+            self.stats.parity_bytes = int(ec.get("parity_bytes", 0))
+            self.stats.parity_overhead = ec.get("overhead")
+        return ec
+
+    def _await_redundancy(self, status: dict) -> dict:
+        """Before restoring: wait (bounded) until this keeper's redundancy group formed and
+        rebuilt what it could; a snapshot it cannot rebuild becomes a fallback warning."""
+        ec = self._note_redundancy(status)
+        if not ec or self.redundancy is None:
+            return status
+        deadline = time.monotonic() + self.redundancy.rebuild_wait_s
+        while not ec.get("settled") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = self._call("status")
+            ec = self._note_redundancy(status) or {}
+        if not ec.get("settled"):
+            msg = (f"stalwart: node {self.where.node_rank}'s redundancy group did not form within"
+                   f" {self.redundancy.rebuild_wait_s:.0f}s (state {ec.get('state')}); restoring without rebuilding")
+            self.stats.fallbacks.append(msg)
+            warnings.warn(msg, stacklevel=3)
+        if ec.get("recovery_error"):
+            msg = f"stalwart: memory snapshot not rebuilt: {ec['recovery_error']}; falling back"
+            self.stats.fallbacks.append(msg)
+            warnings.warn(msg, stacklevel=3)
+            log.warning(msg)
+        return status
 
     def latest(self) -> Latest | None:
         """The newest committed step and the tiers (incl. ``memory``) holding it."""
@@ -464,10 +522,11 @@ class Guard:
 
     def restore(self, status: dict | None = None) -> int | None:
         """Restore the newest good checkpoint; returns its step (None: nothing to restore)."""
-        status = status if status is not None else self._call("status")
+        status = self._await_redundancy(status if status is not None else self._call("status"))
         group = side_group("restore")
         try:
             candidates = _agree_on_candidates(self._candidates(status), group)
+            self._session = _agree_on_session(group)
             memory_dirs = {m["step"]: m["dir"] for m in status.get("memory", [])}
             for step, order, name in candidates:
                 ok, reason, loaded = self._try_candidate(step, order, name, memory_dirs)
@@ -500,6 +559,8 @@ class Guard:
     def _try_candidate(self, step: int, order: int, name: str, memory_dirs: dict):
         path = None
         try:
+            if order == 0 and step not in memory_dirs:
+                raise StalwartError(f"step {step} is not in node {self.where.node_rank}'s memory")
             path = memory_dirs[step] if order == 0 else self.tiers[order - 1].fetch(step)
             with Checkpoint(path) as ckpt:
                 if ckpt.step != step:
@@ -518,8 +579,17 @@ class Guard:
                         locals_[item.spec.name] = item.tensor
                 target = Layout(self.mesh, specs, groups)
                 plan = ckpt.plan(target, self.rank)
+                remote = missing_reads(ckpt, plan) if order == 0 else {}
                 # Memory slots are overwritten by later snapshots: never alias them.
-                tensors = ckpt.execute(plan, mmap=order != 0)
+                tensors = None if remote else ckpt.execute(plan, mmap=order != 0)
+            if remote:  # other nodes' files: their keepers' memory, through this node's keeper
+                view = self._call("peer_view", step=step, reads={str(r): v for r, v in remote.items()}, rank=self.rank)["dir"]
+                try:
+                    with Checkpoint(view) as ckpt:
+                        tensors = ckpt.execute(plan)
+                finally:
+                    with contextlib.suppress(StalwartError):
+                        self._call("release_view", dir=view)
             return True, None, (tensors, ctx, path)
         except (StalwartError, OSError, ValueError, KeyError) as e:
             if order and path is not None:
@@ -565,6 +635,7 @@ class Guard:
                     h.remove()
             self._remove_sigterm()
             self.maps = []
+            self._views.clear()
             self.plan = None
             self._pending_data = None
             self.client.close(clean=clean)
@@ -610,6 +681,18 @@ def _agree_on_candidates(mine: list[tuple[int, int, str]], group) -> list[tuple[
     return sorted(union, key=lambda c: (-c[0], c[1]))
 
 
+def _agree_on_session(group) -> str | None:
+    """A random id of this run, the same on every rank (rank 0's); None in one process."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    mine = int.from_bytes(os.urandom(7), "little") if dist.get_rank() == 0 else 0
+    t = torch.tensor([mine], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # side groups are unregistered: no broadcast(src=)
+    return f"{int(t.item()):x}"
+
+
 def _all_true(ok: bool, group) -> bool:
     if group is None:
         return ok
@@ -627,7 +710,12 @@ def protect(model: torch.nn.Module, optimizer=None, *, root: str, every: int = 1
     ``tiers`` defaults to ``["memory", "file://<root>"]``. ``max_host_memory`` caps
     the snapshot slots of each rank in bytes. Further keyword arguments: ``slots``
     (host snapshot slots, default 2), ``keeper_linger_s``, ``preempt_deadline_s``,
-    ``resume`` (restore on entry, default True), ``final_checkpoint``.
+    ``resume`` (restore on entry, default True), ``final_checkpoint``,
+    ``redundancy=(k, m)`` (or an :class:`~stalwart.ckpt.redundancy.ECConfig`): erasure-code
+    the memory snapshots across groups of ``k + m`` nodes so that losing up to ``m`` of a
+    group's nodes loses no memory snapshot (needs ``STALWART_KEEPER_GROUP``; use
+    ``slots=3`` to snapshot every step while the previous one is encoded), and
+    ``max_parity_memory`` (bytes of parity per keeper). See docs/ERASURE.md.
     """
     return Guard(model, optimizer, root=root, every=every, tiers=tiers, scheduler=scheduler, extra=extra,
                  max_host_memory=max_host_memory, **kwargs)

@@ -101,8 +101,8 @@ class NodeGroup:
     def publish(self, key: str, obj) -> None:
         self.link.set(f"{key}/node{self.node}", json.dumps(obj))
 
-    def gather(self, key: str, incs: dict | None = None) -> list:
-        return self.link.gather(key, range(self.nodes), incs=incs, timeout_s=self.timeout_s)
+    def gather(self, key: str, incs: dict | None = None, timeout_s: float | None = None, abort=None) -> list:
+        return self.link.gather(key, range(self.nodes), incs=incs, timeout_s=timeout_s or self.timeout_s, abort=abort)
 
 
 class Keeper:
@@ -209,7 +209,8 @@ class Keeper:
         rank = int(msg["rank"])
         size = int(msg["file_size"])
         with self.cond:
-            while any(s.pinned for s in self.slots):
+            # files are resized / snapshots dropped only for a new plan: never under a reader
+            while (msg.get("sig") != self.plan_sig or self.file_sizes.get(rank) != size) and any(s.pinned for s in self.slots):
                 self.cond.wait(0.5)
             if self.peer is not None:
                 self.peer.purge()  # snapshots again: restores (and their peer views) are over
@@ -280,6 +281,8 @@ class Keeper:
                 wait = filling or (msg.get("must") and draining)
                 if not wait or time.monotonic() > deadline:
                     self.skipped.add(step)
+                    if self.group is not None:
+                        threading.Thread(target=self._publish_skip, args=(step,), daemon=True).start()
                     if len(self.skipped) > 1024:
                         self.skipped = set(sorted(self.skipped)[-512:])
                     reason = "every slot is being persisted or holds the newest snapshot"
@@ -323,16 +326,35 @@ class Keeper:
         slot.complete = True
         log.debug("memory commit of step %s in slot %s", slot.step, slot.index)
 
+    def _key(self, kind: str, step: int) -> str:
+        """A key of the multi-node exchange, within the trainers' run (see guard's session)."""
+        return f"{kind}/{self.session}/{step}" if self.session else f"{kind}/{step}"
+
+    def _publish_skip(self, step: int) -> None:
+        """Tell the other nodes this node skipped ``step``: they abandon their copies of it."""
+        with contextlib.suppress(Exception):
+            self.group.publish(self._key("mem", step), {"skipped": True, "inc": self.group.link.inc})
+
     def _commit_memory_multinode(self, slot: Slot, step: int) -> None:
         with self.cond:
             local = [slot.done[r] for r in sorted(slot.done)]
             objects = slot.objects
-        key = f"mem/{self.session}/{step}" if self.session else f"mem/{step}"
+        key = self._key("mem", step)
         try:
             self.group.publish(key, {"records": local, "objects": objects, "inc": self.group.link.inc})
-            parts = self.group.gather(key)
+            self.group.publish(self._key("mem", "newest"), step)
+            since: dict[int, float] = {}
+            parts = self.group.gather(key, abort=lambda missing: self._moved_past(step, missing, since))
+            skipped = [i for i, p in enumerate(parts) if p.get("skipped")]
+            if skipped:
+                raise RedundancyError(f"node(s) {', '.join(map(str, skipped))} skipped it")
         except Exception as e:
-            log.error("memory commit of step %s: the other nodes did not report (%s)", step, e)
+            log.log(logging.DEBUG if "skipped it" in str(e) else logging.ERROR,
+                    "memory commit of step %s: the other nodes did not report (%s)", step, e)
+            with self.cond:
+                if slot.step == step and not slot.complete and not slot.pinned:
+                    self._uncommit(slot)  # never completes: free it (ranks waiting in acquire go on)
+                    self.cond.notify_all()
             return
         with self.cond:
             if slot.step != step or slot.complete:
@@ -344,6 +366,23 @@ class Keeper:
             atomic_write(os.path.join(slot.dir, NODES_FILE), json.dumps(slot.owners).encode(), fsync=False)
             self._commit_memory(slot, records, objects)
             self.cond.notify_all()
+
+    def _moved_past(self, step: int, nodes: list[int], since: dict[int, float]) -> str | None:
+        """Why ``step`` can never commit: a node that has not published it published a newer
+        step (its keeper was replaced mid-step and its trainer went on), or None.
+
+        Seen twice at least a second apart, so two commit threads of one keeper that
+        publish out of order never look like a missed step."""
+        now = time.monotonic()
+        for i in nodes:
+            newest = self.group.link.get(f"{self._key('mem', 'newest')}/node{i}")
+            if newest is None or int(newest) <= step:
+                since.pop(i, None)
+                continue
+            first = since.setdefault(i, now)
+            if now - first >= 1.0:
+                return f"node {i} went on to step {newest} without it (its keeper was replaced)"
+        return None
 
     def op_abandon(self, msg: dict) -> dict:
         with self.cond:
@@ -389,6 +428,13 @@ class Keeper:
     def op_status(self, msg: dict) -> dict:
         with self.cond:
             return self.status()
+
+    def _persisted_newer(self, tier: str, step: int, nodes: list[int]) -> str | None:
+        for i in nodes:
+            latest = self.group.link.get(f"{self._key(tier, 'latest')}/node{i}")
+            if latest is not None and int(latest) > step:
+                return f"node {i} persisted step {latest} instead"
+        return None
 
     def op_peer_view(self, msg: dict) -> dict:
         """A directory holding memory step ``step`` with other nodes' byte ranges fetched."""
@@ -459,14 +505,18 @@ class Keeper:
         try:
             stored = tier.put_files(step, slot.dir, local)
             if self.group is not None:
-                key = f"{tier.name}/{self.session}/{step}" if self.session else f"{tier.name}/{step}"
+                key = self._key(tier.name, step)
                 self.group.publish(key, [r.to_json() for r in stored])
+                self.group.link.set(f"{self._key(tier.name, 'latest')}/node{self.node}", str(step))
                 if self.node != 0:
                     with self.cond:
                         self.persisted[tier.name].add(step)
                     return
-                # gives up early when a node's keeper that held this step died or was replaced
-                stored = [FileRecord.from_json(r) for part in self.group.gather(key, incs=incs or None) for r in part]
+                # gives up early when a node's keeper that held this step died or was replaced, or
+                # persisted a newer step instead; nodes persist the same steps at about the same time
+                parts = self.group.gather(key, incs=incs or None, timeout_s=120 + 2 * (time.perf_counter() - t0),
+                                          abort=lambda missing: self._persisted_newer(tier.name, step, missing))
+                stored = [FileRecord.from_json(r) for part in parts for r in part]
             manifest = Manifest(base.layout, sorted(stored, key=lambda f: f.rank), step, base.objects, None, base.topology, base.block_size)
             tier.commit(step, manifest)
             nbytes = sum(r.size for r in local)
@@ -509,10 +559,12 @@ class Keeper:
         finally:
             chan.close()
             if rank is not None:
-                self._disconnected(rank)
+                self._disconnected(rank, chan)
 
-    def _disconnected(self, rank: int) -> None:
+    def _disconnected(self, rank: int, chan: Channel | None = None) -> None:
         with self.cond:
+            if chan is not None and rank in self.connected and self.connected[rank] is not chan:
+                return  # a restarted trainer of this rank reconnected before this connection's handler ended
             self.connected.pop(rank, None)
             self.last_disconnect = time.monotonic()
             if rank not in self.clean_bye:

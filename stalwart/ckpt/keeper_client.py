@@ -12,6 +12,7 @@ import sys
 import time
 
 from stalwart.ckpt.protocol import Channel, KeeperGone, connect
+from stalwart.ckpt.redundancy import ECConfig
 from stalwart.ckpt.tiers import TierSpec
 from stalwart.errors import StalwartError
 
@@ -40,6 +41,7 @@ class KeeperClient:
         linger_s: float = 300.0,
         group_addr: str | None = None,
         start_timeout_s: float = 60.0,
+        ec: ECConfig | None = None,
     ) -> None:
         self.root = root
         self.tiers = tiers
@@ -51,6 +53,7 @@ class KeeperClient:
         self.linger_s = linger_s
         self.group_addr = group_addr
         self.start_timeout_s = start_timeout_s
+        self.ec = ec  # erasure coding across the keepers (passed to a keeper this client starts)
         self.shm_dir = shm_dir_for(root, node)
         self.sock_path = os.path.join(self.shm_dir, "keeper.sock")
         self.chan: Channel | None = None
@@ -79,6 +82,12 @@ class KeeperClient:
         ]
         if self.group_addr:
             cmd += ["--group-addr", self.group_addr]
+        if self.ec is not None:
+            cmd += ["--ec", f"{self.ec.k},{self.ec.m}", "--ec-chunk", str(self.ec.chunk)]
+            if self.ec.max_parity_memory is not None:
+                cmd += ["--max-parity-memory", str(self.ec.max_parity_memory)]
+            if self.ec.rate:
+                cmd += ["--ec-rate", str(self.ec.rate)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "CUDA_VISIBLE"))}
         subprocess.Popen(
             cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -94,6 +103,7 @@ class KeeperClient:
         chan = self._try_connect()
         if chan is not None:
             return chan
+        os.makedirs(os.path.dirname(self.shm_dir), exist_ok=True)  # the shm base may be new (or removed)
         fd = os.open(self._start_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -46,8 +46,40 @@ class SnapshotPlan:
         return self.image.size
 
 
+_PLAN_CACHE: dict[tuple, SnapshotPlan] = {}
+
+
+def _structure_key(collected: list[Collected], mesh: Mesh, rank: int, aliases: dict[str, str]) -> tuple:
+    """Everything the plan depends on except the tensors' data (cheap to compute every step)."""
+    items = tuple(
+        (i.spec, i.lazy, -1 if i.tensor is None else i.tensor.numel()) for c in collected for i in c.items
+    )
+    groups = tuple(sorted((gid, g) for c in collected for gid, g in c.groups.items()))
+    return (mesh, rank, items, groups, tuple(sorted(aliases.items())))
+
+
 def build_plan(collected: list[Collected], mesh: Mesh, rank: int, aliases: dict[str, str]) -> SnapshotPlan:
-    """The layout of everything collected, and this rank's share of it."""
+    """The layout of everything collected, and this rank's share of it.
+
+    Plans are cached by the state's structure (names, shapes, dtypes, placements):
+    every step after the first only rebinds the current tensors to the cached plan.
+    """
+    key = _structure_key(collected, mesh, rank, aliases)
+    cached = _PLAN_CACHE.get(key)
+    if cached is not None:
+        tensors = {i.spec.name: i.tensor for c in collected for i in c.items}
+        return SnapshotPlan(
+            cached.layout, cached.image, [(n, tensors[n]) for n, _ in cached.lazy],
+            [(n, tensors[n]) for n, _ in cached.eager], cached.signature, cached.layout_signature,
+        )
+    plan = _build_plan(collected, mesh, rank, aliases)
+    if len(_PLAN_CACHE) >= 4:
+        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+    _PLAN_CACHE[key] = plan
+    return plan
+
+
+def _build_plan(collected: list[Collected], mesh: Mesh, rank: int, aliases: dict[str, str]) -> SnapshotPlan:
     specs, groups, items = [], {}, {}
     owners: dict[str, list[str]] = {}
     for alias, owner in aliases.items():
@@ -107,7 +139,9 @@ class Copier:
         for start in range(0, n, COPY_CHUNK):
             stop = min(start + COPY_CHUNK, n)
             d = dst[start:stop]
-            d.copy_(s[start:stop])
+            # numpy's memcpy, not Tensor.copy_: torch would fan the copy out over its
+            # intra-op threads, which compete with the training step running meanwhile
+            np.copyto(d.numpy(), s[start:stop].numpy())
             first = start // block
             ck.block_checksums(tensor_bytes(d), block, out=table[first : first + ck.block_count(stop - start, block)])
 

@@ -721,6 +721,15 @@ class TensorSpec:
     slot: str | None = None  # for optimizer slots: exp_avg, momentum_buffer, ...
     aliases: tuple[str, ...] = ()
 
+    def __hash__(self) -> int:
+        # Immutable, hashed for every tensor at every snapshot (plan cache key): compute once.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.name, self.shape, self.dtype, self.placement, self.stage, self.role,
+                           self.param, self.slot, self.aliases))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def to_json(self) -> dict:
         out: dict = {"shape": list(self.shape), "dtype": dtype_name(self.dtype), "role": self.role}
         if self.param is not None:

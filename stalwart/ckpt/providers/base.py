@@ -62,9 +62,8 @@ class StateProvider(ABC):
         """What to load on restore: by default what :meth:`collect` describes, restricted
         to tensors the checkpoint holds (providers whose state is created lazily, such
         as optimizers, override this)."""
-        got = self.collect(ctx.mesh, ctx.rank)
-        got.items = [i for i in got.items if i.spec.name in ctx.saved]
-        return got
+        got = self.collect(ctx.mesh, ctx.rank)  # may be cached by the provider: never mutate it
+        return Collected(items=[i for i in got.items if i.spec.name in ctx.saved], objects=got.objects, groups=got.groups)
 
     @abstractmethod
     def restore(self, tensors: Mapping[str, torch.Tensor], ctx: RestoreContext) -> None:

@@ -23,12 +23,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+_DTENSOR: tuple[type, ...] | None = None
+
+
 def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
+    global _DTENSOR
+    if _DTENSOR is None:  # imported once: this runs for every tensor at every snapshot
+        try:
+            from torch.distributed.tensor import DTensor
+
+            _DTENSOR = (DTensor,)
+        except ImportError:  # pragma: no cover
+            _DTENSOR = ()
+    return isinstance(t, _DTENSOR)
 
 
 def dtensor_placement(t, mesh: Mesh) -> tuple[tuple[int, ...], Sharded | Replicated, torch.Tensor]:
@@ -83,20 +90,32 @@ class ModuleProvider(StateProvider):
     def __init__(self, model: torch.nn.Module, prefix: str = "") -> None:
         self.model = unwrap(model)
         self.prefix = prefix
+        self._persistent: set[str] | None = None
+        self._cache: tuple | None = None
 
     def _named(self):
         # remove_duplicate=False: tied parameters appear under every name (aliases need them)
         for name, p in self.model.named_parameters(remove_duplicate=False):
             yield name, p, "param"
-        persistent = set(self.model.state_dict(keep_vars=True).keys())
+        if self._persistent is None:  # state_dict() is costly; buffer persistence is fixed at registration
+            self._persistent = set(self.model.state_dict(keep_vars=True).keys())
         for name, b in self.model.named_buffers():
-            if b is not None and name in persistent:
+            if b is not None and name in self._persistent:
                 yield name, b, "buffer"
 
     def collect(self, mesh: Mesh, rank: int) -> Collected:
+        named = list(self._named())
+        fingerprint = (mesh, tuple((n, id(t), t.shape, t.dtype) for n, t, _ in named))
+        if self._cache is not None and self._cache[0] == fingerprint:
+            return self._cache[1]  # same tensors, same structure: the same items
+        out = self._collect(mesh, named)
+        self._cache = (fingerprint, out)
+        return out
+
+    def _collect(self, mesh: Mesh, named) -> Collected:
         out = Collected()
         seen: dict[int, str] = {}
-        for name, t, role in self._named():
+        for name, t, role in named:
             key = id(t)
             if key in seen:  # tied weights: stored once, alias recorded by the engine
                 continue

@@ -30,11 +30,18 @@ class OptimizerProvider(StateProvider):
         self.optimizer = optimizer
         self.model = unwrap(model)
         self.prefix = prefix
+        self._fqn_cache: dict[int, str] = {}
+        self._cache: tuple | None = None
 
     def _fqns(self) -> dict[int, str]:
+        """Param identity -> name; rebuilt only when the optimizer holds a param it has not seen."""
+        known = self._fqn_cache
+        if all(id(p) in known for g in self.optimizer.param_groups for p in g["params"]):
+            return known
         out: dict[int, str] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             out.setdefault(id(p), name)
+        self._fqn_cache = out
         return out
 
     def _groups(self, fqns: dict[int, str]) -> list[dict]:
@@ -49,9 +56,32 @@ class OptimizerProvider(StateProvider):
         return groups
 
     def collect(self, mesh: Mesh, rank: int) -> Collected:
-        out = Collected()
         fqns = self._fqns()
+        fingerprint = (mesh, tuple((id(p), k, id(v)) for p, st in self.optimizer.state.items() for k, v in st.items()))
+        if self._cache is not None and self._cache[0] == fingerprint:
+            items = self._cache[1]
+        else:
+            items = self._items(mesh, fqns)
+            self._cache = (fingerprint, items)
         scalars: dict[str, dict] = {}
+        for p, state in self.optimizer.state.items():
+            fqn = fqns.get(id(p))
+            if fqn is not None:
+                for slot, value in state.items():
+                    if not isinstance(value, torch.Tensor):
+                        scalars.setdefault(fqn, {})[slot] = value
+        objects = {
+            "optimizer": {
+                "class": type(self.optimizer).__name__,
+                "param_groups": encode_value(self._groups(fqns)),
+                "scalars": encode_value(scalars),
+            }
+        }
+        return Collected(items=items, objects=objects)
+
+    def _items(self, mesh: Mesh, fqns: dict[int, str]) -> list[Item]:
+        """One item per tensor slot (rebuilt only when the optimizer's state tensors change)."""
+        out: list[Item] = []
         for p, state in self.optimizer.state.items():
             fqn = fqns.get(id(p))
             if fqn is None:
@@ -64,14 +94,7 @@ class OptimizerProvider(StateProvider):
                         shape, placement, local = tuple(value.shape), Replicated(), value
                     spec = TensorSpec(slot_name(fqn, slot, self.prefix), shape, value.dtype, placement,
                                       role="optimizer_slot", param=fqn, slot=slot)
-                    out.items.append(Item(spec, local, lazy=True))
-                else:
-                    scalars.setdefault(fqn, {})[slot] = value
-        out.objects["optimizer"] = {
-            "class": type(self.optimizer).__name__,
-            "param_groups": encode_value(self._groups(fqns)),
-            "scalars": encode_value(scalars),
-        }
+                    out.append(Item(spec, local, lazy=True))
         return out
 
     def targets(self, ctx: RestoreContext) -> Collected:

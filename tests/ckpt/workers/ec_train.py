@@ -1,4 +1,10 @@
-"""DDP training with one rank per "node" under ``stalwart.protect(redundancy=(k, m))``.
+"""Data-parallel training with one rank per "node" under ``stalwart.protect(redundancy=(k, m))``.
+
+Gradients are averaged with one ``all_reduce`` per parameter rather than by DDP: DDP
+rebuilds its gradient buckets after its first iteration, so a restarted DDP job sums
+the ranks' gradients in a different order at its first step; with more than two ranks
+floating-point addition order shows, and a resumed run would not be bitwise equal to
+an uninterrupted one (a property of DDP, not of the restore).
 
 Launched by torchrun with ``STALWART_LOCAL_WORLD_SIZE=1`` (every rank is its own node
 with its own keeper and shared-memory directory: intra-node mode) and
@@ -24,7 +30,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 import stalwart
 from stalwart.ckpt.dist import init_distributed
@@ -72,14 +77,14 @@ def main() -> None:
     torch.manual_seed(0)
     w = args.width
     model = torch.nn.Sequential(torch.nn.Linear(w, 2 * w), torch.nn.GELU(), torch.nn.Linear(2 * w, w))
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    world = dist.get_world_size()
     g = torch.Generator().manual_seed(100 + rank)
     data = [torch.randn(4, w, generator=g) for _ in range(args.steps)]
     k, m = (int(x) for x in args.ec.split(","))
     ec = ECConfig(k, m, args.max_parity_memory, chunk=64 * 1024, rebuild_wait_s=args.rebuild_wait)
     with open(os.path.join(args.out, f"rank{rank}.log"), "a") as log, stalwart.protect(
-        ddp, opt, root=args.root, every=1, tiers=json.loads(args.tiers), slots=args.slots, keeper_linger_s=args.linger,
+        model, opt, root=args.root, every=1, tiers=json.loads(args.tiers), slots=args.slots, keeper_linger_s=args.linger,
         redundancy=ec,
     ) as guard:
         start = guard.step_count
@@ -87,7 +92,10 @@ def main() -> None:
                    {"start": start, "digest": digest(model, opt), "stats": dataclasses.asdict(guard.stats),
                     "shm": guard.client.shm_dir})
         for x in guard.resume(data):
-            ddp(x).pow(2).mean().backward()
+            model(x).pow(2).mean().backward()
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
             opt.step()
             opt.zero_grad()
             if args.sleep:
