@@ -40,8 +40,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=("none", "memory", "ec"), required=True)
     ap.add_argument("--root", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--m", type=int, default=2)
+    ap.add_argument("--ec", default="4,2", help="k,m")  # not --k/--m: torchrun's parser takes those as its own prefixes
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--layers", type=int, default=4)
@@ -64,7 +63,8 @@ def main() -> None:
     if args.mode == "none":
         guard_cm = contextlib.nullcontext(None)
     else:
-        ec = ECConfig(args.k, args.m) if args.mode == "ec" else None
+        k, m = (int(x) for x in args.ec.split(","))
+        ec = ECConfig(k, m) if args.mode == "ec" else None
         guard_cm = stalwart.protect(model, opt, root=args.root, every=1, tiers=["memory"], slots=3,
                                     redundancy=ec, resume=False, final_checkpoint=False, keeper_linger_s=5)
     times: list[float] = []

@@ -306,7 +306,7 @@ def _launch(mode: str, args, workdir: str) -> dict:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--nnodes=1", "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{_free_port()}", WORKER, "--mode", mode, "--root", root, "--out", out,
-        "--k", str(args.k), "--m", str(args.m), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--ec", f"{args.k},{args.m}", "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--layers", str(args.layers), "--d-model", str(args.d_model),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STALWART_LOCAL_WORLD_SIZE": "1",

@@ -80,7 +80,9 @@ class ECConfig:
     first; a step whose parity alone exceeds the cap is not protected, and says so).
     ``chunk``: bytes per transfer round; ``rate``: bytes/s each keeper sends at most
     (None: unlimited); ``rebuild_wait_s``: how long a restarting trainer waits for its
-    keeper's group to form and rebuild lost snapshots before restoring without it.
+    keeper's group to form and rebuild lost snapshots before restoring without it;
+    ``nice``: how much lower the coding threads' CPU priority is than the keeper's (0:
+    the same), so that on a busy node coding yields to training.
     """
 
     k: int
@@ -89,6 +91,7 @@ class ECConfig:
     chunk: int = DEFAULT_CHUNK
     rate: float | None = None
     rebuild_wait_s: float = 300.0
+    nice: int = 10
 
     def __post_init__(self) -> None:
         if not (isinstance(self.k, int) and isinstance(self.m, int)) or self.k < 1 or self.m < 1 or self.k + self.m > 256:
@@ -1023,6 +1026,7 @@ class Redundancy:
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> None:
+        _lower_priority(self.cfg.nice)
         backoff = 0.5
         while not self._stopping():
             session = None
@@ -1546,6 +1550,17 @@ class Redundancy:
         with self.keeper.cond:
             self.keeper._adopt_slot(slot)
             self.keeper.cond.notify_all()
+
+
+def _lower_priority(nice: int) -> None:
+    """Run this thread (and the gloo threads it starts, which inherit it) at a lower CPU
+    priority: coding uses the cycles training leaves idle and never competes with it
+    (Linux: ``nice`` is per thread)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    with contextlib.suppress(OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
 
 
 def _read_text(path: str) -> str | None:
