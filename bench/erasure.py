@@ -346,13 +346,20 @@ def bench_overhead(args) -> list[str]:
     encoded = sum(int(s.get("encoded", 0)) for s in ec_status)
     parity = max((int(s.get("parity_bytes", 0)) for s in ec_status), default=0)
     last = [s["last_encode_s"] for s in ec_status if s.get("last_encode_s")]
+    cpu = [s["last_encode_cpu_s"] for s in ec_status if s.get("last_encode_cpu_s")]
+    modes = sorted({str(s.get("mode")) for s in ec_status})
     lines = [
         f"step-time overhead, RS({args.k},{args.m}) over {args.k + args.m} ranks = nodes, GPT {params / 1e6:.1f}M params "
         f"(d_model {args.d_model}, {args.layers} layers), {args.rounds} round(s) x {args.steps} measured steps",
         f"  median step: no checkpoint {med['none'] * 1e3:.1f} ms, memory snapshot every step {med['memory'] * 1e3:.1f} ms, "
         f"EC-protected every step {med['ec'] * 1e3:.1f} ms",
-        f"  encoded by the keepers: {encoded} of {steps} snapshots (rank 0's keeper), last encode "
-        f"{statistics.median(last) * 1e3 if last else float('nan'):.0f} ms, parity held {parity / 1e6:.1f} MB per keeper",
+        f"  encoded by the keepers ({'/'.join(modes)}): {encoded} of {steps} snapshots (rank 0's keeper), last encode "
+        f"{statistics.median(last) * 1e3 if last else float('nan'):.0f} ms wall, "
+        f"{statistics.median(cpu) * 1e3 if cpu else float('nan'):.0f} ms CPU of the coding thread "
+        f"({statistics.median(cpu) / med['ec'] * 100 if cpu else float('nan'):.1f}% of one core per node at this step time); "
+        f"parity held {parity / 1e6:.1f} MB per keeper",
+        f"  (all {args.k + args.m} trainers and keepers share this machine's {os.cpu_count()} cores: a keeper's coding CPU "
+        f"is taken from the trainers here; on a cluster it runs on its own node's spare cores)",
         f"{'MET ' if over_none <= TARGET_OVERHEAD else 'MISS'} EC snapshots every step: {over_none * 100:+.1f}% step time vs "
         f"no checkpoint, {over_mem * 100:+.1f}% vs memory snapshots alone (target <= {TARGET_OVERHEAD * 100:.0f}%)",
     ]

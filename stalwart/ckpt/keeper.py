@@ -633,7 +633,7 @@ def _start_redundancy(keeper: Keeper, group: NodeGroup | None, args) -> None:
         return
     try:
         k, m = parse_ec(args.ec)
-        cfg = ECConfig(k, m, args.max_parity_memory, args.ec_chunk, args.ec_rate, nice=args.ec_nice)
+        cfg = ECConfig(k, m, args.max_parity_memory, args.ec_chunk, args.ec_rate, nice=args.ec_nice, shared=not args.ec_no_shared)
         keeper.redundancy = Redundancy(keeper, group.link, cfg, args.node, args.nodes, bind)
     except RedundancyError as e:
         log.error("memory snapshots are not erasure-coded: %s", e)
@@ -695,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ec-chunk", type=int, default=DEFAULT_CHUNK, help="bytes per erasure-coding transfer round")
     ap.add_argument("--ec-rate", type=float, default=None, help="bytes/s this keeper sends for erasure coding at most")
     ap.add_argument("--ec-nice", type=int, default=10, help="how much lower the coding threads' CPU priority is (0: same)")
+    ap.add_argument("--ec-no-shared", action="store_true",
+                    help="code over the network even when the whole group shares this machine's memory")
     ap.add_argument("--log-file", default=None)
     ap.add_argument("--keep-shm", action="store_true", help="do not remove the shared memory on exit")
     args = ap.parse_args(argv)

@@ -84,6 +84,8 @@ class KeeperClient:
             cmd += ["--group-addr", self.group_addr]
         if self.ec is not None:
             cmd += ["--ec", f"{self.ec.k},{self.ec.m}", "--ec-chunk", str(self.ec.chunk), "--ec-nice", str(self.ec.nice)]
+            if not self.ec.shared:
+                cmd += ["--ec-no-shared"]
             if self.ec.max_parity_memory is not None:
                 cmd += ["--max-parity-memory", str(self.ec.max_parity_memory)]
             if self.ec.rate:

@@ -61,6 +61,25 @@ SLOT_EXTRA_FILES = (PARITY_FILE, PARITY_META, PARITY_FILE + ".tmp", NODES_FILE)
 PARITY_BLOCK = ck.DEFAULT_BLOCK_SIZE
 
 
+def _host_id() -> str:
+    """This machine and boot, plus the shared-memory mount's identity: members with the
+    same id read each other's snapshot files in place."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    try:
+        shm = os.stat("/dev/shm")
+        dev = f"{shm.st_dev}:{shm.st_ino}"
+    except OSError:
+        dev = "?"
+    return f"{socket.gethostname()}/{boot}/{dev}"
+
+
+HOST_ID = _host_id()
+
+
 class RedundancyError(StalwartError):
     """Erasure-coded memory snapshots cannot be formed, kept or rebuilt (the message says why)."""
 
@@ -82,7 +101,9 @@ class ECConfig:
     (None: unlimited); ``rebuild_wait_s``: how long a restarting trainer waits for its
     keeper's group to form and rebuild lost snapshots before restoring without it;
     ``nice``: how much lower the coding threads' CPU priority is than the keeper's (0:
-    the same), so that on a busy node coding yields to training.
+    the same), so that on a busy node coding yields to training; ``shared``: when all
+    members of a group share one machine's memory (intra-node mode), read each other's
+    snapshot files in place instead of sending them (False: always the network).
     """
 
     k: int
@@ -92,6 +113,7 @@ class ECConfig:
     rate: float | None = None
     rebuild_wait_s: float = 300.0
     nice: int = 10
+    shared: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.k, int) and isinstance(self.m, int)) or self.k < 1 or self.m < 1 or self.k + self.m > 256:
@@ -486,6 +508,54 @@ def encode_rounds(
         if pace is not None:
             pace(sent)
     return total
+
+
+def encode_shared(
+    geo: Geometry,
+    p: int,
+    datas: Sequence[NodeBytes],
+    parity: torch.Tensor,
+    rs,
+    chunk: int,
+    stop: Callable[[], bool] | None = None,
+) -> int:
+    """Member ``p``'s parity blocks computed from every member's data read in place:
+    the intra-host path, when all members' snapshots are in one machine's shared memory
+    (intra-node mode). Nothing is sent; each member reads the ``k`` data blocks of the
+    stripes whose parity it holds and computes them itself. Same bytes as
+    :func:`encode_rounds`. Returns the data bytes read.
+    """
+    k, m = geo.k, geo.m
+    for q, d in enumerate(datas):
+        if d.length != geo.length(q):
+            raise RedundancyError(f"member {q}: {d.length} bytes of data, the geometry says {geo.length(q)}")
+    if parity.numel() != geo.parity_bytes(p):
+        raise RedundancyError(f"member {p}: parity buffer of {parity.numel()} bytes, needs {geo.parity_bytes(p)}")
+    width = min(chunk, max((geo.stripe(j) for _, j, _ in geo.parity_slots(p)), default=0))
+    stage = [torch.empty(width, dtype=torch.uint8) for _ in range(k)]
+    spare = [torch.empty(width, dtype=torch.uint8) for _ in range(m)]
+    read = 0
+    for u, j, off in geo.parity_slots(p):
+        size = geo.stripe(j)
+        for lo in range(0, size, chunk):
+            if stop is not None and stop():
+                raise RedundancyError("encoding interrupted (the keeper is stopping)")
+            c = min(chunk, size - lo)
+            ins = []
+            for t in range(k):
+                q = geo.holder(j, t)
+                have = _clamp(geo.present(q, t) - lo, c)
+                if have == c:
+                    ins.append(datas[q].read(t * geo.block(q) + lo, c, stage[t]))
+                else:  # past the end of member q's data: zeros
+                    if have:
+                        stage[t][:have].copy_(datas[q].read(t * geo.block(q) + lo, have, stage[t]))
+                    stage[t][have:c].zero_()
+                    ins.append(stage[t][:c])
+                read += have
+            out = [parity[off + lo : off + lo + c] if v == u else spare[v][:c] for v in range(m)]
+            rs.encode(ins, out=out)
+    return read
 
 
 # ============================================================================ rebuilding
@@ -915,6 +985,7 @@ class Session:
     joins: list[dict]
     pg: Any
     client: Any
+    can_share: bool = False  # this member can read every member's shared memory in place
     seq: int = 0
     checked: float = field(default_factory=time.monotonic)
 
@@ -967,7 +1038,11 @@ class Redundancy:
         self.rebuilt: list[int] = []
         self.encoded = 0
         self.skipped = 0
+        self.last_skip: str | None = None
+        self._last_skip_why: str | None = None
         self.last_encode_s: float | None = None
+        self.mode: str | None = None  # how the last step was coded: "gloo" or "shared-memory"
+        self.last_encode_cpu_s: float | None = None  # CPU time of this keeper's coding thread for it
         self._last_gen: tuple[int, int] = (-1, 0)
         self._attempted: tuple[int, str] | None = None
         self._verified: set[tuple[int, int, str]] = set()
@@ -993,6 +1068,7 @@ class Redundancy:
             "protected": sorted(s.step for s in slots if s.protected and s.step is not None),
             "parity_bytes": parity, "overhead": self.cfg.overhead, "parity_per_data_byte": parity / data if data else None,
             "max_parity_memory": self.cfg.max_parity_memory, "encoded": self.encoded, "skipped": self.skipped,
+            "last_skip": self.last_skip, "mode": self.mode, "last_encode_cpu_s": self.last_encode_cpu_s,
             "last_encode_s": self.last_encode_s, "rebuilt": list(self.rebuilt), "recovery_error": self.recovery_error,
             "errors": self.errors[-10:],
         }
@@ -1072,7 +1148,7 @@ class Redundancy:
         pg, client = self._form_pg(prefix)
         self.generation = gen
         log.info("redundancy group %s (nodes %s): generation %s formed", self.group, self.members, gen)
-        return Session(prefix, gen, incs, joins, pg, client)
+        return Session(prefix, gen, incs, joins, pg, client, can_share=self._can_share(joins))
 
     def _new_generation(self) -> None:
         """Leader: wait until every member's keeper is alive, then announce a generation."""
@@ -1296,25 +1372,36 @@ class Redundancy:
         held, why = self._prepare_encode(step, sid, geo)
         meta = None
         try:
-            ready = self._barrier(session, "ready", {"ok": held is not None, "why": why}, READY_WAIT_S + JOIN_TIMEOUT_S)
+            ready = self._barrier(session, "ready", {"ok": held is not None, "why": why, "share": session.can_share,
+                                                     "dir": held.slot.dir if held else None},
+                                  READY_WAIT_S + JOIN_TIMEOUT_S)
             bad = [f"node {self.members[i]}: {r['why']}" for i, r in enumerate(ready) if not r["ok"]]
             if bad:
-                self.skipped += 1
-                if self.me == 0:
-                    log.warning("step %s is not EC-protected: %s", step, "; ".join(bad))
+                self._note_skip(step, "; ".join(bad))
                 return
             self.state = "encoding"
-            t0 = time.perf_counter()
-            encode_rounds(geo, self.me, held.data, held.parity, GlooTransport(session.pg), self.rs, self.cfg.chunk,
-                          Pacer(self.cfg.rate), self._stopping)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            peers = self._shared_peers(ready, geo)
+            if peers is not None:  # one machine's shared memory: read the peers' files in place
+                peers[self.me] = held.data
+                self.mode = "shared-memory"
+                encode_shared(geo, self.me, peers, held.parity, self.rs, self.cfg.chunk, self._stopping)
+                del peers
+            else:
+                self.mode = "gloo"
+                encode_rounds(geo, self.me, held.data, held.parity, GlooTransport(session.pg), self.rs, self.cfg.chunk,
+                              Pacer(self.cfg.rate), self._stopping)
             meta = self._finish_parity(held, step, sid, geo)
             dt = time.perf_counter() - t0
+            self.last_encode_cpu_s = time.thread_time() - c0
             with self.keeper.cond:
                 self.meta[held.slot.index] = meta  # installed while pinned: the slot still holds this step
+            self.state = "idle"
+            # pinned until every member is done: peers may be reading this slot's files in place
+            done = self._barrier(session, "done", {"ok": True}, DONE_TIMEOUT_S)
         finally:
             self._release(held)
             self.state = "idle"
-        done = self._barrier(session, "done", {"ok": True}, DONE_TIMEOUT_S)
         with self.keeper.cond:
             slot = held.slot
             if self.meta.get(slot.index) is meta and slot.complete and slot.step == step:
@@ -1323,6 +1410,32 @@ class Redundancy:
             self.last_encode_s = dt
             self.keeper.cond.notify_all()
         log.debug("step %s EC-protected (%.3fs)", step, dt)
+
+    def _can_share(self, joins: list[dict]) -> bool:
+        """Whether every member's keeper keeps its memory on this machine, readable here."""
+        return self.cfg.shared and all(
+            j.get("host") == HOST_ID and j.get("shm") and os.access(j["shm"], os.R_OK | os.X_OK) for j in joins)
+
+    def _shared_peers(self, ready: list[dict], geo: Geometry) -> list[NodeBytes | None] | None:
+        """Every other member's data mapped from its slot directory when every member can
+        read every member's memory in place (the same decision on all members, from the
+        barrier's payloads); None: code over the network."""
+        if not all(r.get("share") and r.get("dir") for r in ready):
+            return None
+        try:
+            return [None if q == self.me else NodeBytes.map_files(
+                [(os.path.join(ready[q]["dir"], path), size) for _, path, size in geo.files[q]])
+                for q in range(geo.n)]
+        except (OSError, RuntimeError) as e:  # the others read in place too: end the generation
+            raise RedundancyError(f"reading the peers' snapshots in place failed: {e}") from e
+
+    def _note_skip(self, step: int, why: str) -> None:
+        """A step left unprotected: counted, reported in the status, logged once per reason."""
+        self.skipped += 1
+        self.last_skip = f"step {step} is not EC-protected: {why}"
+        if self.me == 0 and why != self._last_skip_why:
+            log.warning("%s", self.last_skip)
+        self._last_skip_why = why
 
     def _finish_parity(self, held: _Held, step: int, sid: str, geo: Geometry) -> dict:
         sums = ck.block_checksums(held.parity.numpy(), PARITY_BLOCK) if held.parity.numel() else ck.block_checksums(b"")
@@ -1373,7 +1486,7 @@ class Redundancy:
                 for s, _ in entries:
                     s.pins -= 1
                 self.keeper.cond.notify_all()
-        return {"inc": self.link.inc, "slots": out}
+        return {"inc": self.link.inc, "slots": out, "host": HOST_ID, "shm": self.keeper.shm_dir}
 
     def _loss_message(self, step: int, lost: Sequence[int], geo: Geometry | None, detail: str | None) -> str:
         nodes = ", ".join(str(self.members[p]) for p in lost)

@@ -40,6 +40,7 @@ from stalwart.ckpt.redundancy import (
     RedundancyError,
     check_topology,
     encode_rounds,
+    encode_shared,
     plan_rebuild,
     rebuild_rounds,
 )
@@ -167,6 +168,10 @@ def test_encode_and_rebuild_rounds_are_bitwise(k, m, seed, chunk, data):
         for u, j, off in geo.parity_slots(p):
             want = _oracle_parity(geo, datas, rs, j)[u]
             assert torch.equal(parity[p][off : off + geo.stripe(j)], want), (p, u, j)
+    for p in range(n):  # intra-host: the same parity computed from the members' data read in place
+        shared = torch.full((geo.parity_bytes(p),), 9, dtype=torch.uint8)
+        encode_shared(geo, p, [NodeBytes(d) for d in datas], shared, rs, chunk)
+        assert torch.equal(shared, parity[p]), f"member {p}: shared-memory parity differs from the network rounds'"
     rebuilt = [[torch.zeros_like(t) for t in ts] for ts in datas]
     plan = plan_rebuild(geo, lost, [p for p in range(n) if p not in lost])
     nets = LocalTransport.group(n)
@@ -202,14 +207,16 @@ SEED = int(os.environ.get("STALWART_TEST_SEED", "20"))
 class Job:
     """One torchrun launch of the EC training worker (6 ranks = 6 nodes)."""
 
-    def __init__(self, root, out, port: int, steps: int, sleep: float = 0.05) -> None:
+    def __init__(self, root, out, port: int, steps: int, sleep: float = 0.05, k: int = K, m: int = M,
+                 extra: tuple[str, ...] = ()) -> None:
         self.out = str(out)
+        self.nodes = k + m
         tiers = json.dumps(["memory", {"url": f"local:{root}/disk", "every": 4}])
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={NODES}", "--max-restarts=0",
+            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nodes}", "--max-restarts=0",
             "--monitor-interval=0.1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1",
-            EC_TRAIN, "--root", str(root), "--out", self.out, "--tiers", tiers, "--ec", f"{K},{M}",
-            "--steps", str(steps), "--sleep", str(sleep), "--linger", "40", "--rebuild-wait", "120",
+            EC_TRAIN, "--root", str(root), "--out", self.out, "--tiers", tiers, "--ec", f"{k},{m}",
+            "--steps", str(steps), "--sleep", str(sleep), "--linger", "40", "--rebuild-wait", "120", *extra,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "STALWART_LOCAL_WORLD_SIZE": "1",
                "STALWART_KEEPER_GROUP": f"127.0.0.1:{port}", "STALWART_KEEPER_DEAD_AFTER_S": "3"}
@@ -218,7 +225,7 @@ class Job:
 
     def kill(self) -> None:
         # torchrun starts its workers in their own sessions: killing its group leaves them
-        for rank in range(NODES):
+        for rank in range(self.nodes):
             try:
                 with open(os.path.join(self.out, f"pid-rank{rank}")) as f:
                     os.kill(int(f.read()), signal.SIGKILL)
@@ -284,7 +291,7 @@ def test_lost_nodes_rebuilt_from_survivors_then_more_than_m_falls_back_to_disk(t
     jobs: list[Job] = []
     try:
         # ---- run 1: a keeper crash mid-run (memory kept), then m=2 nodes lost
-        job1 = Job(root, tmp_path / "out1", port, steps=600)
+        job1 = Job(root, tmp_path / "out1", port, steps=600, extra=("--no-shared",))  # coded over gloo
         jobs.append(job1)
         job1.progress(lambda q: (q["protected"] or 0) >= 3, "the first EC-protected steps")
         time.sleep(rnd.uniform(0, 1.0))
@@ -295,6 +302,7 @@ def test_lost_nodes_rebuilt_from_survivors_then_more_than_m_falls_back_to_disk(t
         time.sleep(rnd.uniform(0, 1.5))
         victims = sorted(rnd.sample(range(NODES), M))
         protected_before = job1.read("progress.json")["protected"]
+        assert job1.read("progress.json")["mode"] == "gloo"
         _lose_nodes(job1, dirs, victims)
         log1 = [job1.digests(r) for r in range(NODES)]
 
@@ -338,3 +346,42 @@ def test_lost_nodes_rebuilt_from_survivors_then_more_than_m_falls_back_to_disk(t
         for job in jobs:
             job.kill()
         kill_keepers(stalwart_shm_dirs())
+
+
+def _final_ec_status(job: Job, timeout: float = 240) -> dict:
+    assert job.wait(timeout) == 0, job.tail()
+    result = job.read("result-rank0.json")
+    assert result is not None, job.tail()
+    return result["stats"]["redundancy"]
+
+
+def test_parity_memory_is_reported_and_capped(tmp_path, no_leftovers):
+    """RS(2, 1) over three nodes: the parity held is reported as m/k of the data; a cap
+    that fits one step's parity keeps exactly one step protected; a cap below one step's
+    parity protects nothing and says why."""
+    k, m = 2, 1
+    dirs = [shm_dir_for(str(tmp_path / name), node) for name in ("free", "one", "none") for node in range(k + m)]
+    try:
+        free = _final_ec_status(Job(tmp_path / "free", tmp_path / "out-free", free_port(), steps=40, sleep=0.1, k=k, m=m))
+        assert free["overhead"] == m / k and free["k"] == k and free["m"] == m
+        assert free["mode"] == "shared-memory", free  # one machine: peers' snapshots read in place
+        protected = free["protected"]
+        assert protected and free["parity_bytes"] > 0, free
+        assert abs(free["parity_per_data_byte"] - m / k) < 0.05, free  # balanced nodes pay m/k, plus alignment
+        per_step = free["parity_bytes"] // len(protected)
+
+        cap = per_step + per_step // 2  # one step's parity fits, two do not
+        one = _final_ec_status(Job(tmp_path / "one", tmp_path / "out-one", free_port(), steps=40, sleep=0.1, k=k, m=m,
+                                   extra=("--max-parity-memory", str(cap))))
+        assert one["max_parity_memory"] == cap
+        # never two steps' parity; older parity is dropped to protect newer steps (so while the
+        # newest is being coded, none may be protected: the price of a cap that fits one)
+        assert one["parity_bytes"] <= cap and len(one["protected"]) <= 1, one
+        assert one["encoded"] >= 2, one
+
+        none = _final_ec_status(Job(tmp_path / "none", tmp_path / "out-none", free_port(), steps=20, sleep=0.1, k=k, m=m,
+                                    extra=("--max-parity-memory", "1")))
+        assert none["parity_bytes"] == 0 and not none["protected"] and none["skipped"] > 0, none
+        assert "exceeds max_parity_memory (1 bytes)" in (none["last_skip"] or ""), none
+    finally:
+        kill_keepers(dirs)

@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--linger", type=float, default=60.0)
     ap.add_argument("--rebuild-wait", type=float, default=120.0)
     ap.add_argument("--max-parity-memory", type=int, default=None)
+    ap.add_argument("--no-shared", action="store_true", help="code over gloo even when all nodes share this machine")
     args = ap.parse_args()
 
     init_distributed("gloo")
@@ -82,7 +83,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(100 + rank)
     data = [torch.randn(4, w, generator=g) for _ in range(args.steps)]
     k, m = (int(x) for x in args.ec.split(","))
-    ec = ECConfig(k, m, args.max_parity_memory, chunk=64 * 1024, rebuild_wait_s=args.rebuild_wait)
+    ec = ECConfig(k, m, args.max_parity_memory, chunk=64 * 1024, rebuild_wait_s=args.rebuild_wait, shared=not args.no_shared)
     with open(os.path.join(args.out, f"rank{rank}.log"), "a") as log, stalwart.protect(
         model, opt, root=args.root, every=1, tiers=json.loads(args.tiers), slots=args.slots, keeper_linger_s=args.linger,
         redundancy=ec,
@@ -107,7 +108,8 @@ def main() -> None:
                 ec_status = guard.redundancy_status() or {}
                 protected = ec_status.get("protected") or [None]
                 write_json(os.path.join(args.out, "progress.json"), {"step": guard.step_count, "protected": protected[-1],
-                                                                     "generation": ec_status.get("generation")})
+                                                                     "generation": ec_status.get("generation"),
+                                                                     "mode": ec_status.get("mode")})
         result = {"start": start, "step": guard.step_count, "digest": digest(model, opt)}
     result["stats"] = dataclasses.asdict(guard.stats)
     write_json(os.path.join(args.out, f"result-rank{rank}.json"), result)
