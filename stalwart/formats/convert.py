@@ -45,6 +45,7 @@ from stalwart.formats.adapters.base import (
 )
 from stalwart.formats.atomic import fsync_dir, install_dir, temp_sibling
 from stalwart.formats.convert_options import DEFAULT_BUFFER, DEFAULT_MAX_SHARD, TARGETS
+from stalwart.formats.direct_io import page_cache_policy
 from stalwart.formats.dtypes import tensor_bytes
 
 DTYPES = {
@@ -509,8 +510,9 @@ def convert(
             on_plan(plan)
         if dry_run:
             return plan
-        written = _write(source, dst, plan, target, workers=workers, progress=progress, fsync=fsync,
-                         buffer_bytes=buffer_bytes)
+        with page_cache_policy(sum(t.nbytes for t in plan.state.tensors), fsync=fsync):
+            written = _write(source, dst, plan, target, workers=workers, progress=progress, fsync=fsync,
+                             buffer_bytes=buffer_bytes)
     return ConversionResult(plan, time.perf_counter() - started, written)
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from stalwart.formats.adapters.direct_io import ALIGN, DirectWriter
+from stalwart.formats.direct_io import ALIGN, DirectWriter
 
 
 @pytest.mark.parametrize("where", ["disk", "shm"])

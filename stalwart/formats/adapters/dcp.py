@@ -43,9 +43,9 @@ from stalwart.formats.adapters.base import (
     infer_optimizer_class,
     slot_name,
 )
-from stalwart.formats.adapters.direct_io import DirectWriter
 from stalwart.formats.adapters.safe_load import LazyFile, jsonable, load_dcp_metadata, load_small
 from stalwart.formats.adapters.torch_save import optimizer_groups
+from stalwart.formats.direct_io import DirectWriter
 from stalwart.formats.sources import register_source
 
 METADATA = ".metadata"

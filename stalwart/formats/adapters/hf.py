@@ -33,8 +33,8 @@ from stalwart.formats.adapters.base import (
     SourceTensor,
     Target,
 )
-from stalwart.formats.adapters.direct_io import DirectWriter
 from stalwart.formats.adapters.safe_load import LazyFile, TensorRef, is_zip_file, pread_into
+from stalwart.formats.direct_io import DirectWriter
 from stalwart.formats.dtypes import dtype_from_safetensors, itemsize, safetensors_code, tensor_bytes
 from stalwart.formats.sources import register_source
 

@@ -45,7 +45,6 @@ from stalwart.formats.adapters.base import (
     match_by_shape,
     slot_name,
 )
-from stalwart.formats.adapters.direct_io import DirectWriter
 from stalwart.formats.adapters.safe_load import (
     LazyFile,
     StandIn,
@@ -54,6 +53,7 @@ from stalwart.formats.adapters.safe_load import (
     jsonable,
     torch_load,
 )
+from stalwart.formats.direct_io import DirectWriter
 from stalwart.formats.sources import register_source
 
 MODEL_KEYS = ("model", "state_dict", "model_state_dict", "module")

@@ -14,13 +14,48 @@ are the same either way.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import mmap
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 ALIGN = 4096
 CHUNK = 8 * 1024 * 1024
+
+_bypass = contextvars.ContextVar("stalwart_bypass_page_cache", default=True)
+
+
+def dirty_room() -> int:
+    """Bytes the kernel lets a writer dirty before throttling it to the disk's pace
+    (``vm.dirty_bytes``, else ``vm.dirty_ratio`` % of available memory); 0 if unknown."""
+    try:
+        with open("/proc/sys/vm/dirty_bytes") as f:
+            limit = int(f.read())
+        if limit:
+            return limit
+        with open("/proc/sys/vm/dirty_ratio") as f:
+            ratio = int(f.read())
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        return avail * ratio // 100
+    except (OSError, ValueError, StopIteration):
+        return 0
+
+
+@contextlib.contextmanager
+def page_cache_policy(total_bytes: int, *, fsync: bool) -> Iterator[bool]:
+    """Within the block, :class:`DirectWriter` bypasses the page cache unless the whole
+    output fits in half the kernel's dirty room and nobody waits for the disk (no
+    fsync): then buffered writes return at memory speed and the kernel writes back
+    later, which is what a converter's user waits for. Yields the decision."""
+    bypass = fsync or total_bytes > dirty_room() // 2
+    token = _bypass.set(bypass)
+    try:
+        yield bypass
+    finally:
+        _bypass.reset(token)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -38,7 +73,7 @@ class DirectWriter:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.direct = -1
-        if hasattr(os, "O_DIRECT"):
+        if hasattr(os, "O_DIRECT") and _bypass.get():
             try:
                 self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:
