@@ -223,5 +223,6 @@ def test_kill_keeper_or_trainer_during_persistence(tmp_path, no_leftovers):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 60 trials of ~10 s each: past the suite's per-test limit
 def test_kill_keeper_or_trainer_during_persistence_stress(tmp_path, no_leftovers):
     _stress_trials(tmp_path, trials=60, seed=6)
