@@ -32,6 +32,7 @@ import torch
 from stalwart.errors import ChecksumError, FormatError
 from stalwart.formats import checksum as ck
 from stalwart.formats.direct_io import DirectWriter
+from stalwart.formats.direct_io import pwrite_all as _pwrite_all
 from stalwart.formats.dtypes import (
     dtype_from_name,
     dtype_from_safetensors,
@@ -393,14 +394,6 @@ def write_datafile(
         writer.abort()
         raise
     return writer.close(fsync=fsync)
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    mv = memoryview(data).cast("B")
-    while mv:
-        n = os.pwrite(fd, mv, offset)
-        mv = mv[n:]
-        offset += n
 
 
 # --------------------------------------------------------------------------- reading

@@ -58,7 +58,8 @@ def page_cache_policy(total_bytes: int, *, fsync: bool) -> Iterator[bool]:
         _bypass.reset(token)
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
     mv = memoryview(data).cast("B")
     while mv:
         n = os.pwrite(fd, mv, offset)
@@ -132,13 +133,13 @@ class DirectWriter:
     def _write_chunk(self, view: memoryview, offset: int) -> None:
         if self.direct >= 0:
             try:
-                _pwrite_all(self.direct, view, offset)
+                pwrite_all(self.direct, view, offset)
                 return
             except OSError as e:  # stricter alignment than ours: fall back to the page cache
                 if e.errno != errno.EINVAL:
                     raise
                 self.direct = -1
-        _pwrite_all(self.fd, view, offset)
+        pwrite_all(self.fd, view, offset)
 
     def _submit(self, n: int) -> None:
         i = self.cur
@@ -164,7 +165,7 @@ class DirectWriter:
                 if fut is not None:
                     fut.result()
             if tail:
-                _pwrite_all(self.fd, tail, tail_at)
+                pwrite_all(self.fd, tail, tail_at)
             if fsync:
                 os.fsync(self.fd)
         finally:
