@@ -342,9 +342,9 @@ class Keeper:
         key = self._key("mem", step)
         try:
             self.group.publish(key, {"records": local, "objects": objects, "inc": self.group.link.inc})
-            self.group.publish(self._key("mem", "newest"), step)
+            self._publish_latest("mem", step)
             since: dict[int, float] = {}
-            parts = self.group.gather(key, abort=lambda missing: self._moved_past(step, missing, since))
+            parts = self.group.gather(key, abort=lambda missing: self._went_past("mem", step, missing, since))
             skipped = [i for i, p in enumerate(parts) if p.get("skipped")]
             if skipped:
                 raise RedundancyError(f"node(s) {', '.join(map(str, skipped))} skipped it")
@@ -367,21 +367,27 @@ class Keeper:
             self._commit_memory(slot, records, objects)
             self.cond.notify_all()
 
-    def _moved_past(self, step: int, nodes: list[int], since: dict[int, float]) -> str | None:
-        """Why ``step`` can never commit: a node that has not published it published a newer
-        step (its keeper was replaced mid-step and its trainer went on), or None.
+    def _publish_latest(self, kind: str, step: int) -> None:
+        """This node's newest step of ``kind`` (memory commit or a tier): see :meth:`_went_past`."""
+        self.group.link.set(f"{self._key(kind, 'latest')}/node{self.node}", str(step))
 
-        Seen twice at least a second apart, so two commit threads of one keeper that
-        publish out of order never look like a missed step."""
+    def _went_past(self, kind: str, step: int, nodes: list[int], since: dict[int, float] | None = None) -> str | None:
+        """A node among ``nodes`` (those that did not publish ``step``) that published a
+        newer step of ``kind`` instead, so ``step`` can never complete there; or None.
+
+        With ``since``, a node must be seen past the step twice at least a second apart
+        (memory commits run on concurrent threads, so one node may publish two steps out
+        of order); tier persistence is sequential and needs no second look."""
         now = time.monotonic()
         for i in nodes:
-            newest = self.group.link.get(f"{self._key('mem', 'newest')}/node{i}")
-            if newest is None or int(newest) <= step:
-                since.pop(i, None)
+            latest = self.group.link.get(f"{self._key(kind, 'latest')}/node{i}")
+            if latest is None or int(latest) <= step:
+                if since is not None:
+                    since.pop(i, None)
                 continue
-            first = since.setdefault(i, now)
-            if now - first >= 1.0:
-                return f"node {i} went on to step {newest} without it (its keeper was replaced)"
+            if since is not None and now - since.setdefault(i, now) < 1.0:
+                continue
+            return f"node {i} went on to step {latest} without it"
         return None
 
     def op_abandon(self, msg: dict) -> dict:
@@ -428,13 +434,6 @@ class Keeper:
     def op_status(self, msg: dict) -> dict:
         with self.cond:
             return self.status()
-
-    def _persisted_newer(self, tier: str, step: int, nodes: list[int]) -> str | None:
-        for i in nodes:
-            latest = self.group.link.get(f"{self._key(tier, 'latest')}/node{i}")
-            if latest is not None and int(latest) > step:
-                return f"node {i} persisted step {latest} instead"
-        return None
 
     def op_peer_view(self, msg: dict) -> dict:
         """A directory holding memory step ``step`` with other nodes' byte ranges fetched."""
@@ -507,7 +506,7 @@ class Keeper:
             if self.group is not None:
                 key = self._key(tier.name, step)
                 self.group.publish(key, [r.to_json() for r in stored])
-                self.group.link.set(f"{self._key(tier.name, 'latest')}/node{self.node}", str(step))
+                self._publish_latest(tier.name, step)
                 if self.node != 0:
                     with self.cond:
                         self.persisted[tier.name].add(step)
@@ -515,7 +514,7 @@ class Keeper:
                 # gives up early when a node's keeper that held this step died or was replaced, or
                 # persisted a newer step instead; nodes persist the same steps at about the same time
                 parts = self.group.gather(key, incs=incs or None, timeout_s=120 + 2 * (time.perf_counter() - t0),
-                                          abort=lambda missing: self._persisted_newer(tier.name, step, missing))
+                                          abort=lambda missing: self._went_past(tier.name, step, missing))
                 stored = [FileRecord.from_json(r) for part in parts for r in part]
             manifest = Manifest(base.layout, sorted(stored, key=lambda f: f.rank), step, base.objects, None, base.topology, base.block_size)
             tier.commit(step, manifest)

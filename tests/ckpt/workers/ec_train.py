@@ -23,28 +23,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
+from state_digest import digest  # beside this script
 
 import stalwart
 from stalwart.ckpt.dist import init_distributed
 from stalwart.ckpt.redundancy import ECConfig
-
-
-def digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
-    h = hashlib.sha1()
-    for p in model.parameters():
-        h.update(p.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
-        for k in sorted(opt.state.get(p, {})):
-            v = opt.state[p][k]
-            if isinstance(v, torch.Tensor):
-                h.update(k.encode() + v.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def write_json(path: str, obj) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import signal
@@ -16,20 +15,9 @@ import time
 
 import psutil
 import torch
+from state_digest import digest  # beside this script
 
 import stalwart
-
-
-def digest(model, opt) -> str:
-    """sha1 over every param and its optimizer slots, in parameter order."""
-    h = hashlib.sha1()
-    for p in model.parameters():
-        h.update(p.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
-        for k in sorted(opt.state.get(p, {})):
-            v = opt.state[p][k]
-            if isinstance(v, torch.Tensor):
-                h.update(k.encode() + v.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def main() -> None:
