@@ -20,15 +20,21 @@ against raw ISA-L before anything is timed.
 Section (2), step-time overhead of erasure-coded snapshots every step
 (``--overhead``, on by default; ``--overhead-only`` skips the codec): ``k + m`` ranks
 under torchrun, each its own "node" with its own keeper (STALWART_LOCAL_WORLD_SIZE=1),
-train the GPT of bench/async_ckpt.py (DDP, AdamW) three ways, each launched
-``--rounds`` times in interleaved order: no checkpointing, a memory snapshot every
-step, and a memory snapshot every step erasure-coded across the keepers with
-RS(k, m). It prints the median step time (the slowest rank's) of each and the
-overhead of EC against both, and how many of the snapshots the keepers encoded (a
-snapshot arriving while the previous one is being encoded is not encoded: the newest
-protected step lags by the encode time). All ranks and keepers share this machine's
-cores, so the keepers' coding competes with training here; on a cluster each node
-codes on its own cores.
+three ways, each launched ``--rounds`` times in interleaved order: no checkpointing, a
+memory snapshot every step, and a memory snapshot every step erasure-coded across the
+keepers with RS(k, m). It prints the median step time of each, the overhead of EC
+against both, and how many of the snapshots the keepers encoded (a snapshot arriving
+while the previous one is being encoded is not encoded: the newest protected step lags
+by the encode time). Two layouts (``--layout``, see bench/_ec_worker.py):
+
+- ``node`` (default): rank 0 trains the GPT of bench/async_ckpt.py (110M parameters,
+  AdamW) with its training thread alone on CPU 0; its snapshot copy thread, every
+  keeper and the other nodes (tiny stand-in trainers that snapshot every step, so the
+  group codes rank 0's whole snapshot) share CPU 1, which stands for the node's spare
+  cores and copy engine. Rank 0's step time is the measured one. Needs >= 2 CPUs.
+- ``shared``: every rank trains a smaller GPT under DDP and every process shares every
+  core (on a 2-core machine the keepers' coding is taken from the trainers); the
+  slowest rank's step counts.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ TARGET_NUMPY_GBPS = 2.0  # RS(4,2) encode, pure numpy/torch, one core
 TARGET_VS_ZFEC = 3.0
 TARGET_ISAL_RATIO = 0.8
 TARGET_OVERHEAD = 0.05  # EC snapshots every step, fraction of the step time
+TRAIN_CPU, SPARE_CPU = 0, 1  # --layout node: rank 0's training thread / everything else (bench/_ec_worker.py)
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ec_worker.py")
 
 
@@ -307,7 +314,7 @@ def _launch(mode: str, args, workdir: str) -> dict:
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--nnodes=1", "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{_free_port()}", WORKER, "--mode", mode, "--root", root, "--out", out,
         "--ec", f"{args.k},{args.m}", "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--layers", str(args.layers), "--d-model", str(args.d_model),
+        "--layout", args.layout, "--layers", str(args.layers), "--d-model", str(args.d_model), "--heads", str(args.heads),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STALWART_LOCAL_WORLD_SIZE": "1",
            "STALWART_KEEPER_GROUP": f"127.0.0.1:{_free_port()}"}
@@ -325,41 +332,66 @@ def bench_overhead(args) -> list[str]:
     workdir = tempfile.mkdtemp(prefix="swbench-ec-")
     modes = ("none", "memory", "ec")
     runs: dict[str, list[float]] = {m: [] for m in modes}
-    ec_status: list[dict] = []
+    ec_launches: list[list[dict]] = []  # per EC launch: every keeper's status
     params = None
+    state_bytes = None
     try:
         for r in range(args.rounds):
             for mode in modes if r % 2 == 0 else modes[::-1]:
                 res = _launch(mode, args, workdir)
                 runs[mode] += res["step_s"]
                 params = res["params"]
-                if res.get("ec"):
-                    ec_status.append(res["ec"])
-                print(f"  round {r + 1} {mode:6s} median step {statistics.median(res['step_s']) * 1e3:8.1f} ms", flush=True)
+                state_bytes = res.get("state_bytes")
+                if res.get("ec_keepers"):
+                    ec_launches.append(res["ec_keepers"])
+                ph = ", ".join(f"{k} {statistics.median(v) * 1e3:.0f}" for k, v in res.get("phases_s", {}).items())
+                print(f"  round {r + 1} {mode:6s} median step {statistics.median(res['step_s']) * 1e3:8.1f} ms "
+                      f"(rank 0's median ms: {ph})", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(os.environ.get("STALWART_SHM_BASE", f"/dev/shm/swbench-ec-{os.getpid()}"), ignore_errors=True)
     med = {m: statistics.median(v) for m, v in runs.items()}
     over_none = med["ec"] / med["none"] - 1
     over_mem = med["ec"] / med["memory"] - 1
-    steps = args.rounds * (args.warmup + args.steps)
-    encoded = sum(int(s.get("encoded", 0)) for s in ec_status)
+    steps = args.warmup + args.steps
+    ec_status = [s for keepers in ec_launches for s in keepers]
+    # a snapshot is protected once every keeper has coded its parity of it
+    covered = [min(int(s.get("encoded", 0)) for s in keepers) for keepers in ec_launches]
     parity = max((int(s.get("parity_bytes", 0)) for s in ec_status), default=0)
-    last = [s["last_encode_s"] for s in ec_status if s.get("last_encode_s")]
-    cpu = [s["last_encode_cpu_s"] for s in ec_status if s.get("last_encode_cpu_s")]
+    last = [max(s.get("last_encode_s") or 0 for s in keepers) for keepers in ec_launches]
+    group_cpu = [sum(s.get("last_encode_cpu_s") or 0 for s in keepers) for keepers in ec_launches]
     modes = sorted({str(s.get("mode")) for s in ec_status})
+    codecs = sorted({str(s.get("codec")) for s in ec_status})
+    n = args.k + args.m
+    cpu_share = statistics.median(group_cpu) / (1 if args.layout == "node" else n) if group_cpu else float("nan")
+    cpu_what = ("all keepers' coding of rank 0's snapshot" if args.layout == "node"
+                else "one node's coding thread (the group's total / nodes)")
+    state = f"{state_bytes / 1e9:.2f} GB of state" if state_bytes else "state size unknown"
+    if args.layout == "node":
+        who = (f"rank 0 = the measured node: GPT {params / 1e6:.1f}M params + AdamW ({state}), training thread "
+               f"alone on CPU {TRAIN_CPU}; its copy thread, all keepers and {args.k + args.m - 1} stand-in nodes on "
+               f"CPU {SPARE_CPU}")
+        where = (f"  (CPU {SPARE_CPU} stands for the node's spare cores and copy engine; the step pays the blocking "
+                 f"part and memory-bandwidth / cache contention)")
+        step_of = "rank 0's"
+    else:
+        who = (f"GPT {params / 1e6:.1f}M params + AdamW ({state}) per rank under DDP, every process on every one of "
+               f"this machine's {os.cpu_count()} cores")
+        where = ("  (a keeper's coding CPU is taken from the trainers here; on a cluster it runs on its own node's "
+                 "spare cores)")
+        step_of = "the slowest rank's"
     lines = [
-        f"step-time overhead, RS({args.k},{args.m}) over {args.k + args.m} ranks = nodes, GPT {params / 1e6:.1f}M params "
-        f"(d_model {args.d_model}, {args.layers} layers), {args.rounds} round(s) x {args.steps} measured steps",
-        f"  median step: no checkpoint {med['none'] * 1e3:.1f} ms, memory snapshot every step {med['memory'] * 1e3:.1f} ms, "
-        f"EC-protected every step {med['ec'] * 1e3:.1f} ms",
-        f"  encoded by the keepers ({'/'.join(modes)}): {encoded} of {steps} snapshots (rank 0's keeper), last encode "
-        f"{statistics.median(last) * 1e3 if last else float('nan'):.0f} ms wall, "
-        f"{statistics.median(cpu) * 1e3 if cpu else float('nan'):.0f} ms CPU of the coding thread "
-        f"({statistics.median(cpu) / med['ec'] * 100 if cpu else float('nan'):.1f}% of one core per node at this step time); "
-        f"parity held {parity / 1e6:.1f} MB per keeper",
-        f"  (all {args.k + args.m} trainers and keepers share this machine's {os.cpu_count()} cores: a keeper's coding CPU "
-        f"is taken from the trainers here; on a cluster it runs on its own node's spare cores)",
+        f"step-time overhead, RS({args.k},{args.m}) over {args.k + args.m} ranks = nodes, layout {args.layout}: {who}; "
+        f"{args.rounds} round(s) x {args.steps} measured steps",
+        f"  median step ({step_of}): no checkpoint {med['none'] * 1e3:.1f} ms, memory snapshot every step "
+        f"{med['memory'] * 1e3:.1f} ms ({med['memory'] / med['none'] - 1:+.1%}), EC-protected every step "
+        f"{med['ec'] * 1e3:.1f} ms",
+        f"  protected (coded by every keeper, {'/'.join(modes)}, codec {'/'.join(codecs)}): "
+        f"{', '.join(f'{c} of {steps}' for c in covered)} snapshots per launch; the slowest keeper's last encode "
+        f"{statistics.median(last) * 1e3 if last else float('nan'):.0f} ms wall; {cpu_what}: "
+        f"{cpu_share * 1e3:.0f} ms CPU per snapshot = {cpu_share / med['ec'] * 100:.1f}% of one core at this step "
+        f"time; parity held {parity / 1e6:.1f} MB per keeper at most",
+        where,
         f"{'MET ' if over_none <= TARGET_OVERHEAD else 'MISS'} EC snapshots every step: {over_none * 100:+.1f}% step time vs "
         f"no checkpoint, {over_mem * 100:+.1f}% vs memory snapshots alone (target <= {TARGET_OVERHEAD * 100:.0f}%)",
     ]
@@ -383,10 +415,21 @@ def main() -> None:
     ov.add_argument("--m", type=int, default=2, help="parity shards (default 2); k + m ranks are launched")
     ov.add_argument("--rounds", type=int, default=2, help="launches of each mode, interleaved (default 2)")
     ov.add_argument("--steps", type=int, default=12, help="measured steps per launch (default 12)")
-    ov.add_argument("--warmup", type=int, default=4, help="warm-up steps per launch (default 4)")
-    ov.add_argument("--layers", type=int, default=4, help="GPT blocks (default 4)")
-    ov.add_argument("--d-model", type=int, default=512, help="GPT width (default 512)")
+    ov.add_argument("--warmup", type=int, default=5,
+                    help="warm-up steps per launch (default 5: the keeper's three slots are faulted in by then)")
+    ov.add_argument("--layout", choices=("node", "shared"), default="node",
+                    help="node: one measured 110M-GPT node on its own core, the rest on the other (default); "
+                         "shared: every rank trains under DDP on every core")
+    ov.add_argument("--layers", type=int, default=None, help="GPT blocks (default 12 for node, 4 for shared)")
+    ov.add_argument("--d-model", type=int, default=None, help="GPT width (default 768 for node, 512 for shared)")
+    ov.add_argument("--heads", type=int, default=None, help="attention heads (default 12 for node, 8 for shared)")
     args = ap.parse_args()
+    node = args.layout == "node"
+    args.layers = args.layers or (12 if node else 4)
+    args.d_model = args.d_model or (768 if node else 512)
+    args.heads = args.heads or (12 if node else 8)
+    if node and (os.cpu_count() or 1) < 2:
+        ap.error("--layout node needs at least 2 CPUs")
     if args.overhead_only:
         for line in bench_overhead(args):
             print(line)

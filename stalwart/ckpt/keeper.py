@@ -187,11 +187,11 @@ class Keeper:
         }
 
     def _uncommit(self, slot: Slot) -> None:
+        if self.redundancy is not None:  # first: it may set the slot's parity buffer aside for reuse
+            self.redundancy.forget(slot)
         for name in (MANIFEST_NAME, *SLOT_EXTRA_FILES):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(slot.dir, name))
-        if self.redundancy is not None:
-            self.redundancy.forget(slot)
         slot.step, slot.complete, slot.done, slot.objects = None, False, {}, {}
         slot.protected, slot.sid, slot.records, slot.owners, slot.incs = False, None, [], {}, {}
 

@@ -185,6 +185,34 @@ def test_backend_matches_oracle_and_decodes(backend, k, m, n, seed, data):
     assert as_bytes_list(rebuilt) == as_bytes_list(shards)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(
+    k=st.integers(1, 16),
+    m=st.integers(1, 4),
+    n=st.sampled_from([1, 64, 129, 300]),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+@PROPERTY
+def test_encode_some_parity_from_some_data(backend, k, m, n, seed, data):
+    """``which`` picks parity rows; a ``None`` data shard is zeros and is skipped: the bytes
+    equal the oracle's for the zero-filled input."""
+    rng = np.random.default_rng(seed)
+    shards = random_shards(rng, k, n)
+    absent = data.draw(st.sets(st.integers(0, k - 1), max_size=k - 1))
+    which = data.draw(st.lists(st.integers(0, m - 1), min_size=1, max_size=m, unique=True))
+    filled = [np.zeros(n, np.uint8) if j in absent else s for j, s in enumerate(shards)]
+    given_shards = [None if j in absent else s for j, s in enumerate(shards)]
+    if backend == "torch":
+        given_shards = [None if s is None else torch.from_numpy(s) for s in given_shards]
+    rs = ReedSolomon(k, m, backend=backend)
+    out = [np.full(n, 0xA5, np.uint8) for _ in which]
+    got = rs.encode(given_shards, out=[torch.from_numpy(o) for o in out] if backend == "torch" else out, which=which)
+    want = oracle_parity(k, m, as_bytes_list(filled))
+    assert as_bytes_list(got) == [want[u] for u in which]
+    assert as_bytes_list(out) == [want[u] for u in which]
+
+
 @pytest.mark.parametrize(
     "k,m,n",
     [(4, 2, (1 << 20) + 13), (8, 2, 3 * (1 << 20) // 2 + 64), (10, 4, (1 << 20) + 1), (16, 4, 700_001)],
@@ -379,6 +407,10 @@ def _readonly(a: np.ndarray) -> np.ndarray:
             "read-only numpy",
         ),
         (lambda rs: rs.decode([None, b"ab", b"ab", b"ab", b"ab", b"ab"], out=[None]), "needs 4 entries"),
+        (lambda rs: rs.encode([b"ab"] * 4, which=[2]), r"distinct parity indices in 0\.\.1"),
+        (lambda rs: rs.encode([b"ab"] * 4, which=[0, 0]), "distinct parity indices"),
+        (lambda rs: rs.encode([b"ab"] * 4, out=[bytearray(2)] * 2, which=[1]), "needs 1 parity buffers"),
+        (lambda rs: rs.encode([None] * 4), "at least one data shard"),
     ],
 )
 def test_bad_calls(call, match):

@@ -369,6 +369,7 @@ def test_parity_memory_is_reported_and_capped(tmp_path, no_leftovers):
         assert protected and free["parity_bytes"] > 0, free
         assert abs(free["parity_per_data_byte"] - m / k) < 0.05, free  # balanced nodes pay m/k, plus alignment
         per_step = free["parity_bytes"] // len(protected)
+        assert free["parity_reused"] > 0, free  # a slot's next step codes into its set-aside parity file
 
         cap = per_step + per_step // 2  # one step's parity fits, two do not
         one = _final_ec_status(Job(tmp_path / "one", tmp_path / "out-one", free_port(), steps=40, sleep=0.1, k=k, m=m,
@@ -376,7 +377,7 @@ def test_parity_memory_is_reported_and_capped(tmp_path, no_leftovers):
         assert one["max_parity_memory"] == cap
         # never two steps' parity; older parity is dropped to protect newer steps (so while the
         # newest is being coded, none may be protected: the price of a cap that fits one)
-        assert one["parity_bytes"] <= cap and len(one["protected"]) <= 1, one
+        assert one["parity_bytes"] + one["spare_parity_bytes"] <= cap and len(one["protected"]) <= 1, one
         assert one["encoded"] >= 2, one
 
         none = _final_ec_status(Job(tmp_path / "none", tmp_path / "out-none", free_port(), steps=20, sleep=0.1, k=k, m=m,

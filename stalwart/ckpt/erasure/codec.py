@@ -78,22 +78,36 @@ class ReedSolomon:
 
     # -- public API -------------------------------------------------------------------
 
-    def encode(self, data_shards: Sequence[Any], out: Sequence[Any] | None = None) -> list[ByteView]:
-        """Compute the ``m`` parity shards of ``k`` equally long data shards.
+    def encode(
+        self,
+        data_shards: Sequence[Any | None],
+        out: Sequence[Any] | None = None,
+        which: Sequence[int] | None = None,
+    ) -> list[ByteView]:
+        """Compute the parity shards of ``k`` equally long data shards.
 
-        ``out``: optional ``m`` writable buffers of the same length to write the parity into
-        (on the same device as the data for CUDA). Returns flat byte views of the parity.
+        ``which``: the parity shards to compute, as indices ``0 .. m-1`` (default: all
+        ``m``). ``out``: optional writable buffers of the same length, one per computed
+        parity shard, to write the parity into (on the same device as the data for CUDA).
+        A data shard given as ``None`` stands for all zeros and costs nothing (at least one
+        must be given). Returns flat byte views of the computed parity, in ``which`` order.
         """
         if len(data_shards) != self.k:
             raise ErasureError(
                 f"RS({self.k},{self.m}).encode needs {self.k} data shards, got {len(data_shards)}"
             )
-        if out is not None and len(out) != self.m:
-            raise ErasureError(f"encode out= needs {self.m} parity buffers, got {len(out)}")
-        views = [as_bytes(s, f"data shard {j}") for j, s in enumerate(data_shards)]
-        nbytes = self._common_length(views, list(range(self.k)))
-        outs = self._outputs(views, out, self.m, nbytes, "parity out")
-        self._run(self.parity_matrix, views, outs, nbytes)
+        rows = list(range(self.m)) if which is None else [int(u) for u in which]
+        if any(not 0 <= u < self.m for u in rows) or len(set(rows)) != len(rows):
+            raise ErasureError(f"encode which= needs distinct parity indices in 0..{self.m - 1}, got {list(which or [])}")
+        if out is not None and len(out) != len(rows):
+            raise ErasureError(f"encode out= needs {len(rows)} parity buffers, got {len(out)}")
+        cols = [j for j, s in enumerate(data_shards) if s is not None]
+        if not cols:
+            raise ErasureError("encode needs at least one data shard that is not None (None stands for zeros)")
+        views = [as_bytes(data_shards[j], f"data shard {j}") for j in cols]
+        nbytes = self._common_length(views, cols)
+        outs = self._outputs(views, out, len(rows), nbytes, "parity out")
+        self._run(self.parity_matrix[np.ix_(rows, cols)], views, outs, nbytes)
         return outs
 
     def decode(self, shards: Sequence[Any], out: Sequence[Any | None] | None = None) -> list[ByteView]:

@@ -32,6 +32,8 @@ def _xor3(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 class TorchWordOps(WordOps):
     """:class:`WordOps` on torch ``int64`` tensors of one device."""
 
+    per_shard_transposes = False  # a torch call costs several us: fewer, larger ones win
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
