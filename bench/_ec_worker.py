@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--ec", default="4,2", help="k,m")  # not --k/--m: torchrun's parser takes those as its own prefixes
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)

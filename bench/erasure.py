@@ -369,7 +369,7 @@ def bench_overhead(args) -> list[str]:
     state = f"{state_bytes / 1e9:.2f} GB of state" if state_bytes else "state size unknown"
     if args.layout == "node":
         who = (f"rank 0 = the measured node: GPT {params / 1e6:.1f}M params + AdamW ({state}), training thread "
-               f"alone on CPU {TRAIN_CPU}; its copy thread, all keepers and {args.k + args.m - 1} stand-in nodes on "
+               f"alone on CPU {TRAIN_CPU}; its copy thread, all keepers and {n - 1} stand-in nodes on "
                f"CPU {SPARE_CPU}")
         where = (f"  (CPU {SPARE_CPU} stands for the node's spare cores and copy engine; the step pays the blocking "
                  f"part and memory-bandwidth / cache contention)")
@@ -381,7 +381,7 @@ def bench_overhead(args) -> list[str]:
                  "spare cores)")
         step_of = "the slowest rank's"
     lines = [
-        f"step-time overhead, RS({args.k},{args.m}) over {args.k + args.m} ranks = nodes, layout {args.layout}: {who}; "
+        f"step-time overhead, RS({args.k},{args.m}) over {n} ranks = nodes, layout {args.layout}: {who}; "
         f"{args.rounds} round(s) x {args.steps} measured steps",
         f"  median step ({step_of}): no checkpoint {med['none'] * 1e3:.1f} ms, memory snapshot every step "
         f"{med['memory'] * 1e3:.1f} ms ({med['memory'] / med['none'] - 1:+.1%}), EC-protected every step "

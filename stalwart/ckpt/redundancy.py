@@ -547,8 +547,12 @@ def encode_shared(
             if stop is not None and stop():
                 raise RedundancyError("encoding interrupted (the keeper is stopping)")
             c = min(chunk, size - lo)
-            ins = [_stripe_input(datas[geo.holder(j, t)], geo, geo.holder(j, t), t, lo, c, stage[t]) for t in range(k)]
-            read += sum(_clamp(geo.present(geo.holder(j, t), t) - lo, c) for t in range(k))
+            ins = []
+            for t in range(k):
+                q = geo.holder(j, t)
+                view, have = _stripe_input(datas[q], geo, q, t, lo, c, stage[t])
+                ins.append(view)
+                read += have
             if all(x is None for x in ins):
                 parity[off + lo : off + lo + c].zero_()
             else:  # only the parity this member holds
@@ -556,18 +560,20 @@ def encode_shared(
     return read
 
 
-def _stripe_input(data: NodeBytes, geo: Geometry, q: int, t: int, lo: int, c: int, stage: torch.Tensor) -> torch.Tensor | None:
-    """``c`` bytes from ``lo`` of member ``q``'s block ``t`` as a codec input: a view of
-    its memory, zero-padded in ``stage`` where the block ends early, or None (all zeros,
-    which the codec skips) when none of it exists."""
+def _stripe_input(
+    data: NodeBytes, geo: Geometry, q: int, t: int, lo: int, c: int, stage: torch.Tensor
+) -> tuple[torch.Tensor | None, int]:
+    """``c`` bytes from ``lo`` of member ``q``'s block ``t`` as a codec input, and how many
+    of them exist: a view of its memory, zero-padded in ``stage`` where the block ends
+    early, or None (all zeros, which the codec skips) when none of it exists."""
     have = _clamp(geo.present(q, t) - lo, c)
     if have == c:
-        return data.read(t * geo.block(q) + lo, c, stage)
+        return data.read(t * geo.block(q) + lo, c, stage), have
     if not have:
-        return None
+        return None, 0
     stage[:have].copy_(data.read(t * geo.block(q) + lo, have, stage))
     stage[have:c].zero_()
-    return stage[:c]
+    return stage[:c], have
 
 
 # ============================================================================ rebuilding

@@ -88,6 +88,11 @@ class WordOps:
         raise NotImplementedError
 
 
+def _swap_rows(ops: WordOps, q: int, r: int) -> int:
+    """Shards' worth of delta-swap scratch a ``q``-input, ``r``-output product needs."""
+    return 1 if ops.per_shard_transposes else max(q, r)
+
+
 class _Plan:
     """Every view one chunk size needs, built once: workspace splits and the bound XOR program."""
 
@@ -135,7 +140,7 @@ class _Workspace:
         self.inp = ops.empty((q, 8, plane))
         self.out = ops.empty((r, 8, plane))
         self.tmp = ops.empty((1, plane))
-        self.swap = ops.empty((1 if ops.per_shard_transposes else max(q, r), 4, plane))
+        self.swap = ops.empty((_swap_rows(ops, q, r), 4, plane))
         self.stage_in = ops.empty((8, plane))
         self.stage_out = ops.empty((8, plane))
         self.plans: dict[tuple[int, int], _Plan] = {}
@@ -176,8 +181,7 @@ class BitsliceEngine:
 
     def plane_for(self, q: int, r: int, n_tmp: int) -> int:
         """Words per bit plane used for a ``q``-input, ``r``-output product."""
-        s = 1 if self.ops.per_shard_transposes else max(q, r)
-        per_plane_word = 8 * (8 * (q + r) + n_tmp + 4 * s + 16)
+        per_plane_word = 8 * (8 * (q + r) + n_tmp + 4 * _swap_rows(self.ops, q, r) + 16)
         return max(64, min(self.plane_words, self.budget_bytes // per_plane_word))
 
     def _plan(self, prog: schedule.Program, p_max: int, p: int) -> _Plan:
