@@ -23,13 +23,14 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from stalwart.errors import ChecksumError, FormatError
+from stalwart.errors import ChecksumError, FormatError, LayoutError
 from stalwart.formats import checksum as ck
 from stalwart.formats.direct_io import DirectWriter
 from stalwart.formats.direct_io import pwrite_all as _pwrite_all
@@ -41,8 +42,9 @@ from stalwart.formats.dtypes import (
     safetensors_code,
     tensor_bytes,
 )
+from stalwart.formats.geometry import check_order
 
-DATAFILE_VERSION = 1
+DATAFILE_VERSION = 2  # the newest this module reads; 2 adds per-entry storage orders
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 WRITE_CHUNK = 8 * 1024 * 1024  # bytes hashed then written per step; a multiple of the block size
 DIRECT_MIN_BYTES = 16 * 1024 * 1024  # smaller files go through the page cache
@@ -55,13 +57,19 @@ class Entry:
 
     name: str
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the local shard's shape
     begin: int
     end: int
+    order: tuple[int, ...] | None = None  # dims as stored (``shard.permute(order)``); None: row-major
 
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the bytes as stored (what a plain safetensors reader sees)."""
+        return self.shape if self.order is None else tuple(self.shape[d] for d in self.order)
 
 
 @dataclass
@@ -139,7 +147,7 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _plan_entries(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[Entry]:
+def _plan_entries(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], orders: Mapping[str, tuple[int, ...]]) -> list[Entry]:
     # Largest element size first, then by name: with the 8-byte header padding every
     # entry is naturally aligned (the order safetensors' own writer uses).
     order = sorted(specs, key=lambda s: (-itemsize(s[1]), s[0]))
@@ -147,13 +155,16 @@ def _plan_entries(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> list
     pos = 0
     for name, dtype, shape in order:
         n = math.prod(shape) * itemsize(dtype)
-        entries.append(Entry(name, dtype, tuple(shape), pos, pos + n))
+        dims = check_order(orders.get(name), len(shape), f"entry {name!r}")
+        entries.append(Entry(name, dtype, tuple(shape), pos, pos + n, dims))
         pos += n
     return entries
 
 
 def _header_bytes(entries: list[Entry], block_size: int, sums: dict[str, str], rank: int | None, objects) -> bytes:
-    meta: dict = {"v": DATAFILE_VERSION, "block_size": block_size, "sums": sums}
+    # Version 2 only when a feature of it is used, so other files stay readable by v1 readers.
+    version = 2 if any(e.order is not None for e in entries) else 1
+    meta: dict = {"v": version, "block_size": block_size, "sums": sums}
     if rank is not None:
         meta["rank"] = rank
     if objects:
@@ -161,11 +172,13 @@ def _header_bytes(entries: list[Entry], block_size: int, sums: dict[str, str], r
     header: dict = {"__metadata__": {"format": "pt"}}
     for e in entries:
         code = safetensors_code(e.dtype)
+        if e.order is not None:
+            meta.setdefault("order", {})[e.name] = list(e.order)
         if code is None:  # no safetensors code: raw bytes, real dtype in the stalwart metadata
             header[e.name] = {"dtype": "U8", "shape": [e.nbytes], "data_offsets": [e.begin, e.end]}
-            meta.setdefault("raw", {})[e.name] = {"dtype": dtype_name(e.dtype), "shape": list(e.shape)}
+            meta.setdefault("raw", {})[e.name] = {"dtype": dtype_name(e.dtype), "shape": list(e.stored_shape)}
         else:
-            header[e.name] = {"dtype": code, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+            header[e.name] = {"dtype": code, "shape": list(e.stored_shape), "data_offsets": [e.begin, e.end]}
     header["__metadata__"]["stalwart"] = json.dumps(meta, separators=(",", ":"))
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -188,6 +201,7 @@ class FileImage:
         rank: int | None = None,
         objects: dict | None = None,
         block_size: int = ck.DEFAULT_BLOCK_SIZE,
+        orders: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         names = [n for n, _, _ in specs]
         if len(set(names)) != len(names):
@@ -195,7 +209,7 @@ class FileImage:
         self.rank = rank
         self.objects = objects
         self.block_size = block_size
-        self.order = _plan_entries(specs)
+        self.order = _plan_entries(specs, orders or {})
         self.entries = {e.name: e for e in self.order}
         self.block_counts = {e.name: ck.block_count(e.nbytes, block_size) for e in self.order}
         placeholder = {e.name: "A" * ck.packed_length(self.block_counts[e.name]) for e in self.order}
@@ -218,6 +232,9 @@ class FileImage:
 class DataFileWriter:
     """Streams a data file whose entries (names, dtypes, shapes) are declared up front.
 
+    ``orders`` gives entries stored in another dim order (see :class:`Entry`); their
+    :meth:`write` takes the local shard and stores it permuted.
+
     Entries may be written in any order, whole (:meth:`write`) or in parts at
     block-aligned offsets (:meth:`write_at`), with checksums computed here or passed
     in when the caller computed them while copying the bytes. Each chunk is hashed
@@ -235,13 +252,14 @@ class DataFileWriter:
         block_size: int = ck.DEFAULT_BLOCK_SIZE,
         relpath: str | None = None,
         direct: bool = False,
+        orders: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         if WRITE_CHUNK % block_size:
             raise ValueError(f"block size {block_size} must divide the write chunk {WRITE_CHUNK}")
         self.path = path
         self.relpath = relpath if relpath is not None else os.path.basename(path)
         self.block_size = block_size
-        self.image = FileImage(specs, rank=rank, objects=objects, block_size=block_size)
+        self.image = FileImage(specs, rank=rank, objects=objects, block_size=block_size, orders=orders)
         self.entries = self.image.entries
         self._tables = {n: np.zeros(c, dtype=np.uint64) for n, c in self.image.block_counts.items()}
         self._written = dict.fromkeys(self.entries, 0)
@@ -266,9 +284,18 @@ class DataFileWriter:
             raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write a whole entry from a tensor of the declared dtype and shape."""
+        """Write a whole entry from a tensor of the declared dtype and shape (the local
+        shard; an entry with a storage order stores it permuted)."""
         e = self._entry(name)
-        t = _prepare(tensor)
+        t = tensor.detach()
+        if e.order is not None:
+            if tuple(t.shape) != e.shape:
+                raise FormatError(
+                    f"data file {self.path}: entry {name!r} is stored permuted and needs the local shard's shape"
+                    f" {list(e.shape)}, got {list(t.shape)}"
+                )
+            t = t.permute(e.order)
+        t = _prepare(t)
         if t.dtype != e.dtype or t.numel() * t.element_size() != e.nbytes:
             raise FormatError(
                 f"data file {self.path}: entry {name!r} was declared {dtype_name(e.dtype)}{list(e.shape)},"
@@ -380,12 +407,16 @@ def write_datafile(
     block_size: int = ck.DEFAULT_BLOCK_SIZE,
     fsync: bool = True,
     relpath: str | None = None,
+    orders: Mapping[str, tuple[int, ...]] | None = None,
 ) -> FileRecord:
-    """Write ``tensors`` (name, tensor) to a new data file at ``path``; return its record."""
+    """Write ``tensors`` (name, local shard) to a new data file at ``path``; return its record.
+
+    ``orders`` names entries stored in another dim order (each shard is stored permuted).
+    """
     prepared = [(n, _prepare(t)) for n, t in tensors]
     writer = DataFileWriter(
         path, [(n, t.dtype, tuple(t.shape)) for n, t in prepared], rank=rank, objects=objects,
-        block_size=block_size, relpath=relpath, direct=fsync,
+        block_size=block_size, relpath=relpath, direct=fsync, orders=orders,
     )
     try:
         for name, t in prepared:
@@ -491,6 +522,12 @@ def _parse_header(obj, path: str, header_len: int, size: int) -> FileHeader:
     if not isinstance(block_size, int) or block_size <= 0:
         raise FormatError(f"data file {path}: bad checksum block size {block_size!r}")
     raw_types = meta.get("raw", {})
+    orders = meta.get("order", {})
+    if not isinstance(orders, dict) or not isinstance(raw_types, dict):
+        raise FormatError(f"data file {path}: malformed stalwart metadata ('order' / 'raw' are not objects)")
+    unknown = sorted(set(orders) - set(obj))
+    if unknown:
+        raise FormatError(f"data file {path}: storage orders given for entries it does not have: {unknown[:5]}")
     entries: dict[str, Entry] = {}
     for name, info in obj.items():
         try:
@@ -498,15 +535,18 @@ def _parse_header(obj, path: str, header_len: int, size: int) -> FileHeader:
             st_shape = tuple(int(x) for x in info["shape"])
             if name in raw_types:
                 dtype = dtype_from_name(raw_types[name]["dtype"])
-                shape = tuple(int(x) for x in raw_types[name]["shape"])
+                stored = tuple(int(x) for x in raw_types[name]["shape"])
             else:
                 dtype = dtype_from_safetensors(info["dtype"])
-                shape = st_shape
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"data file {path}: malformed entry {name!r}: {e!r}") from None
+                stored = st_shape
+            order = check_order(orders.get(name), len(stored), f"data file {path}: entry {name!r}")
+        except (KeyError, TypeError, ValueError, LayoutError) as e:
+            raise FormatError(f"data file {path}: malformed entry {name!r}: {e}") from None
+        # The header describes the bytes as stored; the entry's shape is the local shard's.
+        shape = stored if order is None else tuple(stored[order.index(d)] for d in range(len(order)))
         if end - begin != math.prod(shape) * itemsize(dtype) or begin < 0:
-            raise FormatError(f"data file {path}: entry {name!r} offsets [{begin}, {end}) do not fit {dtype_name(dtype)}{list(shape)}")
-        entries[name] = Entry(name, dtype, shape, begin, end)
+            raise FormatError(f"data file {path}: entry {name!r} offsets [{begin}, {end}) do not fit {dtype_name(dtype)}{list(stored)}")
+        entries[name] = Entry(name, dtype, shape, begin, end, order)
     pos = 0
     for e in sorted(entries.values(), key=lambda e: e.begin):
         if e.begin != pos:

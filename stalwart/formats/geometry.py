@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from stalwart.errors import LayoutError
+
 Shape = tuple[int, ...]
 
 
@@ -68,6 +70,17 @@ class Box:
     @staticmethod
     def from_json(obj) -> Box:
         return Box(tuple(int(x) for x in obj[0]), tuple(int(x) for x in obj[1]))
+
+
+def check_order(order, ndim: int, what: str) -> Shape | None:
+    """Validate a storage dim order (a permutation of ``range(ndim)``); the identity is
+    normalised to None, which means row-major."""
+    if order is None:
+        return None
+    order = tuple(int(d) for d in order)
+    if sorted(order) != list(range(ndim)):
+        raise LayoutError(f"{what}: storage order {list(order)} is not a permutation of its {ndim} dims")
+    return None if order == tuple(range(ndim)) else order
 
 
 def row_major_strides(shape: Shape) -> Shape:

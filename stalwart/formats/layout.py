@@ -38,7 +38,7 @@ import torch
 
 from stalwart.errors import LayoutError
 from stalwart.formats.dtypes import dtype_from_name, dtype_name
-from stalwart.formats.geometry import Box, Piece, Shape, decompose_flat, row_major_strides
+from stalwart.formats.geometry import Box, Piece, Shape, check_order, decompose_flat, row_major_strides
 
 # --------------------------------------------------------------------------- mesh
 
@@ -118,6 +118,29 @@ class LocalShard:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def permuted(self, order: Shape) -> LocalShard:
+        """The same shard stored with its dims in ``order`` (``local.permute(order)``, row-major).
+
+        Pieces keep their global boxes; their offsets and strides address the permuted
+        storage. Only shards whose pieces use the local row-major strides (box
+        placements) can be permuted.
+        """
+        local_strides = row_major_strides(self.shape)
+        stored = row_major_strides(tuple(self.shape[d] for d in order))
+        strides = [0] * len(order)
+        for pos, d in enumerate(order):
+            strides[d] = stored[pos]
+        pieces = []
+        for p in self.pieces:
+            if p.strides != local_strides:
+                raise LayoutError("only box-shaped local shards can be stored in another dim order")
+            rem, offset = p.offset, 0
+            for ls, ss in zip(local_strides, strides):
+                i, rem = divmod(rem, ls)
+                offset += i * ss
+            pieces.append(Piece(p.box, offset, tuple(strides)))
+        return LocalShard(tuple(self.shape[d] for d in order), tuple(pieces))
 
 
 def _translate_box_pieces(pairs: Iterable[tuple[Box, Shape]], local_shape: Shape) -> tuple[Piece, ...]:
@@ -720,13 +743,21 @@ class TensorSpec:
     param: str | None = None  # for optimizer slots: the param they belong to
     slot: str | None = None  # for optimizer slots: exp_avg, momentum_buffer, ...
     aliases: tuple[str, ...] = ()
+    # Dim order in which local shards are stored (None: their row-major local shape).
+    # Set by the writer for tensors sharded along a dim other than 0, so that a later
+    # reshard along that dim reads contiguous bytes; loading is unaffected by it.
+    order: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.order is not None:
+            object.__setattr__(self, "order", check_order(self.order, len(self.shape), f"tensor {self.name!r}"))
 
     def __hash__(self) -> int:
         # Immutable, hashed for every tensor at every snapshot (plan cache key): compute once.
         cached = self.__dict__.get("_hash")
         if cached is None:
             cached = hash((self.name, self.shape, self.dtype, self.placement, self.stage, self.role,
-                           self.param, self.slot, self.aliases))
+                           self.param, self.slot, self.aliases, self.order))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -741,6 +772,8 @@ class TensorSpec:
         if self.stage is not None:
             out["stage"] = self.stage
         out["placement"] = self.placement.to_json()
+        if self.order is not None:
+            out["order"] = list(self.order)
         return out
 
     @staticmethod
@@ -758,6 +791,7 @@ class TensorSpec:
             param=obj.get("param"),
             slot=obj.get("slot"),
             aliases=tuple(obj.get("aliases", ())),
+            order=tuple(int(d) for d in obj["order"]) if obj.get("order") is not None else None,
         )
 
 
@@ -867,6 +901,8 @@ class Layout:
                 if "pp" in spec.placement.dims():
                     raise LayoutError(f"tensor {spec.name!r}: staged tensors cannot also be split over 'pp'")
             spec.placement.validate(spec, self)
+            if spec.order is not None and not isinstance(spec.placement, BoxPlacement):
+                raise LayoutError(f"tensor {spec.name!r}: a storage order needs a replicated or sharded placement")
         group_dims: dict[str, str] = {}
         for spec in self.tensors.values():
             p = spec.placement
@@ -957,6 +993,29 @@ class Layout:
         self._local_cache[key] = out
         return out
 
+    def stored(self, name: str, rank: int) -> LocalShard | None:
+        """What ``rank`` stores of ``name`` as laid out in its data-file entry: :meth:`local`
+        permuted by the tensor's storage order (the same shard when it has none)."""
+        shard = self.local(name, rank)
+        order = self.spec(name).order
+        if shard is None or order is None:
+            return shard
+        key = (name, rank, "stored")
+        hit = self._local_cache.get(key)
+        if hit is None:
+            hit = self._local_cache[key] = shard.permuted(order)
+        return hit
+
+    def with_storage_orders(self) -> Layout:
+        """This layout with a storage order chosen for every tensor that needs one.
+
+        A tensor sharded along dim ``d > 0`` (a row-parallel weight split along its
+        columns) is stored with ``d`` outermost, so that the part of a local shard that
+        any other split along ``d`` needs is one contiguous byte range: reading it is
+        not rounded out to checksum blocks row by row. Other tensors keep their order.
+        """
+        return self.with_tensors(replace(s, order=storage_order_for(s)) for s in self.tensors.values())
+
     def replica_dims(self, spec: TensorSpec) -> tuple[str, ...]:
         if isinstance(spec.placement, Explicit):
             return ()
@@ -1007,7 +1066,7 @@ class Layout:
             if rank in seen:
                 continue
             seen.add(rank)
-            shard = self.local(name, rank)
+            shard = self.stored(name, rank)
             if shard is None:
                 continue
             for piece in shard.pieces:
@@ -1069,6 +1128,22 @@ class Layout:
 
     def topology(self) -> dict:
         return {"world_size": self.world_size, **{d: s for d, s in zip(self.mesh.dims, self.mesh.sizes)}}
+
+
+def storage_order_for(spec: TensorSpec) -> tuple[int, ...] | None:
+    """The storage order :meth:`Layout.with_storage_orders` picks for ``spec``.
+
+    Sharded along dims that do not include 0: the smallest of them goes first (unless
+    every dim before it has length 1, where row-major is already contiguous).
+    Anything else, including a spec that already has an order, keeps its own.
+    """
+    p = spec.placement
+    if spec.order is not None or not isinstance(p, Sharded) or not p.shards:
+        return spec.order
+    d = min(s.dim for s in p.shards)
+    if d == 0 or math.prod(spec.shape[:d]) <= 1:
+        return None
+    return (d, *(i for i in range(len(spec.shape)) if i != d))
 
 
 def _spec_of(name: str, t: torch.Tensor | TensorSpec) -> TensorSpec:

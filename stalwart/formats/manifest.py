@@ -21,7 +21,7 @@ from stalwart.formats.layout import Layout
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "stalwart-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this module reads; 2 adds per-tensor storage orders ("order")
 
 
 def rank_file_name(rank: int) -> str:
@@ -61,9 +61,12 @@ class Manifest:
 
     def to_json(self) -> dict:
         layout = self.layout.to_json()
+        # The lowest version that describes this checkpoint, so older readers still open
+        # every checkpoint that uses no newer feature.
+        version = 2 if any(t.order is not None for t in self.layout.tensors.values()) else 1
         return {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": version,
             "producer": self.producer or {"tool": "stalwart", "version": __version__},
             "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "step": self.step,

@@ -219,8 +219,8 @@ class Checkpoint:
             return None
         _, header = self._open_rank(read.rank)
         entry = header.entries.get(read.entry)
-        if entry is None or entry.nbytes != read.entry_nbytes or entry.dtype != out.dtype:
-            return None  # the copying path raises the precise error
+        if entry is None or entry.nbytes != read.entry_nbytes or entry.dtype != out.dtype or entry.order is not None:
+            return None  # the copying path copies permuted entries and raises the precise errors
         offset = header.data_start + entry.begin
         if offset % item:
             return None
@@ -229,6 +229,16 @@ class Checkpoint:
         verify_blocks(tensor_bytes(t) if numel else b"", header.checksums[read.entry], 0, header.block_size,
                       f"{header.path} entry {read.entry!r}", offset)
         return t
+
+    def _check_order(self, header: FileHeader, entry) -> None:
+        # Checksums cannot catch a file whose entry is stored in another dim order than
+        # the manifest says: the bytes are intact, only their arrangement differs.
+        want = self.tensors[entry.name].order
+        if entry.order != want:
+            raise FormatError(
+                f"{header.path}: entry {entry.name!r} is stored in dim order {_order_text(entry.order)},"
+                f" the manifest says {_order_text(want)}"
+            )
 
     def _execute_read(self, read: Read, flats: dict[str, torch.Tensor], local: threading.local) -> None:
         fd, header = self._open_rank(read.rank)
@@ -240,6 +250,7 @@ class Checkpoint:
                 f"{header.path}: entry {read.entry!r} is {dtype_name(entry.dtype)}{list(entry.shape)}"
                 f" ({entry.nbytes} bytes); the manifest's layout expects {read.entry_nbytes} bytes"
             )
+        self._check_order(header, entry)
         item = read.itemsize
         if len(read.copies) == 1:
             c = read.copies[0]
@@ -370,6 +381,11 @@ class Checkpoint:
                         f" layout expects {dtype_name(layout.tensors[name].dtype)} with {shard.numel} elements"
                     )
                     continue
+                try:
+                    self._check_order(header, entry)
+                except FormatError as e:
+                    report.problems.append(str(e))
+                    continue
                 stored[name].extend((rank, p) for p in shard.pieces)
         for name, pieces in stored.items():
             spec = layout.tensors[name]
@@ -395,13 +411,18 @@ class Checkpoint:
                 if region is None:
                     continue
                 try:
-                    a = self._read_piece(ra, name, pa.sub(region), spec)
-                    b = self._read_piece(rb, name, pb.sub(region), spec)
+                    a = self._read_piece(ra, name, self._stored_piece(ra, name, pa).sub(region), spec)
+                    b = self._read_piece(rb, name, self._stored_piece(rb, name, pb).sub(region), spec)
                 except StalwartError as e:
                     return f"tensor {name!r}: cannot compare overlapping fragments: {e}"
                 if not _bitwise_equal(a, b):
                     return f"tensor {name!r}: fragments of ranks {ra} and {rb} overlap at {region.to_json()} with different bytes"
         return None
+
+    def _stored_piece(self, rank: int, name: str, piece):
+        """``piece`` of the rank's local shard, addressed in its stored entry."""
+        local = self.layout.local(name, rank)
+        return self.layout.stored(name, rank).pieces[local.pieces.index(piece)]
 
     def _read_piece(self, rank: int, name: str, piece, spec: TensorSpec) -> torch.Tensor:
         fd, header = self._open_rank(rank)
@@ -410,6 +431,10 @@ class Checkpoint:
         buf, skip = read_entry_range(fd, header, name, a * item, b * item)
         src = torch.frombuffer(buf, dtype=torch.uint8)[skip : skip + (b - a) * item].view(spec.dtype)
         return src.as_strided(piece.box.lengths, piece.strides, 0).clone()
+
+
+def _order_text(order) -> str:
+    return "row-major" if order is None else str(list(order))
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

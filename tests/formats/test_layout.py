@@ -38,6 +38,14 @@ def test_split_then_assemble_is_identity_and_sources_cover_once(data):
         for _, piece in layout.sources(name, Box.full(shape)):
             count[tuple(slice(o, o + n) for o, n in zip(piece.box.offsets, piece.box.lengths))] += 1
         assert bool((count == 1).all()), f"{name}: writer pieces must cover each element exactly once"
+        order = layout.spec(name).order
+        for r, local in locs.items():
+            # stored pieces address the local shard as stored: permuted by the spec's order
+            flat = (local if order is None else local.permute(order)).contiguous().reshape(-1)
+            for piece in layout.stored(name, r).pieces:
+                got = flat.as_strided(piece.box.lengths, piece.strides, piece.offset)
+                box = tuple(slice(o, o + n) for o, n in zip(piece.box.offsets, piece.box.lengths))
+                assert same_bits(got, t[box])
     # the layout survives JSON unchanged
     again = Layout.from_json(json.loads(json.dumps(layout.to_json())))
     assert again.to_json() == layout.to_json()
