@@ -24,7 +24,6 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 
 from stalwart.errors import ChecksumError, FormatError, LayoutError
 from stalwart.formats import checksum as ck
-from stalwart.formats.direct_io import DirectWriter
+from stalwart.formats.direct_io import RangeWriter
 from stalwart.formats.direct_io import pwrite_all as _pwrite_all
 from stalwart.formats.dtypes import (
     dtype_from_name,
@@ -46,9 +45,8 @@ from stalwart.formats.geometry import check_order
 
 DATAFILE_VERSION = 2  # the newest this module reads; 2 adds per-entry storage orders
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-WRITE_CHUNK = 8 * 1024 * 1024  # bytes hashed then written per step; a multiple of the block size
+WRITE_CHUNK = 8 * 1024 * 1024  # bytes hashed then written per piece, per worker
 DIRECT_MIN_BYTES = 16 * 1024 * 1024  # smaller files go through the page cache
-DIRECT_MAX_GAP = 1024 * 1024  # a later write this far ahead is zero-filled to stay sequential
 
 
 @dataclass(frozen=True)
@@ -237,9 +235,13 @@ class DataFileWriter:
 
     Entries may be written in any order, whole (:meth:`write`) or in parts at
     block-aligned offsets (:meth:`write_at`), with checksums computed here or passed
-    in when the caller computed them while copying the bytes. Each chunk is hashed
-    while the previous one is being written. :meth:`close` checks every byte was
-    written, writes the final header and fsyncs; :meth:`abort` removes the file.
+    in when the caller computed them while copying the bytes. Pieces of up to
+    ``WRITE_CHUNK`` bytes are hashed and written on ``workers`` threads
+    (:class:`~stalwart.formats.direct_io.RangeWriter`); with ``direct``, files of
+    ``DIRECT_MIN_BYTES`` or more bypass the page cache. :meth:`write` may return
+    while its last pieces are in flight: the caller keeps the tensor unchanged until
+    :meth:`flush` or :meth:`close`. :meth:`close` checks every byte was written,
+    writes the final header and fsyncs; :meth:`abort` removes the file.
     """
 
     def __init__(
@@ -253,9 +255,11 @@ class DataFileWriter:
         relpath: str | None = None,
         direct: bool = False,
         orders: Mapping[str, tuple[int, ...]] | None = None,
+        workers: int = 2,
+        cache_workers: int = 0,
     ) -> None:
-        if WRITE_CHUNK % block_size:
-            raise ValueError(f"block size {block_size} must divide the write chunk {WRITE_CHUNK}")
+        if block_size <= 0:
+            raise ValueError(f"block size must be positive, got {block_size}")
         self.path = path
         self.relpath = relpath if relpath is not None else os.path.basename(path)
         self.block_size = block_size
@@ -265,23 +269,26 @@ class DataFileWriter:
         self._written = dict.fromkeys(self.entries, 0)
         self.data_start = self.image.data_start
         self.size = self.image.size
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
+        self._io: RangeWriter | None = None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._direct: DirectWriter | None = None
         try:
-            if direct and self.size >= DIRECT_MIN_BYTES:
-                # Sequential writes are staged in aligned buffers and written with O_DIRECT:
-                # with an fsync to follow, bypassing the page cache is faster (no dirty
-                # pages to copy and flush). A write out of order ends the stream.
-                self._direct = DirectWriter(path)
-                self._direct.write(self.image.placeholder_header)
+            # Sized up front: every write lands inside the file (no extending writes,
+            # which O_DIRECT would serialise), the placeholder header marks it unfinished.
             os.ftruncate(self._fd, self.size)
-            if self._direct is None:
-                _pwrite_all(self._fd, self.image.placeholder_header, 0)
+            _pwrite_all(self._fd, self.image.placeholder_header, 0)
+            self._io = RangeWriter(
+                self._fd, path, direct=direct and self.size >= DIRECT_MIN_BYTES,
+                workers=workers if self.size >= WRITE_CHUNK else 0, chunk=WRITE_CHUNK,
+                cache_workers=cache_workers if self.size >= WRITE_CHUNK else 0,
+            )
         except BaseException:
             self.abort()
             raise
+
+    @property
+    def direct(self) -> bool:
+        """Whether the file's bulk bypasses the page cache."""
+        return self._io is not None and self._io.direct
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole entry from a tensor of the declared dtype and shape (the local
@@ -317,42 +324,25 @@ class DataFileWriter:
             raise FormatError(f"data file {self.path}: only the last write into {name!r} may end off a block boundary")
         table = self._tables[name]
         first = offset // bs
+        prepare = None
         if checksums is not None:
             if len(checksums) != ck.block_count(len(mv), bs):
                 raise FormatError(f"data file {self.path}: {len(checksums)} checksums for {len(mv)} bytes of {name!r}")
             table[first : first + len(checksums)] = checksums
-        at = self.data_start + e.begin + offset
-        if self._direct is not None and not 0 <= at - self._direct.tell() <= DIRECT_MAX_GAP:
-            self._end_direct()  # not the next bytes of the file: the page cache from here on
-        if self._pool is None and self._direct is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stalwart-write")
-        for start in range(0, len(mv), WRITE_CHUNK):
-            chunk = mv[start : start + WRITE_CHUNK]
-            if checksums is None:
-                b0 = first + start // bs
-                ck.block_checksums(chunk, bs, out=table[b0 : b0 + ck.block_count(len(chunk), bs)])
-            if self._direct is not None:
-                gap = at + start - self._direct.tell()
-                if gap:
-                    self._direct.write(bytes(gap))  # padding between entries: zeros, as in the file
-                self._direct.write(chunk)  # copied into the staging buffer: the caller's is free
-                continue
-            if self._pending is not None:
-                self._pending.result()
-            self._pending = self._pool.submit(_pwrite_all, self._fd, chunk, at + start)
+        else:
+            def prepare(lo: int, hi: int) -> None:
+                # the blocks that start in [lo, hi): each piece hashes its own, on its worker
+                b0, b1 = -(-lo // bs), -(-hi // bs)
+                if b1 > b0:
+                    ck.block_checksums(mv[b0 * bs : b1 * bs], bs, out=table[first + b0 : first + b1])
+        if mv:
+            self._io.write(self.data_start + e.begin + offset, mv, prepare)
         self._written[name] += len(mv)
-
-    def _end_direct(self) -> None:
-        if self._direct is not None:
-            direct, self._direct = self._direct, None
-            direct.close()
 
     def flush(self) -> None:
         """Wait until every byte handed to :meth:`write` / :meth:`write_at` is written,
         so the caller may reuse its buffers."""
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+        self._io.wait()
 
     def _entry(self, name: str) -> Entry:
         try:
@@ -363,8 +353,7 @@ class DataFileWriter:
     def close(self, *, fsync: bool = True) -> FileRecord:
         """Finish the file (final header, fsync) and return its record."""
         try:
-            self.flush()
-            self._end_direct()
+            self._io.close()
             short = [n for n, e in self.entries.items() if self._written[n] != e.nbytes]
             if short:
                 raise FormatError(f"data file {self.path}: entries not completely written: {short[:5]}")
@@ -375,22 +364,14 @@ class DataFileWriter:
         except BaseException:
             self.abort()
             raise
-        self._shutdown()
         os.close(self._fd)
         self._fd = -1
         return self.image.record(self.relpath, final)
 
-    def _shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
     def abort(self) -> None:
         """Stop and remove the partial file."""
-        if self._direct is not None:
-            direct, self._direct = self._direct, None
-            direct.abort()
-        self._shutdown()
+        if self._io is not None:
+            self._io.abort()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -413,14 +394,15 @@ def write_datafile(
 
     ``orders`` names entries stored in another dim order (each shard is stored permuted).
     """
-    prepared = [(n, _prepare(t)) for n, t in tensors]
+    prepared = [(n, t.detach()) for n, t in tensors]  # write() makes each contiguous, as stored
     writer = DataFileWriter(
         path, [(n, t.dtype, tuple(t.shape)) for n, t in prepared], rank=rank, objects=objects,
         block_size=block_size, relpath=relpath, direct=fsync, orders=orders,
     )
+    tensors_by_name = dict(prepared)
     try:
-        for name, t in prepared:
-            writer.write(name, t)
+        for e in writer.image.order:  # in file order: sequential on disk
+            writer.write(e.name, tensors_by_name[e.name])
     except BaseException:
         writer.abort()
         raise

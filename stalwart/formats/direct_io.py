@@ -1,14 +1,24 @@
-"""Sequential file writing that bypasses the page cache (``O_DIRECT``) for large outputs.
+"""File writing that bypasses the page cache (``O_DIRECT``) for large outputs.
 
-Converters write gigabytes that are not read back soon. Through the page cache
-every byte is first copied into freshly allocated cache pages and later written
-back, and once enough is dirty the writer is throttled to the writeback rate; with
-``O_DIRECT`` the bytes go from an aligned user buffer to the device. Data is
-staged in two aligned buffers and each full one is written by a helper thread
-while the next fills. The unaligned tail is written through the page cache at
-:meth:`DirectWriter.close`. Where ``O_DIRECT`` is refused (tmpfs, some network
-file systems) everything goes through an ordinary descriptor; the bytes written
-are the same either way.
+Through the page cache every byte is first copied into freshly allocated cache
+pages and later written back, and once enough is dirty the writer is throttled to
+the writeback rate. On a VM whose host reclaims freed guest memory, those fresh
+pages fault at a fraction of memory speed and the write's time varies several-fold
+from run to run. With ``O_DIRECT`` the bytes go from an aligned user buffer to the
+device: the buffers here are allocated once per process, pre-faulted, and reused.
+
+Two writers:
+
+* :class:`DirectWriter` - a sequential stream (converters): data is staged in two
+  aligned buffers and each full one is written by a helper thread while the next
+  fills; the unaligned tail goes through the page cache at :meth:`DirectWriter.close`.
+* :class:`RangeWriter` - byte ranges at any offsets, in any order (data files):
+  the page-aligned interior of each range goes through ``O_DIRECT`` on a few worker
+  threads, the partial pages at its ends through the page cache, so a page is only
+  ever written one way. Each piece can carry work to do first (checksums).
+
+Where ``O_DIRECT`` is refused (tmpfs, some network file systems) everything goes
+through an ordinary descriptor; the bytes written are the same either way.
 """
 
 from __future__ import annotations
@@ -18,11 +28,16 @@ import contextvars
 import errno
 import mmap
 import os
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
 
 ALIGN = 4096
 CHUNK = 8 * 1024 * 1024
+KEEP_STAGING = 4  # staging buffers of CHUNK bytes kept for reuse by the process (32 MiB)
 
 _bypass = contextvars.ContextVar("stalwart_bypass_page_cache", default=True)
 
@@ -67,21 +82,49 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         offset += n
 
 
+_staging_lock = threading.Lock()
+_staging: list[mmap.mmap] = []
+
+
+def _take_staging(size: int) -> mmap.mmap:
+    """A page-aligned buffer of ``size`` bytes whose pages are already faulted in."""
+    if size == CHUNK:
+        with _staging_lock:
+            if _staging:
+                return _staging.pop()
+    buf = mmap.mmap(-1, size)
+    np.frombuffer(buf, dtype=np.uint8)[::ALIGN] = 0  # fault every page in now, not while timing a write
+    return buf
+
+
+def _give_staging(buf: mmap.mmap) -> None:
+    if len(buf) == CHUNK:
+        with _staging_lock:
+            if len(_staging) < KEEP_STAGING:
+                _staging.append(buf)
+                return
+    buf.close()
+
+
+def _open_direct(path: str) -> int:
+    if not hasattr(os, "O_DIRECT"):
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return -1
+
+
 class DirectWriter:
     """A write-only, sequential file object (``write``, ``tell``, ``flush``, ``close``)."""
 
     def __init__(self, path: str, chunk: int = CHUNK) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.direct = -1
-        if hasattr(os, "O_DIRECT") and _bypass.get():
-            try:
-                self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
-            except OSError:
-                self.direct = -1
+        self.direct = _open_direct(path) if _bypass.get() else -1
         self.direct_fd = self.direct  # kept to close it even after a fallback
         self.chunk = chunk
-        self.bufs = [mmap.mmap(-1, chunk), mmap.mmap(-1, chunk)]  # page aligned
+        self.bufs = [_take_staging(chunk), _take_staging(chunk)]  # page aligned, reused
         self.cur = 0
         self.fill = 0
         self.base = 0  # file offset of the current buffer's first byte
@@ -187,7 +230,7 @@ class DirectWriter:
             if fd >= 0:
                 os.close(fd)
         for b in self.bufs:
-            b.close()
+            _give_staging(b)
 
     def __enter__(self) -> DirectWriter:
         return self
@@ -199,4 +242,153 @@ class DirectWriter:
             self.abort()
 
 
-__all__ = ["DirectWriter"]
+class RangeWriter:
+    """Writes byte ranges of one open file at given offsets, in any order, from caller memory.
+
+    ``direct``: the page-aligned interior of each range is copied into a reused,
+    aligned staging buffer and written with ``O_DIRECT``; the partial pages at its two
+    ends go through ``fd`` (the page cache). Otherwise every piece is written from the
+    caller's memory through ``fd``. Ranges are cut into pieces of at most ``chunk``
+    bytes, run on ``workers`` threads (inline with 0); at most ``2 * workers`` pieces
+    are queued, so :meth:`write` returns while its last pieces may still be in flight:
+    the caller keeps the memory unchanged until :meth:`wait`.
+
+    ``prepare(lo, hi)``, given with a range, runs on the worker before the piece
+    covering the range's bytes ``[lo, hi)`` is written (the data file hashes the
+    checksum blocks starting there). The first error is raised by the next call.
+    """
+
+    def __init__(
+        self, fd: int, path: str, *, direct: bool, workers: int = 2, chunk: int = CHUNK, cache_workers: int = 0
+    ) -> None:
+        if chunk % ALIGN:
+            raise ValueError(f"chunk {chunk} must be a multiple of {ALIGN}")
+        self.fd = fd
+        self.chunk = chunk
+        self.direct_fd = self._owned = _open_direct(path) if direct else -1
+        self._cond = threading.Condition()
+        self._queue: deque = deque()
+        self._pending = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._limit = 2 * (workers + cache_workers)
+        # cache workers write every piece they take through the page cache: with direct
+        # workers beside them, pieces go to whichever path is free first.
+        self._threads = [
+            threading.Thread(target=self._work, args=(i >= workers,), name="stalwart-write", daemon=True)
+            for i in range(workers + cache_workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def direct(self) -> bool:
+        return self.direct_fd >= 0
+
+    def write(self, offset: int, data, prepare: Callable[[int, int], None] | None = None) -> None:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        lo = hi = offset
+        if self.direct_fd >= 0:
+            lo = min(-(-offset // ALIGN) * ALIGN, offset + n)
+            hi = max((offset + n) // ALIGN * ALIGN, lo)
+        # [offset, lo) and [hi, end): partial pages, page cache; [lo, hi): O_DIRECT
+        for a, b, direct in ((offset, lo, False), (lo, hi, True), (hi, offset + n, False)):
+            for start in range(a, b, self.chunk):
+                stop = min(start + self.chunk, b)
+                self._submit((direct, start, mv[start - offset : stop - offset], prepare, start - offset, stop - offset))
+
+    def _submit(self, item) -> None:
+        if not self._threads:
+            self._run(item)
+            return
+        with self._cond:
+            while self._pending >= self._limit and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._queue.append(item)
+            self._pending += 1
+            self._cond.notify_all()
+
+    def _work(self, cache_only: bool = False) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                item = self._queue.popleft()
+            try:
+                if self._error is None:
+                    self._run(item, cache_only)
+            except BaseException as e:  # reported to the caller by the next call
+                with self._cond:
+                    if self._error is None:
+                        self._error = e
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def _run(self, item, cache_only: bool = False) -> None:
+        direct, offset, view, prepare, lo, hi = item
+        if prepare is not None:
+            prepare(lo, hi)
+        if not direct or cache_only or self.direct_fd < 0:
+            pwrite_all(self.fd, view, offset)
+            return
+        buf = _take_staging(self.chunk)
+        try:
+            staged = memoryview(buf)[: len(view)]
+            np.copyto(np.frombuffer(staged, dtype=np.uint8), np.frombuffer(view, dtype=np.uint8))  # drops the GIL
+            try:
+                pwrite_all(self.direct_fd, staged, offset)
+            except OSError as e:  # stricter alignment than ours: the page cache from now on
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct_fd = -1
+                pwrite_all(self.fd, view, offset)
+        finally:
+            _give_staging(buf)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def wait(self) -> None:
+        """Block until every piece handed to :meth:`write` is written; raise the first error."""
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+            self._raise()
+
+    def close(self) -> None:
+        """Wait for the pieces in flight, stop the workers, close the ``O_DIRECT`` descriptor.
+        Raises the first error, after everything is stopped (nothing keeps writing)."""
+        self._stop(drop=False)
+        self._raise()
+
+    def abort(self) -> None:
+        """Drop the queued pieces, wait for those being written, stop; errors are discarded."""
+        self._stop(drop=True)
+        self._error = None
+
+    def _stop(self, drop: bool) -> None:
+        if self._closed:
+            return
+        with self._cond:
+            if drop:
+                self._pending -= len(self._queue)
+                self._queue.clear()
+            while self._pending:
+                self._cond.wait()
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+        if self._owned >= 0:
+            os.close(self._owned)
+        self.direct_fd = self._owned = -1
+
+
+__all__ = ["DirectWriter", "RangeWriter"]

@@ -1,12 +1,17 @@
-"""Large data files written with fsync go past the page cache (O_DIRECT) while writes
-are sequential; the bytes and checksums are those of the buffered path either way."""
+"""Large data files bypass the page cache (O_DIRECT) for their page-aligned bulk, written
+in any order on worker threads; the bytes and checksums are those of the buffered path."""
 
 from __future__ import annotations
 
+import errno
+import os
+
+import numpy as np
+import pytest
 import torch
 
 import stalwart.formats as F
-from stalwart.formats import datafile
+from stalwart.formats import datafile, direct_io
 from stalwart.formats.datafile import DataFileWriter
 
 
@@ -14,9 +19,21 @@ def _state(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
         "a": torch.randn(3 << 20, generator=g),  # 12 MiB
-        "b": torch.randint(0, 255, (5 << 20,), dtype=torch.uint8, generator=g),  # odd tail below
+        "b": torch.randint(0, 255, (5 << 20,), dtype=torch.uint8, generator=g)[3:],  # odd size and offsets
         "c": torch.randn(1234, 7, generator=g).to(torch.bfloat16),
     }
+
+
+def _specs(state):
+    return [(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
+
+
+def _reference(tmp_path, state, block_size=65536):
+    path = str(tmp_path / "ref.safetensors")
+    w = DataFileWriter(path, _specs(state), direct=False, workers=0, block_size=block_size)
+    for n, t in state.items():
+        w.write(n, t)
+    return path, w.close(fsync=False)
 
 
 def test_fsynced_save_of_a_large_state_round_trips_and_verifies(tmp_path):
@@ -32,30 +49,64 @@ def test_fsynced_save_of_a_large_state_round_trips_and_verifies(tmp_path):
         assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "buffered" / name).read_bytes()
 
 
-def test_out_of_order_writes_leave_the_direct_stream(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers,cache_workers", [(2, 0), (1, 1), (0, 0)])
+def test_writes_in_any_order_and_parts_give_the_same_file(tmp_path, workers, cache_workers):
     state = _state(1)
-    specs = [(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
+    ref_path, ref_record = _reference(tmp_path, state, block_size=4096)
     path = str(tmp_path / "x.safetensors")
-    w = DataFileWriter(path, specs, direct=True)
-    assert w._direct is not None
-    w.write("b", state["b"])  # skips over "a": no longer the next bytes of the file
-    assert w._direct is None
-    w.write("a", state["a"])
+    w = DataFileWriter(path, _specs(state), direct=True, workers=workers, cache_workers=cache_workers, block_size=4096)
+    assert w.direct  # 17 MiB: over DIRECT_MIN_BYTES
+    w.write("b", state["b"])  # not the file's order
+    a = datafile.tensor_bytes(state["a"])
+    half = len(a) // 2 // 4096 * 4096 + 4096 * 3
+    w.write_at("a", half, a[half:])  # the second part first, starting mid-page in the file
+    w.write_at("a", 0, a[:half])
     w.write("c", state["c"])
     record = w.close(fsync=True)
-
-    ref_path = str(tmp_path / "ref.safetensors")
-    ref = DataFileWriter(ref_path, specs, direct=False)
-    for n, t in state.items():
-        ref.write(n, t)
-    ref_record = ref.close(fsync=False)
     assert record.to_json() == {**ref_record.to_json(), "path": record.path}
     with open(path, "rb") as f1, open(ref_path, "rb") as f2:
         assert f1.read() == f2.read()
 
 
-def test_small_files_stay_buffered(tmp_path):
+def test_small_files_stay_buffered_and_inline(tmp_path):
     w = DataFileWriter(str(tmp_path / "s.safetensors"), [("x", torch.float32, (10,))], direct=True)
-    assert w._direct is None and datafile.DIRECT_MIN_BYTES > 40
+    assert not w.direct and datafile.DIRECT_MIN_BYTES > 40 and not w._io._threads
     w.write("x", torch.ones(10))
     w.close(fsync=True)
+
+
+def test_a_failed_write_raises_and_leaves_no_file(tmp_path, monkeypatch):
+    state = _state(2)
+    path = tmp_path / "x.safetensors"
+    real = direct_io.pwrite_all
+    calls = []
+
+    def failing(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(direct_io, "pwrite_all", failing)
+    w = DataFileWriter(str(path), _specs(state), direct=True)
+    with pytest.raises(OSError, match="No space left"):
+        for n, t in state.items():
+            w.write(n, t)
+        w.close(fsync=True)
+    w.abort()
+    assert not path.exists()
+
+
+def test_staging_buffers_are_reused_not_reallocated(tmp_path):
+    state = _state(3)
+    for i in range(2):
+        w = DataFileWriter(str(tmp_path / f"{i}.safetensors"), _specs(state), direct=True)
+        for n, t in state.items():
+            w.write(n, t)
+        w.close(fsync=False)
+        if i == 0:
+            kept = {id(b) for b in direct_io._staging}
+    assert 0 < len(direct_io._staging) <= direct_io.KEEP_STAGING
+    assert {id(b) for b in direct_io._staging} == kept
+    assert all(np.frombuffer(b, dtype=np.uint8).size == direct_io.CHUNK for b in direct_io._staging)
+    assert os.path.getsize(tmp_path / "1.safetensors") == w.size
