@@ -1,17 +1,19 @@
 """Format I/O benchmark: stalwart vs torch.save/torch.load vs safetensors, in one run.
 
-    python bench/format_io.py [--gib 1.0] [--repeats 3] [--dir DIR]
+    python bench/format_io.py [--gib 1.0] [--repeats 7] [--dir DIR]
 
 Prints, on a ~1 GiB state (16 fp32 tensors):
-  * write and read GB/s (median of --repeats) of stalwart (checksums on) against
-    torch.save/torch.load and safetensors save_file/load_file, each with and
-    without fsync, and the ratio stalwart / safetensors;
-  * for resharded loads (ZeRO-3 over 4 ranks -> DP 3; TP dim-0 4 -> 3; TP column
-    slices), bytes read / bytes needed, over all target ranks;
+  * write and read GB/s of stalwart (checksums on) against torch.save/torch.load and
+    safetensors save_file/load_file, each with and without fsync: the median of
+    --repeats interleaved repeats (order rotated each repeat), every run's range and
+    its spread ((max - min) / median), and the ratio stalwart / safetensors;
+  * for resharded loads (ZeRO-3 over 4 ranks -> DP 3 and 7; TP dim 0 and TP column
+    slices (dim 1), 4 -> 3), bytes read / bytes needed, over all target ranks;
   * for a simulated ZeRO-3 source of 10,000 ranks x 1,000 tensors: manifest size
     and one target rank's read-plan time.
-Targets (issue 2): write >= 0.9x safetensors; resharded reads <= 1.05x needed;
-manifest < 10 MB; one rank's plan < 1 s.
+Targets (issues 2 and 11): write >= 0.9x safetensors with checksums on, with and
+without fsync, as the median of >= 5 repeats, its spread no wider than
+safetensors'; resharded reads <= 1.05x needed; manifest < 10 MB; one rank's plan < 1 s.
 """
 
 from __future__ import annotations
@@ -60,11 +62,33 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def io_table(state, base: str, repeats: int) -> list[tuple[str, float, float]]:
-    """Write/read GB/s per method. Methods are interleaved within each repeat and the
-    page cache is flushed (os.sync) before every timed write, so no method pays for
-    another's dirty pages; reads run with the page cache hot for every method."""
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+def evict(path: str) -> None:
+    """Drop a file's (clean) pages from the page cache: the next read comes from the disk."""
+    paths = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else [path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _spread(times: list[float]) -> float:
+    """(max - min) / median of a method's repeat times: how much one run can differ."""
+    return (max(times) - min(times)) / statistics.median(times)
+
+
+def io_table(state, base: str, repeats: int) -> dict[tuple[str, bool], tuple[list[float], list[float], list[float]]]:
+    """Write, cold-read and cached-read seconds per (method, fsync), every repeat.
+
+    Methods are interleaved within each repeat, in an order rotated from repeat to
+    repeat (so none always runs right after the same neighbour: on a VM the cost of
+    page-cache pages depends on what the previous write freed), after one untimed
+    warm-up of each (imports, first-use allocations). The page cache is flushed
+    (os.sync) before every timed write. Reads touch every byte; the cold read
+    follows an eviction of the file's pages, the cached read a first read.
+    """
     p_st, p_pt, p_sw = (os.path.join(base, n) for n in ("s.safetensors", "t.pt", "sw"))
 
     def st_write(fsync):
@@ -82,31 +106,45 @@ def io_table(state, base: str, repeats: int) -> list[tuple[str, float, float]]:
         "torch.save/load": (p_pt, pt_write, lambda: torch.load(p_pt, weights_only=True)),
         "stalwart (checksums)": (p_sw, lambda fsync: F.save(state, p_sw, fsync=fsync), lambda: F.load(p_sw)),
     }
-    rows = []
+    names = list(methods)
+    out = {}
     for fsync in (False, True):
-        tag = "fsync" if fsync else "no fsync"
-        wt = {m: [] for m in methods}
-        rt = {m: [] for m in methods}
-        for _ in range(repeats):
-            for name, (path, write, read) in methods.items():
+        wt: dict[str, list[float]] = {m: [] for m in methods}
+        rt: dict[str, list[float]] = {m: [] for m in methods}
+        ct: dict[str, list[float]] = {m: [] for m in methods}
+
+        def timed_read(read) -> float:
+            gc.collect()
+            t0 = time.perf_counter()
+            loaded = read()
+            for t in loaded.values():
+                t.sum()  # touch every byte: lazy loaders pay here
+            dt = time.perf_counter() - t0
+            del loaded
+            return dt
+
+        for r in range(-1, repeats):  # r = -1: the warm-up round, not recorded
+            k = max(r, 0) % len(names)
+            for name in names[k:] + names[:k]:
+                path, write, read = methods[name]
                 _remove(path)
                 os.sync()
                 gc.collect()
                 t0 = time.perf_counter()
                 write(fsync)
-                wt[name].append(time.perf_counter() - t0)
-                gc.collect()
-                t0 = time.perf_counter()
-                loaded = read()
-                for t in loaded.values():
-                    t.sum()  # touch every byte: lazy loaders pay here
-                rt[name].append(time.perf_counter() - t0)
-                del loaded
+                w = time.perf_counter() - t0
+                evict(path)
+                cold = timed_read(read)
+                cached = timed_read(read)
+                if r >= 0:
+                    wt[name].append(w)
+                    rt[name].append(cold)
+                    ct[name].append(cached)
         for name in methods:
-            rows.append((f"{name}, {tag}", nbytes / statistics.median(wt[name]) / 1e9, nbytes / statistics.median(rt[name]) / 1e9))
+            out[(name, fsync)] = (wt[name], rt[name], ct[name])
     for path, _, _ in methods.values():
         _remove(path)
-    return rows
+    return out
 
 
 def reshard_table(state, base: str) -> list[tuple[str, int, int]]:
@@ -168,25 +206,34 @@ def scale_row() -> tuple[float, float, float, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="state size in GiB (default 1)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats per method (default 7)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir on the local disk)")
     args = ap.parse_args()
     base = tempfile.mkdtemp(prefix="stalwart-bench-", dir=args.dir)
     try:
         state = make_state(args.gib)
-        print(f"state: {len(state)} fp32 tensors, {sum(t.numel() * 4 for t in state.values()) / 2**30:.2f} GiB; median of {args.repeats}; torch {torch.__version__}")
-        rows = io_table(state, base, args.repeats)
-        print(f"\n{'write / read':36s} {'write GB/s':>11s} {'read GB/s':>10s}")
-        for name, w, r in rows:
-            print(f"{name:36s} {w:11.2f} {r:10.2f}")
+        print(f"state: {len(state)} fp32 tensors, {sum(t.numel() * 4 for t in state.values()) / 2**30:.2f} GiB;"
+              f" median of {args.repeats} interleaved repeats; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
+        runs = io_table(state, base, args.repeats)
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        print(f"\n{'write':34s} {'GB/s':>6s} {'runs (s)':>14s} {'spread':>7s}   {'read GB/s: cold':>15s} {'cached':>7s}")
+        for (name, fsync), (w, r, c) in runs.items():
+            tag = f"{name}, {'fsync' if fsync else 'no fsync'}"
+            gbs = [nbytes / statistics.median(x) / 1e9 for x in (w, r, c)]
+            print(f"{tag:34s} {gbs[0]:6.2f} {min(w):6.2f}-{max(w):<6.2f} {_spread(w):7.2f}   {gbs[1]:15.2f} {gbs[2]:7.2f}")
         ok = True
-        for tag in ("no fsync", "fsync"):
-            st = next(w for n, w, _ in rows if n == f"safetensors, {tag}")
-            sw = next(w for n, w, _ in rows if n == f"stalwart (checksums), {tag}")
-            pt = next(w for n, w, _ in rows if n == f"torch.save/load, {tag}")
-            passed = sw >= 0.9 * st
+        for fsync in (False, True):
+            tag = "fsync" if fsync else "no fsync"
+            st = runs[("safetensors", fsync)][0]
+            sw = runs[("stalwart (checksums)", fsync)][0]
+            pt = runs[("torch.save/load", fsync)][0]
+            ratio = statistics.median(st) / statistics.median(sw)
+            narrow = _spread(sw) <= _spread(st)
+            passed = ratio >= 0.9 and narrow
             ok &= passed
-            print(f"stalwart write / safetensors ({tag}): {sw / st:.2f}x  (target >= 0.9x: {'met' if passed else 'MISSED'});  / torch.save: {sw / pt:.2f}x")
+            print(f"stalwart / safetensors write ({tag}): {ratio:.2f}x (median of {len(sw)}), spread {_spread(sw):.2f}"
+                  f" vs {_spread(st):.2f}  (target >= 0.9x and no wider: {'met' if passed else 'MISSED'});"
+                  f"  / torch.save: {statistics.median(pt) / statistics.median(sw):.2f}x")
         print(f"\n{'resharded load':24s} {'needed MB':>10s} {'read MB':>9s} {'read/needed':>12s}")
         for label, need, read in reshard_table(state, base):
             ratio = read / need

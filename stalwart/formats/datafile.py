@@ -395,9 +395,12 @@ def write_datafile(
     ``orders`` names entries stored in another dim order (each shard is stored permuted).
     """
     prepared = [(n, t.detach()) for n, t in tensors]  # write() makes each contiguous, as stored
+    # The bulk of a large file bypasses the page cache: its pages cost a fresh
+    # allocation each (slow and erratic on VMs) and, with fsync, a second copy to the
+    # device. Without fsync a page-cache worker joins in while the cache keeps up.
     writer = DataFileWriter(
         path, [(n, t.dtype, tuple(t.shape)) for n, t in prepared], rank=rank, objects=objects,
-        block_size=block_size, relpath=relpath, direct=fsync, orders=orders,
+        block_size=block_size, relpath=relpath, direct=True, cache_workers=0 if fsync else 1, orders=orders,
     )
     tensors_by_name = dict(prepared)
     try:

@@ -29,6 +29,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +39,9 @@ import numpy as np
 ALIGN = 4096
 CHUNK = 8 * 1024 * 1024
 KEEP_STAGING = 4  # staging buffers of CHUNK bytes kept for reuse by the process (32 MiB)
+# A cache worker (see RangeWriter) whose piece went slower than this stops: page-cache
+# pages were slow to come by (reclaim, a host faulting them in), the device is faster.
+CACHE_FLOOR = 1 << 30  # bytes per second
 
 _bypass = contextvars.ContextVar("stalwart_bypass_page_cache", default=True)
 
@@ -272,8 +276,9 @@ class RangeWriter:
         self._error: BaseException | None = None
         self._closed = False
         self._limit = 2 * (workers + cache_workers)
-        # cache workers write every piece they take through the page cache: with direct
-        # workers beside them, pieces go to whichever path is free first.
+        # Cache workers write every piece they take through the page cache: with direct
+        # workers beside them, pieces go to whichever path is free first, and a cache
+        # worker whose piece went slower than CACHE_FLOOR leaves the rest to the others.
         self._threads = [
             threading.Thread(target=self._work, args=(i >= workers,), name="stalwart-write", daemon=True)
             for i in range(workers + cache_workers)
@@ -318,9 +323,13 @@ class RangeWriter:
                 if not self._queue:
                     return
                 item = self._queue.popleft()
+            slow = False
             try:
                 if self._error is None:
+                    t0 = time.perf_counter()
                     self._run(item, cache_only)
+                    n = len(item[2])
+                    slow = cache_only and self.direct_fd >= 0 and n >= ALIGN * 256 and n < CACHE_FLOOR * (time.perf_counter() - t0)
             except BaseException as e:  # reported to the caller by the next call
                 with self._cond:
                     if self._error is None:
@@ -328,6 +337,8 @@ class RangeWriter:
             with self._cond:
                 self._pending -= 1
                 self._cond.notify_all()
+            if slow:
+                return
 
     def _run(self, item, cache_only: bool = False) -> None:
         direct, offset, view, prepare, lo, hi = item

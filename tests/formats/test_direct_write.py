@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,24 @@ def test_staging_buffers_are_reused_not_reallocated(tmp_path):
     assert {id(b) for b in direct_io._staging} == kept
     assert all(np.frombuffer(b, dtype=np.uint8).size == direct_io.CHUNK for b in direct_io._staging)
     assert os.path.getsize(tmp_path / "1.safetensors") == w.size
+
+
+def test_a_slow_page_cache_worker_leaves_the_rest_to_the_direct_workers(tmp_path, monkeypatch):
+    # Every page-cache piece counts as slow: the cache worker writes one and stops.
+    monkeypatch.setattr(direct_io, "CACHE_FLOOR", 1 << 60)
+    state = {"a": torch.randn(12 << 20, generator=torch.Generator().manual_seed(4))}  # 48 MiB: 6 pieces
+    ref_path, _ = _reference(tmp_path, state)
+    real = direct_io.pwrite_all
+    big_cached = []
+
+    def spy(fd, data, offset):
+        if fd == w._fd and len(memoryview(data)) >= 1 << 20:
+            big_cached.append(offset)
+        real(fd, data, offset)
+
+    monkeypatch.setattr(direct_io, "pwrite_all", spy)
+    w = DataFileWriter(str(tmp_path / "x.safetensors"), _specs(state), direct=True, workers=1, cache_workers=1)
+    w.write("a", state["a"])
+    w.close(fsync=False)
+    assert len(big_cached) <= 1
+    assert (tmp_path / "x.safetensors").read_bytes() == Path(ref_path).read_bytes()
