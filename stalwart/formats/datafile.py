@@ -237,8 +237,10 @@ class DataFileWriter:
     block-aligned offsets (:meth:`write_at`), with checksums computed here or passed
     in when the caller computed them while copying the bytes. Pieces of up to
     ``WRITE_CHUNK`` bytes are hashed and written on ``workers`` threads
-    (:class:`~stalwart.formats.direct_io.RangeWriter`); with ``direct``, files of
-    ``DIRECT_MIN_BYTES`` or more bypass the page cache. :meth:`write` may return
+    (:class:`~stalwart.formats.direct_io.RangeWriter`); files of ``DIRECT_MIN_BYTES``
+    or more are written in ``mode`` (``"cache"``, ``"direct"``: bypassing the page
+    cache, ``"auto"``: through it while it keeps up), smaller ones through the page
+    cache. :meth:`write` may return
     while its last pieces are in flight: the caller keeps the tensor unchanged until
     :meth:`flush` or :meth:`close`. :meth:`close` checks every byte was written,
     writes the final header and fsyncs; :meth:`abort` removes the file.
@@ -253,10 +255,9 @@ class DataFileWriter:
         objects: dict | None = None,
         block_size: int = ck.DEFAULT_BLOCK_SIZE,
         relpath: str | None = None,
-        direct: bool = False,
+        mode: str = "cache",
         orders: Mapping[str, tuple[int, ...]] | None = None,
         workers: int = 2,
-        cache_workers: int = 0,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block size must be positive, got {block_size}")
@@ -277,9 +278,8 @@ class DataFileWriter:
             os.ftruncate(self._fd, self.size)
             _pwrite_all(self._fd, self.image.placeholder_header, 0)
             self._io = RangeWriter(
-                self._fd, path, direct=direct and self.size >= DIRECT_MIN_BYTES,
+                self._fd, path, mode=mode if self.size >= DIRECT_MIN_BYTES else "cache",
                 workers=workers if self.size >= WRITE_CHUNK else 0, chunk=WRITE_CHUNK,
-                cache_workers=cache_workers if self.size >= WRITE_CHUNK else 0,
             )
         except BaseException:
             self.abort()
@@ -287,7 +287,7 @@ class DataFileWriter:
 
     @property
     def direct(self) -> bool:
-        """Whether the file's bulk bypasses the page cache."""
+        """Whether the file's bulk bypasses the page cache now."""
         return self._io is not None and self._io.direct
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -395,12 +395,13 @@ def write_datafile(
     ``orders`` names entries stored in another dim order (each shard is stored permuted).
     """
     prepared = [(n, t.detach()) for n, t in tensors]  # write() makes each contiguous, as stored
-    # The bulk of a large file bypasses the page cache: its pages cost a fresh
-    # allocation each (slow and erratic on VMs) and, with fsync, a second copy to the
-    # device. Without fsync a page-cache worker joins in while the cache keeps up.
+    # With fsync the bulk of a large file bypasses the page cache (through it, every
+    # byte is copied twice before the disk has it). Without, it goes through the page
+    # cache, which returns at memory speed while pages are at hand, until it falls
+    # behind (fresh pages faulted in slowly, writeback throttling): then past it.
     writer = DataFileWriter(
         path, [(n, t.dtype, tuple(t.shape)) for n, t in prepared], rank=rank, objects=objects,
-        block_size=block_size, relpath=relpath, direct=True, cache_workers=0 if fsync else 1, orders=orders,
+        block_size=block_size, relpath=relpath, mode="direct" if fsync else "auto", orders=orders,
     )
     tensors_by_name = dict(prepared)
     try:

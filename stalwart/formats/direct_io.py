@@ -12,10 +12,11 @@ Two writers:
 * :class:`DirectWriter` - a sequential stream (converters): data is staged in two
   aligned buffers and each full one is written by a helper thread while the next
   fills; the unaligned tail goes through the page cache at :meth:`DirectWriter.close`.
-* :class:`RangeWriter` - byte ranges at any offsets, in any order (data files):
-  the page-aligned interior of each range goes through ``O_DIRECT`` on a few worker
-  threads, the partial pages at its ends through the page cache, so a page is only
-  ever written one way. Each piece can carry work to do first (checksums).
+* :class:`RangeWriter` - byte ranges at any offsets, in any order (data files), on a
+  few worker threads: the page-aligned interior of each range through ``O_DIRECT``
+  (or through the page cache until it falls behind), the partial pages at its ends
+  through the page cache, so a page is only ever written one way. Each piece can
+  carry work to do first (checksums).
 
 Where ``O_DIRECT`` is refused (tmpfs, some network file systems) everything goes
 through an ordinary descriptor; the bytes written are the same either way.
@@ -39,8 +40,8 @@ import numpy as np
 ALIGN = 4096
 CHUNK = 8 * 1024 * 1024
 KEEP_STAGING = 4  # staging buffers of CHUNK bytes kept for reuse by the process (32 MiB)
-# A cache worker (see RangeWriter) whose piece went slower than this stops: page-cache
-# pages were slow to come by (reclaim, a host faulting them in), the device is faster.
+# RangeWriter "auto": a page-cache piece slower than this switches the rest to O_DIRECT
+# (bimodal here: ~4 GB/s when pages are at hand, 0.2-0.6 GB/s when the host faults them in).
 CACHE_FLOOR = 1 << 30  # bytes per second
 
 _bypass = contextvars.ContextVar("stalwart_bypass_page_cache", default=True)
@@ -249,59 +250,63 @@ class DirectWriter:
 class RangeWriter:
     """Writes byte ranges of one open file at given offsets, in any order, from caller memory.
 
-    ``direct``: the page-aligned interior of each range is copied into a reused,
-    aligned staging buffer and written with ``O_DIRECT``; the partial pages at its two
-    ends go through ``fd`` (the page cache). Otherwise every piece is written from the
-    caller's memory through ``fd``. Ranges are cut into pieces of at most ``chunk``
-    bytes, run on ``workers`` threads (inline with 0); at most ``2 * workers`` pieces
-    are queued, so :meth:`write` returns while its last pieces may still be in flight:
-    the caller keeps the memory unchanged until :meth:`wait`.
+    ``mode``:
 
-    ``prepare(lo, hi)``, given with a range, runs on the worker before the piece
-    covering the range's bytes ``[lo, hi)`` is written (the data file hashes the
-    checksum blocks starting there). The first error is raised by the next call.
+    * ``"cache"`` - every piece from the caller's memory through ``fd`` (the page cache);
+    * ``"direct"`` - the page-aligned interior of each range is copied into a reused,
+      aligned staging buffer and written with ``O_DIRECT``; the partial pages at its
+      two ends go through ``fd``, so no page is ever written both ways;
+    * ``"auto"`` - like ``"cache"`` while the page cache keeps up, then like
+      ``"direct"``: once a piece of 1 MiB or more took longer than ``CACHE_FLOOR``
+      allows (its pages were slow to come by, or the kernel throttled the writer to
+      the disk's pace), the remaining pieces bypass the cache.
+
+    Ranges are cut into pieces of at most ``chunk`` bytes, run on ``workers`` threads
+    (inline with 0); at most ``2 * workers`` pieces are queued, so :meth:`write`
+    returns while its last pieces may still be in flight: the caller keeps the memory
+    unchanged until :meth:`wait`. ``prepare(lo, hi)``, given with a range, runs on the
+    worker before the piece covering the range's bytes ``[lo, hi)`` is written (the
+    data file hashes the checksum blocks starting there). The first error is raised
+    by the next call.
     """
 
-    def __init__(
-        self, fd: int, path: str, *, direct: bool, workers: int = 2, chunk: int = CHUNK, cache_workers: int = 0
-    ) -> None:
+    def __init__(self, fd: int, path: str, *, mode: str = "cache", workers: int = 2, chunk: int = CHUNK) -> None:
         if chunk % ALIGN:
             raise ValueError(f"chunk {chunk} must be a multiple of {ALIGN}")
+        if mode not in ("cache", "direct", "auto"):
+            raise ValueError(f"unknown write mode {mode!r}")
         self.fd = fd
         self.chunk = chunk
-        self.direct_fd = self._owned = _open_direct(path) if direct else -1
+        self._owned = _open_direct(path) if mode != "cache" else -1
+        self.direct_fd = self._owned if mode == "direct" else -1  # in use for aligned pieces
+        self._probing = mode == "auto" and self._owned >= 0  # on the page cache until it falls behind
         self._cond = threading.Condition()
         self._queue: deque = deque()
         self._pending = 0
         self._error: BaseException | None = None
         self._closed = False
-        self._limit = 2 * (workers + cache_workers)
-        # Cache workers write every piece they take through the page cache: with direct
-        # workers beside them, pieces go to whichever path is free first, and a cache
-        # worker whose piece went slower than CACHE_FLOOR leaves the rest to the others.
-        self._threads = [
-            threading.Thread(target=self._work, args=(i >= workers,), name="stalwart-write", daemon=True)
-            for i in range(workers + cache_workers)
-        ]
+        self._limit = 2 * workers
+        self._threads = [threading.Thread(target=self._work, name="stalwart-write", daemon=True) for _ in range(workers)]
         for t in self._threads:
             t.start()
 
     @property
     def direct(self) -> bool:
+        """Whether aligned pieces bypass the page cache now (``"auto"``: once it fell behind)."""
         return self.direct_fd >= 0
 
     def write(self, offset: int, data, prepare: Callable[[int, int], None] | None = None) -> None:
         mv = memoryview(data).cast("B")
         n = len(mv)
         lo = hi = offset
-        if self.direct_fd >= 0:
+        if self._owned >= 0:
             lo = min(-(-offset // ALIGN) * ALIGN, offset + n)
             hi = max((offset + n) // ALIGN * ALIGN, lo)
-        # [offset, lo) and [hi, end): partial pages, page cache; [lo, hi): O_DIRECT
-        for a, b, direct in ((offset, lo, False), (lo, hi, True), (hi, offset + n, False)):
+        # [offset, lo) and [hi, end): partial pages, page cache; [lo, hi): O_DIRECT when on
+        for a, b, aligned in ((offset, lo, False), (lo, hi, True), (hi, offset + n, False)):
             for start in range(a, b, self.chunk):
                 stop = min(start + self.chunk, b)
-                self._submit((direct, start, mv[start - offset : stop - offset], prepare, start - offset, stop - offset))
+                self._submit((aligned, start, mv[start - offset : stop - offset], prepare, start - offset, stop - offset))
 
     def _submit(self, item) -> None:
         if not self._threads:
@@ -315,7 +320,7 @@ class RangeWriter:
             self._pending += 1
             self._cond.notify_all()
 
-    def _work(self, cache_only: bool = False) -> None:
+    def _work(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -323,13 +328,9 @@ class RangeWriter:
                 if not self._queue:
                     return
                 item = self._queue.popleft()
-            slow = False
             try:
                 if self._error is None:
-                    t0 = time.perf_counter()
-                    self._run(item, cache_only)
-                    n = len(item[2])
-                    slow = cache_only and self.direct_fd >= 0 and n >= ALIGN * 256 and n < CACHE_FLOOR * (time.perf_counter() - t0)
+                    self._run(item)
             except BaseException as e:  # reported to the caller by the next call
                 with self._cond:
                     if self._error is None:
@@ -337,26 +338,30 @@ class RangeWriter:
             with self._cond:
                 self._pending -= 1
                 self._cond.notify_all()
-            if slow:
-                return
 
-    def _run(self, item, cache_only: bool = False) -> None:
-        direct, offset, view, prepare, lo, hi = item
+    def _run(self, item) -> None:
+        aligned, offset, view, prepare, lo, hi = item
         if prepare is not None:
             prepare(lo, hi)
-        if not direct or cache_only or self.direct_fd < 0:
+        direct_fd = self.direct_fd
+        if not aligned or direct_fd < 0:
+            t0 = time.perf_counter()
             pwrite_all(self.fd, view, offset)
+            if self._probing and len(view) >= 1 << 20 and len(view) < CACHE_FLOOR * (time.perf_counter() - t0):
+                self._probing = False
+                self.direct_fd = self._owned
             return
         buf = _take_staging(self.chunk)
         try:
             staged = memoryview(buf)[: len(view)]
             np.copyto(np.frombuffer(staged, dtype=np.uint8), np.frombuffer(view, dtype=np.uint8))  # drops the GIL
             try:
-                pwrite_all(self.direct_fd, staged, offset)
+                pwrite_all(direct_fd, staged, offset)
             except OSError as e:  # stricter alignment than ours: the page cache from now on
                 if e.errno != errno.EINVAL:
                     raise
                 self.direct_fd = -1
+                self._probing = False
                 pwrite_all(self.fd, view, offset)
         finally:
             _give_staging(buf)

@@ -31,7 +31,7 @@ def _specs(state):
 
 def _reference(tmp_path, state, block_size=65536):
     path = str(tmp_path / "ref.safetensors")
-    w = DataFileWriter(path, _specs(state), direct=False, workers=0, block_size=block_size)
+    w = DataFileWriter(path, _specs(state), mode="cache", workers=0, block_size=block_size)
     for n, t in state.items():
         w.write(n, t)
     return path, w.close(fsync=False)
@@ -50,13 +50,13 @@ def test_fsynced_save_of_a_large_state_round_trips_and_verifies(tmp_path):
         assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "buffered" / name).read_bytes()
 
 
-@pytest.mark.parametrize("workers,cache_workers", [(2, 0), (1, 1), (0, 0)])
-def test_writes_in_any_order_and_parts_give_the_same_file(tmp_path, workers, cache_workers):
+@pytest.mark.parametrize("mode,workers", [("direct", 2), ("auto", 2), ("direct", 0)])
+def test_writes_in_any_order_and_parts_give_the_same_file(tmp_path, mode, workers):
     state = _state(1)
     ref_path, ref_record = _reference(tmp_path, state, block_size=4096)
     path = str(tmp_path / "x.safetensors")
-    w = DataFileWriter(path, _specs(state), direct=True, workers=workers, cache_workers=cache_workers, block_size=4096)
-    assert w.direct  # 17 MiB: over DIRECT_MIN_BYTES
+    w = DataFileWriter(path, _specs(state), mode=mode, workers=workers, block_size=4096)
+    assert w.direct == (mode == "direct")  # 17 MiB: over DIRECT_MIN_BYTES; "auto" starts on the page cache
     w.write("b", state["b"])  # not the file's order
     a = datafile.tensor_bytes(state["a"])
     half = len(a) // 2 // 4096 * 4096 + 4096 * 3
@@ -70,7 +70,7 @@ def test_writes_in_any_order_and_parts_give_the_same_file(tmp_path, workers, cac
 
 
 def test_small_files_stay_buffered_and_inline(tmp_path):
-    w = DataFileWriter(str(tmp_path / "s.safetensors"), [("x", torch.float32, (10,))], direct=True)
+    w = DataFileWriter(str(tmp_path / "s.safetensors"), [("x", torch.float32, (10,))], mode="direct")
     assert not w.direct and datafile.DIRECT_MIN_BYTES > 40 and not w._io._threads
     w.write("x", torch.ones(10))
     w.close(fsync=True)
@@ -89,7 +89,7 @@ def test_a_failed_write_raises_and_leaves_no_file(tmp_path, monkeypatch):
         real(fd, data, offset)
 
     monkeypatch.setattr(direct_io, "pwrite_all", failing)
-    w = DataFileWriter(str(path), _specs(state), direct=True)
+    w = DataFileWriter(str(path), _specs(state), mode="direct")
     with pytest.raises(OSError, match="No space left"):
         for n, t in state.items():
             w.write(n, t)
@@ -101,7 +101,7 @@ def test_a_failed_write_raises_and_leaves_no_file(tmp_path, monkeypatch):
 def test_staging_buffers_are_reused_not_reallocated(tmp_path):
     state = _state(3)
     for i in range(2):
-        w = DataFileWriter(str(tmp_path / f"{i}.safetensors"), _specs(state), direct=True)
+        w = DataFileWriter(str(tmp_path / f"{i}.safetensors"), _specs(state), mode="direct")
         for n, t in state.items():
             w.write(n, t)
         w.close(fsync=False)
@@ -113,9 +113,11 @@ def test_staging_buffers_are_reused_not_reallocated(tmp_path):
     assert os.path.getsize(tmp_path / "1.safetensors") == w.size
 
 
-def test_a_slow_page_cache_worker_leaves_the_rest_to_the_direct_workers(tmp_path, monkeypatch):
-    # Every page-cache piece counts as slow: the cache worker writes one and stops.
-    monkeypatch.setattr(direct_io, "CACHE_FLOOR", 1 << 60)
+@pytest.mark.parametrize("floor,cached_pieces", [(1 << 60, 1), (0, 6)])
+def test_auto_mode_leaves_the_page_cache_once_it_falls_behind(tmp_path, monkeypatch, floor, cached_pieces):
+    # floor 2^60 B/s: every page-cache piece is too slow, the first one switches the rest
+    # to O_DIRECT; floor 0: the page cache always keeps up and writes all six pieces.
+    monkeypatch.setattr(direct_io, "CACHE_FLOOR", floor)
     state = {"a": torch.randn(12 << 20, generator=torch.Generator().manual_seed(4))}  # 48 MiB: 6 pieces
     ref_path, _ = _reference(tmp_path, state)
     real = direct_io.pwrite_all
@@ -127,8 +129,9 @@ def test_a_slow_page_cache_worker_leaves_the_rest_to_the_direct_workers(tmp_path
         real(fd, data, offset)
 
     monkeypatch.setattr(direct_io, "pwrite_all", spy)
-    w = DataFileWriter(str(tmp_path / "x.safetensors"), _specs(state), direct=True, workers=1, cache_workers=1)
+    w = DataFileWriter(str(tmp_path / "x.safetensors"), _specs(state), mode="auto", workers=1)
+    assert not w.direct
     w.write("a", state["a"])
     w.close(fsync=False)
-    assert len(big_cached) <= 1
+    assert len(big_cached) == cached_pieces
     assert (tmp_path / "x.safetensors").read_bytes() == Path(ref_path).read_bytes()
