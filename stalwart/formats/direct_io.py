@@ -40,9 +40,11 @@ import numpy as np
 ALIGN = 4096
 CHUNK = 8 * 1024 * 1024
 KEEP_STAGING = 4  # staging buffers of CHUNK bytes kept for reuse by the process (32 MiB)
-# RangeWriter "auto": a page-cache piece slower than this switches the rest to O_DIRECT
-# (bimodal here: ~4 GB/s when pages are at hand, 0.2-0.6 GB/s when the host faults them in).
+# RangeWriter "auto": CACHE_STRIKES page-cache pieces in a row slower than CACHE_FLOOR
+# switch the rest to O_DIRECT (bimodal here: 3-4 GB/s when pages are at hand, 0.2-0.6
+# GB/s while the host faults them in; one slow piece alone may just have been preempted).
 CACHE_FLOOR = 1 << 30  # bytes per second
+CACHE_STRIKES = 3
 
 _bypass = contextvars.ContextVar("stalwart_bypass_page_cache", default=True)
 
@@ -257,9 +259,9 @@ class RangeWriter:
       aligned staging buffer and written with ``O_DIRECT``; the partial pages at its
       two ends go through ``fd``, so no page is ever written both ways;
     * ``"auto"`` - like ``"cache"`` while the page cache keeps up, then like
-      ``"direct"``: once a piece of 1 MiB or more took longer than ``CACHE_FLOOR``
-      allows (its pages were slow to come by, or the kernel throttled the writer to
-      the disk's pace), the remaining pieces bypass the cache.
+      ``"direct"``: once ``CACHE_STRIKES`` pieces of 1 MiB or more in a row were
+      written slower than ``CACHE_FLOOR`` (their pages were slow to come by, or the
+      kernel throttled the writer to the disk's pace), the rest bypass the cache.
 
     Ranges are cut into pieces of at most ``chunk`` bytes, run on ``workers`` threads
     (inline with 0); at most ``2 * workers`` pieces are queued, so :meth:`write`
@@ -280,6 +282,7 @@ class RangeWriter:
         self._owned = _open_direct(path) if mode != "cache" else -1
         self.direct_fd = self._owned if mode == "direct" else -1  # in use for aligned pieces
         self._probing = mode == "auto" and self._owned >= 0  # on the page cache until it falls behind
+        self._strikes = 0
         self._cond = threading.Condition()
         self._queue: deque = deque()
         self._pending = 0
@@ -347,9 +350,12 @@ class RangeWriter:
         if not aligned or direct_fd < 0:
             t0 = time.perf_counter()
             pwrite_all(self.fd, view, offset)
-            if self._probing and len(view) >= 1 << 20 and len(view) < CACHE_FLOOR * (time.perf_counter() - t0):
-                self._probing = False
-                self.direct_fd = self._owned
+            if self._probing and len(view) >= 1 << 20:
+                slow = len(view) < CACHE_FLOOR * (time.perf_counter() - t0)
+                self._strikes = self._strikes + 1 if slow else 0
+                if self._strikes >= CACHE_STRIKES:
+                    self._probing = False
+                    self.direct_fd = self._owned
             return
         buf = _take_staging(self.chunk)
         try:
