@@ -268,8 +268,8 @@ class RangeWriter:
     returns while its last pieces may still be in flight: the caller keeps the memory
     unchanged until :meth:`wait`. ``prepare(lo, hi)``, given with a range, runs on the
     worker before the piece covering the range's bytes ``[lo, hi)`` is written (the
-    data file hashes the checksum blocks starting there). The first error is raised
-    by the next call.
+    data file hashes the checksum blocks starting there). The first error stops all
+    further writing and is raised by every later call but :meth:`abort`.
     """
 
     def __init__(self, fd: int, path: str, *, mode: str = "cache", workers: int = 2, chunk: int = CHUNK) -> None:
@@ -374,8 +374,7 @@ class RangeWriter:
 
     def _raise(self) -> None:
         if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+            raise self._error
 
     def wait(self) -> None:
         """Block until every piece handed to :meth:`write` is written; raise the first error."""
@@ -391,9 +390,8 @@ class RangeWriter:
         self._raise()
 
     def abort(self) -> None:
-        """Drop the queued pieces, wait for those being written, stop; errors are discarded."""
+        """Drop the queued pieces, wait for those being written, stop; errors are not raised."""
         self._stop(drop=True)
-        self._error = None
 
     def _stop(self, drop: bool) -> None:
         if self._closed:
