@@ -41,9 +41,9 @@ from stalwart.formats.dtypes import (
     safetensors_code,
     tensor_bytes,
 )
-from stalwart.formats.geometry import check_order
+from stalwart.formats.geometry import check_panels
 
-DATAFILE_VERSION = 2  # the newest this module reads; 2 adds per-entry storage orders
+DATAFILE_VERSION = 2  # the newest this module reads; 2 adds per-entry panels
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 WRITE_CHUNK = 8 * 1024 * 1024  # bytes hashed then written per piece, per worker
 DIRECT_MIN_BYTES = 16 * 1024 * 1024  # smaller files go through the page cache
@@ -58,7 +58,7 @@ class Entry:
     shape: tuple[int, ...]  # the local shard's shape
     begin: int
     end: int
-    order: tuple[int, ...] | None = None  # dims as stored (``shard.permute(order)``); None: row-major
+    panels: tuple[int, int] | None = None  # (dim, width): stored as panels (LocalShard.paneled); None: row-major
 
     @property
     def nbytes(self) -> int:
@@ -66,8 +66,15 @@ class Entry:
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
-        """The shape of the bytes as stored (what a plain safetensors reader sees)."""
-        return self.shape if self.order is None else tuple(self.shape[d] for d in self.order)
+        """The shape a plain safetensors reader sees: the local shard's, or for panels of
+        equal width ``(panels, *shape with width along dim)``, else flat."""
+        if self.panels is None:
+            return self.shape
+        dim, width = self.panels
+        n = self.shape[dim]
+        if n % width:
+            return (math.prod(self.shape),)
+        return (n // width, *(width if k == dim else x for k, x in enumerate(self.shape)))
 
 
 @dataclass
@@ -145,7 +152,23 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _plan_entries(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], orders: Mapping[str, tuple[int, ...]]) -> list[Entry]:
+def to_panels(t: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """The bytes of local shard ``t`` arranged in panels (see ``LocalShard.paneled``): a
+    new contiguous 1-D tensor."""
+    n = t.shape[dim]
+    if n % width == 0:  # one strided copy
+        split = (*t.shape[:dim], n // width, width, *t.shape[dim + 1 :])
+        return t.reshape(split).movedim(dim, 0).contiguous().reshape(-1)
+    out = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+    pos = 0
+    for start in range(0, n, width):
+        part = t.narrow(dim, start, min(width, n - start))
+        out[pos : pos + part.numel()].view(part.shape).copy_(part)
+        pos += part.numel()
+    return out
+
+
+def _plan_entries(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], panels: Mapping[str, tuple[int, int]]) -> list[Entry]:
     # Largest element size first, then by name: with the 8-byte header padding every
     # entry is naturally aligned (the order safetensors' own writer uses).
     order = sorted(specs, key=lambda s: (-itemsize(s[1]), s[0]))
@@ -153,15 +176,14 @@ def _plan_entries(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], orders:
     pos = 0
     for name, dtype, shape in order:
         n = math.prod(shape) * itemsize(dtype)
-        dims = check_order(orders.get(name), len(shape), f"entry {name!r}")
-        entries.append(Entry(name, dtype, tuple(shape), pos, pos + n, dims))
+        entries.append(Entry(name, dtype, tuple(shape), pos, pos + n, check_panels(panels.get(name), shape, f"entry {name!r}")))
         pos += n
     return entries
 
 
 def _header_bytes(entries: list[Entry], block_size: int, sums: dict[str, str], rank: int | None, objects) -> bytes:
     # Version 2 only when a feature of it is used, so other files stay readable by v1 readers.
-    version = 2 if any(e.order is not None for e in entries) else 1
+    version = 2 if any(e.panels is not None for e in entries) else 1
     meta: dict = {"v": version, "block_size": block_size, "sums": sums}
     if rank is not None:
         meta["rank"] = rank
@@ -170,11 +192,11 @@ def _header_bytes(entries: list[Entry], block_size: int, sums: dict[str, str], r
     header: dict = {"__metadata__": {"format": "pt"}}
     for e in entries:
         code = safetensors_code(e.dtype)
-        if e.order is not None:
-            meta.setdefault("order", {})[e.name] = list(e.order)
+        if e.panels is not None:
+            meta.setdefault("panels", {})[e.name] = {"dim": e.panels[0], "width": e.panels[1], "shape": list(e.shape)}
         if code is None:  # no safetensors code: raw bytes, real dtype in the stalwart metadata
             header[e.name] = {"dtype": "U8", "shape": [e.nbytes], "data_offsets": [e.begin, e.end]}
-            meta.setdefault("raw", {})[e.name] = {"dtype": dtype_name(e.dtype), "shape": list(e.stored_shape)}
+            meta.setdefault("raw", {})[e.name] = {"dtype": dtype_name(e.dtype), "shape": list(e.shape)}
         else:
             header[e.name] = {"dtype": code, "shape": list(e.stored_shape), "data_offsets": [e.begin, e.end]}
     header["__metadata__"]["stalwart"] = json.dumps(meta, separators=(",", ":"))
@@ -199,7 +221,7 @@ class FileImage:
         rank: int | None = None,
         objects: dict | None = None,
         block_size: int = ck.DEFAULT_BLOCK_SIZE,
-        orders: Mapping[str, tuple[int, ...]] | None = None,
+        panels: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         names = [n for n, _, _ in specs]
         if len(set(names)) != len(names):
@@ -207,7 +229,7 @@ class FileImage:
         self.rank = rank
         self.objects = objects
         self.block_size = block_size
-        self.order = _plan_entries(specs, orders or {})
+        self.order = _plan_entries(specs, panels or {})
         self.entries = {e.name: e for e in self.order}
         self.block_counts = {e.name: ck.block_count(e.nbytes, block_size) for e in self.order}
         placeholder = {e.name: "A" * ck.packed_length(self.block_counts[e.name]) for e in self.order}
@@ -230,8 +252,8 @@ class FileImage:
 class DataFileWriter:
     """Streams a data file whose entries (names, dtypes, shapes) are declared up front.
 
-    ``orders`` gives entries stored in another dim order (see :class:`Entry`); their
-    :meth:`write` takes the local shard and stores it permuted.
+    ``panels`` gives entries stored as panels (see :class:`Entry`); :meth:`write`
+    takes their local shard and arranges it.
 
     Entries may be written in any order, whole (:meth:`write`) or in parts at
     block-aligned offsets (:meth:`write_at`), with checksums computed here or passed
@@ -256,7 +278,7 @@ class DataFileWriter:
         block_size: int = ck.DEFAULT_BLOCK_SIZE,
         relpath: str | None = None,
         mode: str = "cache",
-        orders: Mapping[str, tuple[int, ...]] | None = None,
+        panels: Mapping[str, tuple[int, int]] | None = None,
         workers: int = 2,
     ) -> None:
         if block_size <= 0:
@@ -264,7 +286,7 @@ class DataFileWriter:
         self.path = path
         self.relpath = relpath if relpath is not None else os.path.basename(path)
         self.block_size = block_size
-        self.image = FileImage(specs, rank=rank, objects=objects, block_size=block_size, orders=orders)
+        self.image = FileImage(specs, rank=rank, objects=objects, block_size=block_size, panels=panels)
         self.entries = self.image.entries
         self._tables = {n: np.zeros(c, dtype=np.uint64) for n, c in self.image.block_counts.items()}
         self._written = dict.fromkeys(self.entries, 0)
@@ -290,18 +312,19 @@ class DataFileWriter:
         """Whether the file's bulk bypasses the page cache now."""
         return self._io is not None and self._io.direct
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write a whole entry from a tensor of the declared dtype and shape (the local
-        shard; an entry with a storage order stores it permuted)."""
+    def write(self, name: str, tensor: torch.Tensor, *, arranged: bool = False) -> None:
+        """Write a whole entry from a tensor of the declared dtype and shape: the local
+        shard, which an entry with panels stores arranged in them - or, with
+        ``arranged``, a tensor whose bytes are already so arranged."""
         e = self._entry(name)
         t = tensor.detach()
-        if e.order is not None:
+        if e.panels is not None and not arranged:
             if tuple(t.shape) != e.shape:
                 raise FormatError(
-                    f"data file {self.path}: entry {name!r} is stored permuted and needs the local shard's shape"
+                    f"data file {self.path}: entry {name!r} is stored as panels and needs the local shard's shape"
                     f" {list(e.shape)}, got {list(t.shape)}"
                 )
-            t = t.permute(e.order)
+            t = to_panels(t, *e.panels)
         t = _prepare(t)
         if t.dtype != e.dtype or t.numel() * t.element_size() != e.nbytes:
             raise FormatError(
@@ -388,11 +411,13 @@ def write_datafile(
     block_size: int = ck.DEFAULT_BLOCK_SIZE,
     fsync: bool = True,
     relpath: str | None = None,
-    orders: Mapping[str, tuple[int, ...]] | None = None,
+    panels: Mapping[str, tuple[int, int]] | None = None,
+    arranged: bool = False,
 ) -> FileRecord:
     """Write ``tensors`` (name, local shard) to a new data file at ``path``; return its record.
 
-    ``orders`` names entries stored in another dim order (each shard is stored permuted).
+    ``panels`` names entries stored as panels: their shards are arranged so, unless
+    ``arranged`` says the tensors given for them (in the shards' shapes) already are.
     """
     prepared = [(n, t.detach()) for n, t in tensors]  # write() makes each contiguous, as stored
     # With fsync the bulk of a large file bypasses the page cache (through it, every
@@ -401,12 +426,12 @@ def write_datafile(
     # behind (fresh pages faulted in slowly, writeback throttling): then past it.
     writer = DataFileWriter(
         path, [(n, t.dtype, tuple(t.shape)) for n, t in prepared], rank=rank, objects=objects,
-        block_size=block_size, relpath=relpath, mode="direct" if fsync else "auto", orders=orders,
+        block_size=block_size, relpath=relpath, mode="direct" if fsync else "auto", panels=panels,
     )
     tensors_by_name = dict(prepared)
     try:
         for e in writer.image.order:  # in file order: sequential on disk
-            writer.write(e.name, tensors_by_name[e.name])
+            writer.write(e.name, tensors_by_name[e.name], arranged=arranged)
     except BaseException:
         writer.abort()
         raise
@@ -508,12 +533,12 @@ def _parse_header(obj, path: str, header_len: int, size: int) -> FileHeader:
     if not isinstance(block_size, int) or block_size <= 0:
         raise FormatError(f"data file {path}: bad checksum block size {block_size!r}")
     raw_types = meta.get("raw", {})
-    orders = meta.get("order", {})
-    if not isinstance(orders, dict) or not isinstance(raw_types, dict):
-        raise FormatError(f"data file {path}: malformed stalwart metadata ('order' / 'raw' are not objects)")
-    unknown = sorted(set(orders) - set(obj))
+    paneled = meta.get("panels", {})
+    if not isinstance(paneled, dict) or not isinstance(raw_types, dict):
+        raise FormatError(f"data file {path}: malformed stalwart metadata ('panels' / 'raw' are not objects)")
+    unknown = sorted(set(paneled) - set(obj))
     if unknown:
-        raise FormatError(f"data file {path}: storage orders given for entries it does not have: {unknown[:5]}")
+        raise FormatError(f"data file {path}: panels given for entries it does not have: {unknown[:5]}")
     entries: dict[str, Entry] = {}
     for name, info in obj.items():
         try:
@@ -521,18 +546,20 @@ def _parse_header(obj, path: str, header_len: int, size: int) -> FileHeader:
             st_shape = tuple(int(x) for x in info["shape"])
             if name in raw_types:
                 dtype = dtype_from_name(raw_types[name]["dtype"])
-                stored = tuple(int(x) for x in raw_types[name]["shape"])
+                shape = tuple(int(x) for x in raw_types[name]["shape"])
             else:
                 dtype = dtype_from_safetensors(info["dtype"])
-                stored = st_shape
-            order = check_order(orders.get(name), len(stored), f"data file {path}: entry {name!r}")
+                shape = st_shape
+            panels = None
+            if name in paneled:  # the header's shape is the panels'; the shard's is here
+                shape = tuple(int(x) for x in paneled[name]["shape"])
+                panels = check_panels((paneled[name]["dim"], paneled[name]["width"]), shape, f"entry {name!r}")
         except (KeyError, TypeError, ValueError, LayoutError) as e:
             raise FormatError(f"data file {path}: malformed entry {name!r}: {e}") from None
-        # The header describes the bytes as stored; the entry's shape is the local shard's.
-        shape = stored if order is None else tuple(stored[order.index(d)] for d in range(len(order)))
-        if end - begin != math.prod(shape) * itemsize(dtype) or begin < 0:
-            raise FormatError(f"data file {path}: entry {name!r} offsets [{begin}, {end}) do not fit {dtype_name(dtype)}{list(stored)}")
-        entries[name] = Entry(name, dtype, shape, begin, end, order)
+        declared = math.prod(st_shape) * (1 if name in raw_types else itemsize(dtype))
+        if begin < 0 or end - begin != math.prod(shape) * itemsize(dtype) or declared != end - begin:
+            raise FormatError(f"data file {path}: entry {name!r} offsets [{begin}, {end}) do not fit {dtype_name(dtype)}{list(shape)}")
+        entries[name] = Entry(name, dtype, shape, begin, end, panels)
     pos = 0
     for e in sorted(entries.values(), key=lambda e: e.begin):
         if e.begin != pos:

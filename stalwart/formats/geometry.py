@@ -72,15 +72,14 @@ class Box:
         return Box(tuple(int(x) for x in obj[0]), tuple(int(x) for x in obj[1]))
 
 
-def check_order(order, ndim: int, what: str) -> Shape | None:
-    """Validate a storage dim order (a permutation of ``range(ndim)``); the identity is
-    normalised to None, which means row-major."""
-    if order is None:
+def check_panels(panels, shape: Shape, what: str) -> tuple[int, int] | None:
+    """Validate a panel arrangement ``(dim, width)`` for tensors of ``len(shape)`` dims."""
+    if panels is None:
         return None
-    order = tuple(int(d) for d in order)
-    if sorted(order) != list(range(ndim)):
-        raise LayoutError(f"{what}: storage order {list(order)} is not a permutation of its {ndim} dims")
-    return None if order == tuple(range(ndim)) else order
+    dim, width = (int(x) for x in panels)
+    if not 0 <= dim < len(shape) or width < 1:
+        raise LayoutError(f"{what}: panels of width {width} along dim {dim} do not fit shape {list(shape)}")
+    return dim, width
 
 
 def row_major_strides(shape: Shape) -> Shape:

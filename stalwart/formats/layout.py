@@ -38,7 +38,8 @@ import torch
 
 from stalwart.errors import LayoutError
 from stalwart.formats.dtypes import dtype_from_name, dtype_name
-from stalwart.formats.geometry import Box, Piece, Shape, check_order, decompose_flat, row_major_strides
+from stalwart.formats.dtypes import itemsize as _itemsize
+from stalwart.formats.geometry import Box, Piece, Shape, check_panels, decompose_flat, row_major_strides
 
 # --------------------------------------------------------------------------- mesh
 
@@ -119,28 +120,40 @@ class LocalShard:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def permuted(self, order: Shape) -> LocalShard:
-        """The same shard stored with its dims in ``order`` (``local.permute(order)``, row-major).
+    def paneled(self, dim: int, width: int) -> LocalShard:
+        """The same shard stored as *panels*: cut along ``dim`` into runs of ``width``
+        (the last may be narrower), each stored row-major, one after the other.
 
-        Pieces keep their global boxes; their offsets and strides address the permuted
-        storage. Only shards whose pieces use the local row-major strides (box
-        placements) can be permuted.
+        Pieces keep their global boxes, split where they cross a panel boundary;
+        their offsets and strides address the paneled storage. Only shards whose
+        pieces use the local row-major strides (box placements) can be paneled.
         """
-        local_strides = row_major_strides(self.shape)
-        stored = row_major_strides(tuple(self.shape[d] for d in order))
-        strides = [0] * len(order)
-        for pos, d in enumerate(order):
-            strides[d] = stored[pos]
+        shape = self.shape
+        local_strides = row_major_strides(shape)
+        n = shape[dim]
+        per_col = math.prod(shape) // n if n else 0  # elements of one index along ``dim``
         pieces = []
         for p in self.pieces:
             if p.strides != local_strides:
-                raise LayoutError("only box-shaped local shards can be stored in another dim order")
-            rem, offset = p.offset, 0
-            for ls, ss in zip(local_strides, strides):
-                i, rem = divmod(rem, ls)
-                offset += i * ss
-            pieces.append(Piece(p.box, offset, tuple(strides)))
-        return LocalShard(tuple(self.shape[d] for d in order), tuple(pieces))
+                raise LayoutError("only box-shaped local shards can be stored as panels")
+            idx, rem = [], p.offset
+            for st in local_strides:
+                i, rem = divmod(rem, st)
+                idx.append(i)
+            lo, hi = idx[dim], idx[dim] + p.box.lengths[dim]
+            for j in range(lo // width, -(-hi // width)):
+                c0, c1 = max(lo, j * width), min(hi, (j + 1) * width)
+                pshape = tuple(min(width, n - j * width) if k == dim else x for k, x in enumerate(shape))
+                pstrides = row_major_strides(pshape)
+                offset = j * width * per_col + sum(
+                    (c0 - j * width if k == dim else i) * st for k, (i, st) in enumerate(zip(idx, pstrides))
+                )
+                box = Box(
+                    tuple(o + (c0 - lo) if k == dim else o for k, o in enumerate(p.box.offsets)),
+                    tuple(c1 - c0 if k == dim else x for k, x in enumerate(p.box.lengths)),
+                )
+                pieces.append(Piece(box, offset, pstrides))
+        return LocalShard(shape, tuple(pieces))
 
 
 def _translate_box_pieces(pairs: Iterable[tuple[Box, Shape]], local_shape: Shape) -> tuple[Piece, ...]:
@@ -743,21 +756,21 @@ class TensorSpec:
     param: str | None = None  # for optimizer slots: the param they belong to
     slot: str | None = None  # for optimizer slots: exp_avg, momentum_buffer, ...
     aliases: tuple[str, ...] = ()
-    # Dim order in which local shards are stored (None: their row-major local shape).
-    # Set by the writer for tensors sharded along a dim other than 0, so that a later
-    # reshard along that dim reads contiguous bytes; loading is unaffected by it.
-    order: tuple[int, ...] | None = None
+    # (dim, width): local shards are stored as panels of ``width`` along ``dim`` (see
+    # LocalShard.paneled); None: row-major. Set by the writer for tensors sharded along
+    # a dim other than 0, so that a later reshard along it reads contiguous bytes.
+    panels: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.order is not None:
-            object.__setattr__(self, "order", check_order(self.order, len(self.shape), f"tensor {self.name!r}"))
+        if self.panels is not None:
+            object.__setattr__(self, "panels", check_panels(self.panels, self.shape, f"tensor {self.name!r}"))
 
     def __hash__(self) -> int:
         # Immutable, hashed for every tensor at every snapshot (plan cache key): compute once.
         cached = self.__dict__.get("_hash")
         if cached is None:
             cached = hash((self.name, self.shape, self.dtype, self.placement, self.stage, self.role,
-                           self.param, self.slot, self.aliases, self.order))
+                           self.param, self.slot, self.aliases, self.panels))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -772,8 +785,8 @@ class TensorSpec:
         if self.stage is not None:
             out["stage"] = self.stage
         out["placement"] = self.placement.to_json()
-        if self.order is not None:
-            out["order"] = list(self.order)
+        if self.panels is not None:
+            out["panels"] = {"dim": self.panels[0], "width": self.panels[1]}
         return out
 
     @staticmethod
@@ -791,7 +804,7 @@ class TensorSpec:
             param=obj.get("param"),
             slot=obj.get("slot"),
             aliases=tuple(obj.get("aliases", ())),
-            order=tuple(int(d) for d in obj["order"]) if obj.get("order") is not None else None,
+            panels=(int(obj["panels"]["dim"]), int(obj["panels"]["width"])) if obj.get("panels") is not None else None,
         )
 
 
@@ -901,8 +914,8 @@ class Layout:
                 if "pp" in spec.placement.dims():
                     raise LayoutError(f"tensor {spec.name!r}: staged tensors cannot also be split over 'pp'")
             spec.placement.validate(spec, self)
-            if spec.order is not None and not isinstance(spec.placement, BoxPlacement):
-                raise LayoutError(f"tensor {spec.name!r}: a storage order needs a replicated or sharded placement")
+            if spec.panels is not None and not isinstance(spec.placement, BoxPlacement):
+                raise LayoutError(f"tensor {spec.name!r}: panels need a replicated or sharded placement")
         group_dims: dict[str, str] = {}
         for spec in self.tensors.values():
             p = spec.placement
@@ -994,27 +1007,29 @@ class Layout:
         return out
 
     def stored(self, name: str, rank: int) -> LocalShard | None:
-        """What ``rank`` stores of ``name`` as laid out in its data-file entry: :meth:`local`
-        permuted by the tensor's storage order (the same shard when it has none)."""
+        """What ``rank`` stores of ``name`` as laid out in its data-file entry: :meth:`local`,
+        arranged in the tensor's panels if it has them."""
         shard = self.local(name, rank)
-        order = self.spec(name).order
-        if shard is None or order is None:
+        panels = self.spec(name).panels
+        if shard is None or panels is None:
             return shard
         key = (name, rank, "stored")
         hit = self._local_cache.get(key)
         if hit is None:
-            hit = self._local_cache[key] = shard.permuted(order)
+            hit = self._local_cache[key] = shard.paneled(*panels)
         return hit
 
-    def with_storage_orders(self) -> Layout:
-        """This layout with a storage order chosen for every tensor that needs one.
+    def with_storage_panels(self) -> Layout:
+        """This layout with panels chosen for every tensor that needs them.
 
         A tensor sharded along dim ``d > 0`` (a row-parallel weight split along its
-        columns) is stored with ``d`` outermost, so that the part of a local shard that
-        any other split along ``d`` needs is one contiguous byte range: reading it is
-        not rounded out to checksum blocks row by row. Other tensors keep their order.
+        columns) stores each local shard as panels along ``d``
+        (:func:`storage_panels_for`), so that the part of a shard that any other split
+        along ``d`` needs is one contiguous byte range, give or take a panel at each end:
+        reading it is not rounded out to checksum blocks row by row. Other tensors keep
+        their arrangement.
         """
-        return self.with_tensors(replace(s, order=storage_order_for(s)) for s in self.tensors.values())
+        return self.with_tensors(replace(s, panels=storage_panels_for(s)) for s in self.tensors.values())
 
     def replica_dims(self, spec: TensorSpec) -> tuple[str, ...]:
         if isinstance(spec.placement, Explicit):
@@ -1130,20 +1145,25 @@ class Layout:
         return {"world_size": self.world_size, **{d: s for d, s in zip(self.mesh.dims, self.mesh.sizes)}}
 
 
-def storage_order_for(spec: TensorSpec) -> tuple[int, ...] | None:
-    """The storage order :meth:`Layout.with_storage_orders` picks for ``spec``.
+PANEL_BYTES = 32  # narrowest panel row (copies of 32-byte runs: ~1/3 of memcpy speed, 128-byte: full)
+MAX_PANELS = 256  # per tensor (across all its shards): bounds the copies a read is cut into
 
-    Sharded along dims that do not include 0: the smallest of them goes first (unless
-    every dim before it has length 1, where row-major is already contiguous).
-    Anything else, including a spec that already has an order, keeps its own.
+
+def storage_panels_for(spec: TensorSpec) -> tuple[int, int] | None:
+    """The panels :meth:`Layout.with_storage_panels` picks for ``spec``.
+
+    Sharded along dims that do not include 0: panels along the smallest of them, ``d``,
+    ``max(PANEL_BYTES / itemsize, shape[d] / MAX_PANELS)`` wide - unless every dim
+    before ``d`` has length 1, where row-major already keeps ``d`` contiguous. Anything
+    else, including a spec that already has panels, keeps its own.
     """
     p = spec.placement
-    if spec.order is not None or not isinstance(p, Sharded) or not p.shards:
-        return spec.order
+    if spec.panels is not None or not isinstance(p, Sharded) or not p.shards:
+        return spec.panels
     d = min(s.dim for s in p.shards)
     if d == 0 or math.prod(spec.shape[:d]) <= 1:
         return None
-    return (d, *(i for i in range(len(spec.shape)) if i != d))
+    return d, max(-(-PANEL_BYTES // _itemsize(spec.dtype)), -(-spec.shape[d] // MAX_PANELS))
 
 
 def _spec_of(name: str, t: torch.Tensor | TensorSpec) -> TensorSpec:

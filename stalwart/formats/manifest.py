@@ -21,7 +21,7 @@ from stalwart.formats.layout import Layout
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "stalwart-checkpoint"
-FORMAT_VERSION = 2  # the newest this module reads; 2 adds per-tensor storage orders ("order")
+FORMAT_VERSION = 2  # the newest this module reads; 2 adds per-tensor panels ("panels")
 
 
 def rank_file_name(rank: int) -> str:
@@ -63,7 +63,7 @@ class Manifest:
         layout = self.layout.to_json()
         # The lowest version that describes this checkpoint, so older readers still open
         # every checkpoint that uses no newer feature.
-        version = 2 if any(t.order is not None for t in self.layout.tensors.values()) else 1
+        version = 2 if any(t.panels is not None for t in self.layout.tensors.values()) else 1
         return {
             "format": FORMAT_NAME,
             "version": version,

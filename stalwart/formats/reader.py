@@ -219,8 +219,8 @@ class Checkpoint:
             return None
         _, header = self._open_rank(read.rank)
         entry = header.entries.get(read.entry)
-        if entry is None or entry.nbytes != read.entry_nbytes or entry.dtype != out.dtype or entry.order is not None:
-            return None  # the copying path copies permuted entries and raises the precise errors
+        if entry is None or entry.nbytes != read.entry_nbytes or entry.dtype != out.dtype or entry.panels is not None:
+            return None  # the copying path copies entries stored as panels and raises the precise errors
         offset = header.data_start + entry.begin
         if offset % item:
             return None
@@ -230,14 +230,14 @@ class Checkpoint:
                       f"{header.path} entry {read.entry!r}", offset)
         return t
 
-    def _check_order(self, header: FileHeader, entry) -> None:
-        # Checksums cannot catch a file whose entry is stored in another dim order than
-        # the manifest says: the bytes are intact, only their arrangement differs.
-        want = self.tensors[entry.name].order
-        if entry.order != want:
+    def _check_arrangement(self, header: FileHeader, entry) -> None:
+        # Checksums cannot catch a file whose entry is arranged otherwise than the
+        # manifest says: the bytes are intact, only their places differ.
+        want = self.tensors[entry.name].panels
+        if entry.panels != want:
             raise FormatError(
-                f"{header.path}: entry {entry.name!r} is stored in dim order {_order_text(entry.order)},"
-                f" the manifest says {_order_text(want)}"
+                f"{header.path}: entry {entry.name!r} is stored {_arrangement(entry.panels)},"
+                f" the manifest says {_arrangement(want)}"
             )
 
     def _execute_read(self, read: Read, flats: dict[str, torch.Tensor], local: threading.local) -> None:
@@ -250,7 +250,7 @@ class Checkpoint:
                 f"{header.path}: entry {read.entry!r} is {dtype_name(entry.dtype)}{list(entry.shape)}"
                 f" ({entry.nbytes} bytes); the manifest's layout expects {read.entry_nbytes} bytes"
             )
-        self._check_order(header, entry)
+        self._check_arrangement(header, entry)
         item = read.itemsize
         if len(read.copies) == 1:
             c = read.copies[0]
@@ -382,7 +382,7 @@ class Checkpoint:
                     )
                     continue
                 try:
-                    self._check_order(header, entry)
+                    self._check_arrangement(header, entry)
                 except FormatError as e:
                     report.problems.append(str(e))
                     continue
@@ -433,8 +433,8 @@ class Checkpoint:
         return src.as_strided(piece.box.lengths, piece.strides, 0).clone()
 
 
-def _order_text(order) -> str:
-    return "row-major" if order is None else str(list(order))
+def _arrangement(panels) -> str:
+    return "row-major" if panels is None else f"as panels of width {panels[1]} along dim {panels[0]}"
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

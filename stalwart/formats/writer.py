@@ -59,16 +59,15 @@ def find_aliases(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
 
 def local_view(layout: Layout, name: str, tensor: torch.Tensor, rank: int, shard: LocalShard) -> torch.Tensor:
     """``rank``'s local tensor of global ``tensor`` *as stored*: a view when the shard is a
-    contiguous run of it; a tensor with a storage order comes back permuted (one copy)."""
-    if layout.spec(name).order is not None:
+    contiguous run of it; for a tensor with panels, a flat tensor of them (one copy)."""
+    if layout.spec(name).panels is not None:
         stored = layout.stored(name, rank)
         covered = sum(p.box.numel for p in stored.pieces) == stored.numel
-        out = (torch.empty if covered else torch.zeros)(stored.shape, dtype=tensor.dtype)
-        flat = out.reshape(-1)
+        flat = (torch.empty if covered else torch.zeros)(stored.numel, dtype=tensor.dtype)
         for p in stored.pieces:
             src = tensor[tuple(slice(o, o + n) for o, n in zip(p.box.offsets, p.box.lengths))]
             flat.as_strided(p.box.lengths, p.strides, p.offset).copy_(src)
-        return out
+        return flat
     if len(shard.pieces) == 1 and tensor.is_contiguous():
         p = shard.pieces[0]
         start, stop = p.span()
@@ -104,8 +103,8 @@ def write_rank(
 
     ``local_tensors`` maps tensor names to this rank's local shards (the layout's
     local shapes). Replicas that are not the designated writer of a tensor skip it.
-    Tensors with a storage order (:meth:`Layout.with_storage_orders`) are stored
-    permuted. Returns None when the rank stores nothing and has no objects.
+    Tensors with panels (:meth:`Layout.with_storage_panels`) are stored arranged in
+    them. Returns None when the rank stores nothing and has no objects.
     """
     return _write_rank(ckpt_dir, layout, rank, local_tensors, objects=objects, fsync=fsync, block_size=block_size)
 
@@ -119,9 +118,9 @@ def _write_rank(
     objects: dict | None,
     fsync: bool,
     block_size: int,
-    stored: bool = False,
+    arranged: bool = False,
 ) -> FileRecord | None:
-    # ``stored``: tensors with a storage order are given already permuted.
+    # ``arranged``: the tensors of entries with panels hold their bytes arranged already.
     entries = []
     for name, shard in layout.writes(rank):
         t = local_tensors.get(name)
@@ -134,21 +133,15 @@ def _write_rank(
         spec = layout.spec(name)
         if t.dtype != spec.dtype:
             raise LayoutError(f"rank {rank}: {name!r} is {t.dtype}, layout says {spec.dtype}")
-        if spec.order is not None and stored:
-            t = t.reshape(tuple(shard.shape[d] for d in spec.order)).permute(_inverse(spec.order))
-        entries.append((name, t.reshape(shard.shape)))
+        entries.append((name, t.reshape(shard.shape)))  # arranged: the panels' bytes, in the shard's shape
     if not entries and not objects:
         return None
     rel = rank_file_name(rank)
-    orders = {n: layout.spec(n).order for n, _ in entries if layout.spec(n).order is not None}
+    panels = {n: layout.spec(n).panels for n, _ in entries if layout.spec(n).panels is not None}
     return write_datafile(
         os.path.join(ckpt_dir, rel), entries, rank=rank, objects=objects, block_size=block_size, fsync=fsync,
-        relpath=rel, orders=orders,
+        relpath=rel, panels=panels, arranged=arranged,
     )
-
-
-def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(order.index(d) for d in range(len(order)))
 
 
 def commit(
@@ -197,7 +190,7 @@ def save(
     workers: int = 2,
     progress: Progress | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    storage_orders: bool = True,
+    storage_panels: bool = True,
 ) -> str:
     """Save ``state_dict`` as a stalwart checkpoint; return the checkpoint directory.
 
@@ -205,9 +198,9 @@ def save(
     comes back from :func:`~stalwart.formats.load` with the same structure. Tied
     tensors are stored once and come back tied. With ``layout``, the (global)
     tensors are written as that layout shards them, one data file per rank; with
-    ``storage_orders`` (default), tensors sharded along a dim other than 0 are stored
-    with that dim outermost (:meth:`Layout.with_storage_orders`), so that loading
-    them resharded along it reads only the bytes it needs.
+    ``storage_panels`` (default), tensors sharded along a dim other than 0 store their
+    shards as panels along it (:meth:`Layout.with_storage_panels`), so that loading
+    them resharded along it reads only about the bytes it needs.
 
     With ``step``, ``path`` is a checkpoint *root*: the checkpoint goes to
     ``path/step-XXXXXXXX`` and ``path/latest`` is updated after it commits. Without,
@@ -226,8 +219,8 @@ def save(
             raise LayoutError(f"tensor {name!r} has shape {list(t.shape)}, layout says {list(spec.shape)}")
         specs.append(_with_aliases(spec, alias_map.get(name, []), t.dtype))
     layout = layout.with_tensors(specs)
-    if storage_orders:
-        layout = layout.with_storage_orders()
+    if storage_panels:
+        layout = layout.with_storage_panels()
 
     if step is not None:
         os.makedirs(path, exist_ok=True)
@@ -238,7 +231,7 @@ def save(
     try:
         def write_one(rank: int) -> FileRecord | None:
             local = {name: local_view(layout, name, unique[name], rank, shard) for name, shard in layout.writes(rank)}
-            rec = _write_rank(tmp, layout, rank, local, objects=None, fsync=fsync, block_size=block_size, stored=True)
+            rec = _write_rank(tmp, layout, rank, local, objects=None, fsync=fsync, block_size=block_size, arranged=True)
             if progress is not None and rec is not None:
                 progress(rec.size)
             return rec

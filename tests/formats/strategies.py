@@ -146,11 +146,11 @@ def layouts(draw, specs: list[tuple[str, tuple[int, ...], torch.dtype]]) -> Layo
             placement = ZeroFlat(gid, name, draw(box_base(shape, mesh)), "dp")
         else:
             placement = draw(explicit_placement(shape, mesh.world_size))
-        order = None
-        if isinstance(placement, (Replicated, Sharded)) and len(shape) >= 2 and draw(st.booleans()):
-            # any dim order a writer may store local shards in (save() picks its own too)
-            order = tuple(draw(st.permutations(list(range(len(shape))))))
-        tensors.append(TensorSpec(name, shape, dtype, placement, stage, order=order))
+        panels = None
+        if isinstance(placement, (Replicated, Sharded)) and shape and draw(st.booleans()):
+            # any panels a writer may store local shards in (save() picks its own too)
+            panels = (draw(st.integers(0, len(shape) - 1)), draw(st.integers(1, 4)))
+        tensors.append(TensorSpec(name, shape, dtype, placement, stage, panels=panels))
     groups = {}
     for gid, names in members.items():
         order = draw(st.permutations(names))

@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stalwart.errors import LayoutError
+from stalwart.formats.datafile import to_panels
 from stalwart.formats.geometry import Box
 from stalwart.formats.layout import (
     Layout,
@@ -38,10 +39,10 @@ def test_split_then_assemble_is_identity_and_sources_cover_once(data):
         for _, piece in layout.sources(name, Box.full(shape)):
             count[tuple(slice(o, o + n) for o, n in zip(piece.box.offsets, piece.box.lengths))] += 1
         assert bool((count == 1).all()), f"{name}: writer pieces must cover each element exactly once"
-        order = layout.spec(name).order
+        panels = layout.spec(name).panels
         for r, local in locs.items():
-            # stored pieces address the local shard as stored: permuted by the spec's order
-            flat = (local if order is None else local.permute(order)).contiguous().reshape(-1)
+            # stored pieces address the local shard as stored: arranged in the spec's panels
+            flat = (local if panels is None else to_panels(local, *panels)).contiguous().reshape(-1)
             for piece in layout.stored(name, r).pieces:
                 got = flat.as_strided(piece.box.lengths, piece.strides, piece.offset)
                 box = tuple(slice(o, o + n) for o, n in zip(piece.box.offsets, piece.box.lengths))

@@ -1,5 +1,5 @@
-"""Storage orders: tensors sharded along a dim other than 0 are stored with that dim
-outermost, so a reshard along it reads contiguous bytes; old (v1) checkpoints still load."""
+"""Panels: tensors sharded along a dim other than 0 store their shards as panels along
+it, so a reshard along it reads contiguous bytes; old (v1) checkpoints still load."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ _STATE = {"w": torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)
 @pytest.mark.parametrize("k_src,k_dst", [(4, 3), (3, 4), (2, 5)])
 def test_column_reshards_read_only_the_bytes_they_need(tmp_path, k_src, k_dst):
     # 4 KiB checksum blocks against 1-4 KiB local rows: row-major storage would read
-    # whole rows; column-major storage makes every reshard a few contiguous ranges.
+    # whole rows; panels (8 fp32 columns, 8 KiB each here) make every reshard a few
+    # contiguous ranges.
     src = _tp({"w": (256, 1024)}, k_src, 1)
     path = str(tmp_path / "c")
     F.save(_STATE, path, layout=src, fsync=False, block_size=4096)
@@ -59,39 +60,46 @@ def test_column_reshards_read_only_the_bytes_they_need(tmp_path, k_src, k_dst):
     assert got <= 1.05 * need
     # the same reshard from row-major storage is what the order avoids
     old = str(tmp_path / "rowmajor")
-    F.save(_STATE, old, layout=src, fsync=False, block_size=4096, storage_orders=False)
+    F.save(_STATE, old, layout=src, fsync=False, block_size=4096, storage_panels=False)
     need_old, got_old = _reads(old, _tp({"w": (256, 1024)}, k_dst, 1))
     assert need_old == need and got_old >= 1.2 * need
 
 
-def test_stored_entries_are_plain_safetensors_of_the_permuted_shard(tmp_path):
-    state = {"w": torch.randn(6, 10), "v": torch.randn(4, 5, 3).to(torch.bfloat16), "b": torch.arange(10)}
+def test_stored_entries_are_plain_safetensors_of_the_panels(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    state = {"w": torch.randn(6, 512, generator=g), "v": torch.randn(4, 5, 300, generator=g).to(torch.bfloat16),
+             "b": torch.arange(10)}
     layout = Layout(Mesh(("tp",), (2,)), [
-        TensorSpec("w", (6, 10), torch.float32, Sharded((Shard(1, "tp"),))),
-        TensorSpec("v", (4, 5, 3), torch.bfloat16, Sharded((Shard(2, "tp"),))),
+        TensorSpec("w", (6, 512), torch.float32, Sharded((Shard(1, "tp"),))),
+        TensorSpec("v", (4, 5, 300), torch.bfloat16, Sharded((Shard(2, "tp"),))),
         TensorSpec("b", (10,), torch.int64, Replicated()),
     ])
     path = F.save(state, str(tmp_path / "c"), layout=layout, fsync=False)
     manifest = _manifest(path)
     assert manifest["version"] == 2
-    assert manifest["tensors"]["w"]["order"] == [1, 0] and manifest["tensors"]["v"]["order"] == [2, 0, 1]
-    assert "order" not in manifest["tensors"]["b"]
+    # 32-byte panel rows: 8 fp32, 16 bf16 columns
+    assert manifest["tensors"]["w"]["panels"] == {"dim": 1, "width": 8}
+    assert manifest["tensors"]["v"]["panels"] == {"dim": 2, "width": 16}
+    assert "panels" not in manifest["tensors"]["b"]
     for rank in range(2):
         file = os.path.join(path, f"rank-{rank:05d}.safetensors")
         plain = load_file(file)  # any safetensors reader sees the bytes as stored
-        assert torch.equal(plain["w"], state["w"][:, 5 * rank : 5 * rank + 5].T)
-        assert torch.equal(plain["v"], layout.split("v", state["v"], rank).permute(2, 0, 1))
+        w = state["w"][:, 256 * rank : 256 * rank + 256]
+        assert torch.equal(plain["w"], w.reshape(6, 32, 8).permute(1, 0, 2))  # 32 panels of [6, 8]
+        v = layout.split("v", state["v"], rank)  # 150 columns: 9 panels of 16, then 6
+        assert plain["v"].shape == (4 * 5 * 150,)
+        assert torch.equal(plain["v"], torch.cat([v[..., c : c + 16].reshape(-1) for c in range(0, 150, 16)]))
         assert _file_meta(file)["v"] == 2
     back = F.load(path)
     assert all(torch.equal(back[n], t) for n, t in state.items())
     assert F.verify(path).ok
-    # without orders nothing needs version 2
-    plain_path = F.save(state, str(tmp_path / "rm"), layout=layout, fsync=False, storage_orders=False)
+    # without panels nothing needs version 2
+    plain_path = F.save(state, str(tmp_path / "rm"), layout=layout, fsync=False, storage_panels=False)
     assert _manifest(plain_path)["version"] == 1
     assert _file_meta(os.path.join(plain_path, "rank-00000.safetensors"))["v"] == 1
 
 
-def test_version_1_checkpoint_written_before_storage_orders_still_loads(tmp_path):
+def test_version_1_checkpoint_written_before_panels_still_loads(tmp_path):
     # Written by the previous release (row-major shards, 16-byte checksum blocks).
     path = os.path.join(DATA, "v1_tp_columns")
     g = torch.Generator().manual_seed(11)
@@ -112,20 +120,20 @@ def test_version_1_checkpoint_written_before_storage_orders_still_loads(tmp_path
     assert F.verify(path).ok
 
 
-def test_manifest_and_file_disagreeing_on_the_order_is_refused(tmp_path):
+def test_manifest_and_file_disagreeing_on_the_arrangement_is_refused(tmp_path):
     path = F.save(_STATE, str(tmp_path / "c"), layout=_tp({"w": (256, 1024)}, 2, 1), fsync=False)
     manifest = _manifest(path)
-    del manifest["tensors"]["w"]["order"]  # the bytes still verify; only their arrangement is wrong
+    del manifest["tensors"]["w"]["panels"]  # the bytes still verify; only their arrangement is wrong
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f)
-    with pytest.raises(FormatError, match=r"'w' is stored in dim order \[1, 0\], the manifest says row-major"):
+    with pytest.raises(FormatError, match="'w' is stored as panels of width 8 along dim 1, the manifest says row-major"):
         F.load(path)
     report = F.verify(path)
-    assert not report.ok and any("dim order" in p for p in report.problems)
-    manifest["tensors"]["w"]["order"] = [0, 0]
+    assert not report.ok and any("as panels" in p for p in report.problems)
+    manifest["tensors"]["w"]["panels"] = {"dim": 2, "width": 8}
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f)
-    with pytest.raises(FormatError, match=r"storage order \[0, 0\] is not a permutation"):
+    with pytest.raises(FormatError, match=r"panels of width 8 along dim 2 do not fit shape \[256, 1024\]"):
         F.open(path)
 
 
@@ -135,8 +143,8 @@ def test_every_byte_of_a_column_reshard_is_verified(tmp_path):
         header = ckpt._open_rank(1)[1]
         entry = header.entries["w"]
     # rank 1 of tp 3 needs columns 342..683: local columns 86..255 of source rank 1,
-    # stored as rows 86..255 of its transposed entry; flip a byte in column 200.
-    at = header.data_start + entry.begin + 200 * 256 * 4 + 17
+    # in its panels 10..31 (8 columns, 8 KiB each); flip a byte in column 200 (panel 25).
+    at = header.data_start + entry.begin + 25 * 8 * 256 * 4 + 5 * 8 * 4 + 1  # panel 25, row 5, column 200
     with open(os.path.join(path, "rank-00001.safetensors"), "r+b") as f:
         f.seek(at)
         byte = f.read(1)
