@@ -221,6 +221,9 @@ def main() -> int:
             tag = f"{name}, {'fsync' if fsync else 'no fsync'}"
             gbs = [nbytes / statistics.median(x) / 1e9 for x in (w, r, c)]
             print(f"{tag:34s} {gbs[0]:6.2f} {min(w):6.2f}-{max(w):<6.2f} {_spread(w):7.2f}   {gbs[1]:15.2f} {gbs[2]:7.2f}")
+        print("\nevery write (s), in repeat order:")
+        for (name, fsync), (w, _, _) in runs.items():
+            print(f"  {name + (', fsync' if fsync else ', no fsync'):34s} " + " ".join(f"{x:.2f}" for x in w))
         ok = True
         for fsync in (False, True):
             tag = "fsync" if fsync else "no fsync"
