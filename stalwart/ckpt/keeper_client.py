@@ -42,6 +42,8 @@ class KeeperClient:
         group_addr: str | None = None,
         start_timeout_s: float = 60.0,
         ec: ECConfig | None = None,
+        reply_timeout_s: float = 60.0,
+        commit_timeout_s: float = 120.0,
     ) -> None:
         self.root = root
         self.tiers = tiers
@@ -53,6 +55,8 @@ class KeeperClient:
         self.linger_s = linger_s
         self.group_addr = group_addr
         self.start_timeout_s = start_timeout_s
+        self.reply_timeout_s = reply_timeout_s  # beyond a request's own ``timeout``: then the keeper is gone
+        self.commit_timeout_s = commit_timeout_s
         self.ec = ec  # erasure coding across the keepers (passed to a keeper this client starts)
         self.shm_dir = shm_dir_for(root, node)
         self.sock_path = os.path.join(self.shm_dir, "keeper.sock")
@@ -78,6 +82,7 @@ class KeeperClient:
             "--linger", str(self.linger_s),
             "--node", str(self.node),
             "--nodes", str(self.nodes),
+            "--commit-timeout", str(self.commit_timeout_s),
             "--log-file", os.path.join(log_dir, f"keeper-node{self.node}.log"),
         ]
         if self.group_addr:
@@ -133,7 +138,8 @@ class KeeperClient:
             if chan is None:
                 break
             try:
-                reply = chan.call("hello", rank=self.rank, local_ranks=self.local_ranks, pid=os.getpid())
+                reply = chan.call("hello", reply_timeout=self.reply_timeout_s, rank=self.rank,
+                                  local_ranks=self.local_ranks, pid=os.getpid())
             except KeeperGone as e:
                 last = e
                 chan.close()
@@ -146,10 +152,14 @@ class KeeperClient:
             + (f" ({last})" if last else "")
         )
 
+    def _reply_timeout(self, kwargs: dict) -> float:
+        return float(kwargs.get("timeout") or 0.0) + self.reply_timeout_s
+
     def call(self, op: str, **kwargs) -> dict:
+        """A request on the control connection; bounded by its own ``timeout`` plus ``reply_timeout_s``."""
         if self.chan is None:
             raise KeeperGone("not connected to a keeper")
-        return self.chan.call(op, **kwargs)
+        return self.chan.call(op, reply_timeout=self._reply_timeout(kwargs), **kwargs)
 
     def call_background(self, op: str, **kwargs) -> dict:
         """A request from a background thread, on its own connection."""
@@ -158,16 +168,20 @@ class KeeperClient:
             if chan is None:
                 raise KeeperGone("the keeper is not reachable")
             self.bg = chan
-        return self.bg.call(op, **kwargs)
+        try:
+            return self.bg.call(op, reply_timeout=self._reply_timeout(kwargs), **kwargs)
+        except KeeperGone:
+            self.bg = None
+            raise
 
-    def close(self, clean: bool) -> None:
+    def close(self, clean: bool, step: int | None = None) -> None:
         if self.bg is not None:
             self.bg.close()
             self.bg = None
         if self.chan is None:
             return
         with contextlib.suppress(StalwartError, OSError):
-            self.chan.call("bye", rank=self.rank, clean=clean)
+            self.chan.call("bye", reply_timeout=self.reply_timeout_s, rank=self.rank, clean=clean, step=step)
         self.chan.close()
         self.chan = None
 

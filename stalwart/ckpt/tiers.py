@@ -53,6 +53,10 @@ class TierError(StalwartError):
     """A tier could not store or provide a step."""
 
 
+class TierCancelled(TierError):
+    """Storing a step was stopped on request (a newer snapshot superseded it)."""
+
+
 @dataclass(frozen=True)
 class TierSpec:
     url: str
@@ -158,9 +162,15 @@ class Tier:
         return step % self.spec.every == 0
 
     # implemented by subclasses
-    def put_files(self, step: int, src_dir: str, records: list[FileRecord]) -> list[FileRecord]:
-        """Store one node's data files of ``step``; return their records as stored."""
+    def put_files(self, step: int, src_dir: str, records: list[FileRecord], cancelled=None) -> list[FileRecord]:
+        """Store one node's data files of ``step``; return their records as stored.
+
+        ``cancelled`` (a callable) is polled between chunks; when it returns True the copy
+        stops with :class:`TierCancelled` and nothing of ``step`` is committed."""
         raise NotImplementedError
+
+    def discard(self, step: int) -> None:
+        """Remove an uncommitted (stopped or failed) copy of ``step``; committed steps are kept."""
 
     def commit(self, step: int, manifest: Manifest) -> None:
         """Write the manifest (the commit), then ``latest``, retention, durability record."""
@@ -185,14 +195,18 @@ class Tier:
 
 
 class Pacer:
-    """Keeps the bytes written per second at or under ``rate`` (None: no limit) by sleeping."""
+    """Keeps the bytes written per second at or under ``rate`` (None: no limit) by sleeping,
+    and stops a copy (raises :class:`TierCancelled`) once ``cancelled()`` says so."""
 
-    def __init__(self, rate: float | None) -> None:
+    def __init__(self, rate: float | None, cancelled=None) -> None:
         self.rate = rate
+        self.cancelled = cancelled
         self.start = time.monotonic()
         self.sent = 0
 
     def __call__(self, nbytes: int) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise TierCancelled("stopped: superseded by a newer snapshot")
         if not self.rate:
             return
         self.sent += nbytes
@@ -303,11 +317,11 @@ class PosixTier(Tier):
         self.root = url[len("local:"):] if url.startswith("local:") else url[len("file://"):] if url.startswith("file://") else url
         os.makedirs(self.root, exist_ok=True)
 
-    def put_files(self, step, src_dir, records):
+    def put_files(self, step, src_dir, records, cancelled=None):
         step_dir = os.path.join(self.root, step_dirname(step))
         os.makedirs(step_dir, exist_ok=True)
         out = []
-        pace = Pacer(self.spec.max_rate)
+        pace = Pacer(self.spec.max_rate, cancelled)
         for rec in records:
             src = os.path.join(src_dir, rec.path)
             if self.spec.compress == "zstd":
@@ -321,6 +335,11 @@ class PosixTier(Tier):
         if self.spec.fsync:
             fsync_dir(step_dir)
         return out
+
+    def discard(self, step):
+        path = os.path.join(self.root, step_dirname(step))
+        if not os.path.exists(os.path.join(path, MANIFEST_NAME)):
+            shutil.rmtree(path, ignore_errors=True)
 
     def commit(self, step, manifest):
         step_dir = os.path.join(self.root, step_dirname(step))
@@ -379,9 +398,9 @@ class FsspecTier(Tier):
     def _p(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def put_files(self, step, src_dir, records):
+    def put_files(self, step, src_dir, records, cancelled=None):
         out = []
-        pace = Pacer(self.spec.max_rate)
+        pace = Pacer(self.spec.max_rate, cancelled)
         for rec in records:
             src = os.path.join(src_dir, rec.path)
             if self.spec.compress == "zstd":
