@@ -37,9 +37,9 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 
 from stalwart.ckpt.agreement import ABANDONED, COMPLETE, LIVE, SKIPPED, Attempt, Ledger
+from stalwart.ckpt.pacing import Cancelled
 from stalwart.ckpt.protocol import Channel
 from stalwart.ckpt.redundancy import (
     DEFAULT_CHUNK,
@@ -49,40 +49,18 @@ from stalwart.ckpt.redundancy import (
     PeerService,
     Redundancy,
     RedundancyError,
-    StoreLink,
-    local_address,
     parse_ec,
     snapshot_id,
 )
-from stalwart.ckpt.tiers import Tier, TierCancelled, TierSpec, open_tier, parse_tier
+from stalwart.ckpt.slots import Slot
+from stalwart.ckpt.storelink import StoreLink, local_address
+from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tier
 from stalwart.formats.atomic import atomic_write
 from stalwart.formats.datafile import FileRecord
 from stalwart.formats.layout import Layout
 from stalwart.formats.manifest import MANIFEST_NAME, Manifest, rank_file_name, read_manifest
 
 log = logging.getLogger("stalwart.keeper")
-
-
-@dataclass
-class Slot:
-    index: int
-    dir: str
-    step: int | None = None
-    attempt: int = 0  # see stalwart.ckpt.agreement
-    done: dict[int, dict] = field(default_factory=dict)  # rank -> file record (json) for ``step``
-    complete: bool = False
-    persisting: bool = False
-    objects: dict = field(default_factory=dict)
-    pins: int = 0  # erasure coding, rebuilding or peer reads in progress: never reused meanwhile
-    protected: bool = False  # every keeper of the redundancy group holds its parity of ``step``
-    sid: str | None = None  # identity of the snapshot's bytes (redundancy.snapshot_id)
-    records: list = field(default_factory=list)  # every node's file records of ``step``
-    owners: dict = field(default_factory=dict)  # rank -> node holding its file (multi-node)
-    incs: dict = field(default_factory=dict)  # node -> incarnation of the keeper that committed it
-
-    @property
-    def pinned(self) -> bool:
-        return self.persisting or self.pins > 0
 
 
 class NodeGroup:
@@ -157,12 +135,12 @@ class Keeper:
             if not os.path.exists(os.path.join(s.dir, MANIFEST_NAME)):
                 continue
             try:
-                self._adopt_slot(s)
+                self.adopt_slot(s)
             except Exception as e:  # a damaged slot is dropped, not fatal
                 log.warning("dropping slot %s: %s", s.dir, e)
-                self._uncommit(s)
+                self.uncommit(s)
 
-    def _adopt_slot(self, s: Slot) -> None:
+    def adopt_slot(self, s: Slot) -> None:
         """Take a slot directory with a manifest as a complete memory snapshot."""
         m = read_manifest(s.dir)
         s.step, s.complete = m.step, True
@@ -191,7 +169,7 @@ class Keeper:
             **({"ec": self.redundancy.status()} if self.redundancy is not None else {}),
         }
 
-    def _uncommit(self, slot: Slot, reason: str | None = None) -> None:
+    def uncommit(self, slot: Slot, reason: str | None = None) -> None:
         """Empty a slot; an unfinished attempt in it is abandoned (with ``reason``)."""
         if slot.step is not None and not slot.complete:
             att = self.ledger.get(slot.step, slot.attempt)
@@ -236,7 +214,7 @@ class Keeper:
             if msg.get("sig") != self.plan_sig:
                 for s in self.slots:
                     if s.step is not None:
-                        self._uncommit(s)
+                        self.uncommit(s)
                 self.plan_sig = msg.get("sig")
             self.layout_json = msg["layout"]
             self.topology = msg.get("topology", {})
@@ -245,7 +223,7 @@ class Keeper:
             for s in self.slots:
                 path = os.path.join(s.dir, rank_file_name(rank))
                 if resized and s.step is not None and rank in s.done:
-                    self._uncommit(s)  # its copy of this rank's file is about to change size
+                    self.uncommit(s)  # its copy of this rank's file is about to change size
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
                     if os.fstat(fd).st_size != size:
@@ -303,7 +281,7 @@ class Keeper:
             for s in self.slots:
                 if s.complete and s.step >= step and not s.pinned:
                     log.info("dropping the memory snapshot of step %s: the trainers restarted from an earlier step", s.step)
-                    self._uncommit(s)
+                    self.uncommit(s)
             chosen = self._free_slot()
             if chosen is not None:
                 return self._give(self._open(chosen, step, 0), rank)
@@ -353,13 +331,13 @@ class Keeper:
         protected = max((s for s in self.slots if s.protected), key=lambda s: s.step, default=None)
         for s in self.slots:  # a copy of a step older than a complete one can never be needed
             if s.step is not None and not s.complete and not s.pinned and newest is not None and s.step <= newest.step:
-                self._uncommit(s, f"a newer step ({newest.step}) completed first")
+                self.uncommit(s, f"a newer step ({newest.step}) completed first")
         usable = [s for s in self.slots
                   if not s.pinned and s is not newest and s is not protected and (s.step is None or s.complete)]
         if usable:
             empty = [s for s in usable if s.step is None]
             chosen = empty[0] if empty else min(usable, key=lambda s: s.step)
-            self._uncommit(chosen)
+            self.uncommit(chosen)
             return chosen
         if must and newest is not None:
             for s in self.slots:
@@ -387,12 +365,12 @@ class Keeper:
             why = self.ledger.blocker(att, self.local_ranks, set(s.done)) if att is not None else None
             if why:
                 log.warning("abandoning the snapshot of step %s: %s", s.step, why)
-                self._uncommit(s, why)
+                self.uncommit(s, why)
 
     def _drop_unfinished(self, why: str) -> None:
         for s in self.slots:
             if s.step is not None and not s.complete and not s.pinned:
-                self._uncommit(s, why)
+                self.uncommit(s, why)
 
     def op_done(self, msg: dict) -> dict:
         rank, step, index = int(msg["rank"]), int(msg["step"]), int(msg["slot"])
@@ -436,7 +414,7 @@ class Keeper:
         self.ledger.finish(self.ledger.get(slot.step, slot.attempt), COMPLETE)
         for other in self.slots:  # an older copy of the same step (an earlier run's) is superseded
             if other is not slot and other.complete and other.step == slot.step and not other.pinned:
-                self._uncommit(other)
+                self.uncommit(other)
         log.debug("memory commit of step %s in slot %s", slot.step, slot.index)
 
     def _key(self, kind: str, step: int) -> str:
@@ -472,7 +450,7 @@ class Keeper:
                     "memory commit of step %s: the other nodes did not report (%s)", step, e)
             with self.cond:
                 if slot.step == step and slot.attempt == number and not slot.complete and not slot.pinned:
-                    self._uncommit(slot, f"the other nodes did not commit it ({e})")  # ranks waiting go on
+                    self.uncommit(slot, f"the other nodes did not commit it ({e})")  # ranks waiting go on
                     self.cond.notify_all()
             return
         with self.cond:
@@ -513,7 +491,7 @@ class Keeper:
         with self.cond:
             slot = self.slots[int(msg["slot"])]
             if slot.step == int(msg["step"]) and not slot.complete:
-                self._uncommit(slot, f"rank {msg.get('rank')} abandoned it")
+                self.uncommit(slot, f"rank {msg.get('rank')} abandoned it")
                 self.cond.notify_all()
         return {}
 
@@ -651,7 +629,7 @@ class Keeper:
             with self.cond:
                 self.persisted[tier.name] = set(tier.committed_steps())
                 self.persisted[tier.name].add(step)
-        except TierCancelled:
+        except Cancelled:
             log.info("persisting step %s to %s stopped: a newer snapshot needs its slot", step, tier.name)
             with contextlib.suppress(Exception):
                 tier.discard(step)

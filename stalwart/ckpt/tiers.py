@@ -28,10 +28,10 @@ import mmap
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from stalwart.ckpt.pacing import Pacer
 from stalwart.errors import StalwartError
 from stalwart.formats import checksum as ck
 from stalwart.formats.atomic import (
@@ -51,10 +51,6 @@ COPY_CHUNK = 16 * 1024 * 1024
 
 class TierError(StalwartError):
     """A tier could not store or provide a step."""
-
-
-class TierCancelled(TierError):
-    """Storing a step was stopped on request (a newer snapshot superseded it)."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +162,7 @@ class Tier:
         """Store one node's data files of ``step``; return their records as stored.
 
         ``cancelled`` (a callable) is polled between chunks; when it returns True the copy
-        stops with :class:`TierCancelled` and nothing of ``step`` is committed."""
+        stops with :class:`~stalwart.ckpt.pacing.Cancelled` and nothing of ``step`` is committed."""
         raise NotImplementedError
 
     def discard(self, step: int) -> None:
@@ -192,27 +188,6 @@ class Tier:
     def durability(self) -> dict:
         return {"tier": self.name, "steps": self.committed_steps(),
                 "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-
-
-class Pacer:
-    """Keeps the bytes written per second at or under ``rate`` (None: no limit) by sleeping,
-    and stops a copy (raises :class:`TierCancelled`) once ``cancelled()`` says so."""
-
-    def __init__(self, rate: float | None, cancelled=None) -> None:
-        self.rate = rate
-        self.cancelled = cancelled
-        self.start = time.monotonic()
-        self.sent = 0
-
-    def __call__(self, nbytes: int) -> None:
-        if self.cancelled is not None and self.cancelled():
-            raise TierCancelled("stopped: superseded by a newer snapshot")
-        if not self.rate:
-            return
-        self.sent += nbytes
-        ahead = self.sent / self.rate - (time.monotonic() - self.start)
-        if ahead > 0:
-            time.sleep(ahead)
 
 
 def _no_pace(nbytes: int) -> None:
