@@ -39,7 +39,13 @@ from stalwart.ckpt.keeper_client import KeeperClient
 from stalwart.ckpt.protocol import KeeperGone
 from stalwart.ckpt.providers.base import Collected, RestoreContext, StateProvider
 from stalwart.ckpt.providers.data import DataProvider, ResumableLoader, data_targets
-from stalwart.ckpt.providers.module import ModuleProvider, is_deepspeed_engine, mesh_from_model, unwrap
+from stalwart.ckpt.providers.module import (
+    ModuleProvider,
+    fix_ddp_buckets,
+    is_deepspeed_engine,
+    mesh_from_model,
+    unwrap,
+)
 from stalwart.ckpt.providers.objects import StatefulProvider
 from stalwart.ckpt.providers.optimizer import OptimizerProvider
 from stalwart.ckpt.providers.rng import RNGProvider
@@ -140,10 +146,12 @@ class Guard:
         redundancy=None,
         max_parity_memory: int | None = None,
         timeouts: Timeouts | Mapping | None = None,
+        fixed_ddp_buckets: bool = False,
     ) -> None:
         if every < 1:
             raise StalwartError("every must be >= 1")
         self.timeouts = Timeouts.coerce(timeouts)
+        self.fixed_ddp_buckets = fixed_ddp_buckets
         self.redundancy: ECConfig | None = ECConfig.coerce(redundancy, max_parity_memory)
         self.model = model
         self.optimizer = optimizer
@@ -229,6 +237,9 @@ class Guard:
         if self.rank == 0:
             log.info("stalwart: keeper pid %s for %s (tiers: %s)", status.get("pid"), self.root,
                      ", ".join(t.url for t in self.tier_specs))
+        if self.fixed_ddp_buckets and not fix_ddp_buckets(self.model):
+            warnings.warn("stalwart: fixed_ddp_buckets: the model is not DDP or already trained (its buckets were"
+                          " rebuilt); the bucket layout is left as it is", stacklevel=3)
         self._install_wait_hook()
         self._install_sigterm()
         self._entered = True
@@ -840,6 +851,10 @@ def protect(model: torch.nn.Module, optimizer=None, *, root: str, every: int = 1
     ``timeouts`` (a :class:`Timeouts` or a dict of its fields) bounds every wait: a final
     or ``save_now`` snapshot waits ``slot_s`` (120 s) for a slot, exit / ``save_now`` /
     ``wait`` wait ``persist_s`` (300 s) for the tiers; see docs/ARCHITECTURE.md.
+    ``fixed_ddp_buckets=True`` (DDP) fixes the gradient-bucket layout before the first
+    step, so that a restarted or re-formed job is bitwise equal to an uninterrupted one with
+    three or more ranks (see :func:`~stalwart.ckpt.providers.module.fix_ddp_buckets` for
+    the overlap it costs); two ranks are bitwise equal without it.
     """
     return Guard(model, optimizer, root=root, every=every, tiers=tiers, scheduler=scheduler, extra=extra,
                  max_host_memory=max_host_memory, **kwargs)

@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int, default=-1)
     ap.add_argument("--kill-rank", type=int, default=1)
     ap.add_argument("--exit-timeout", type=float, default=None)
+    ap.add_argument("--log-losses", action="store_true", help="append each step's loss and input sum per rank")
     args = ap.parse_args()
 
     init_distributed("gloo")
@@ -97,7 +98,7 @@ def main() -> None:
     losses = []
     t_exit = None
     with stalwart.protect(model, opt, root=args.root, every=1, scheduler=sched, tiers=["memory", tier],
-                          keeper_linger_s=5, **kwargs) as guard:
+                          keeper_linger_s=5, fixed_ddp_buckets=True, **kwargs) as guard:
         for (x,) in guard.resume(loader, epochs=1):
             loss = model(x).pow(2).mean()
             loss.backward()
@@ -110,6 +111,13 @@ def main() -> None:
             if rank == lag_rank:
                 time.sleep(lag_ms / 1000)
             losses.append(loss.item())
+            if args.log_losses:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, f"losses-{rank}.txt"), "a") as f:
+                    parts = {k: [v[k] for v in opt.state.values()] for k in ("step", "exp_avg", "exp_avg_sq")}
+                    desc = " ".join(f"{k}={sum(float(t.double().sum()) for t in ts)!r}" for k, ts in parts.items())
+                    f.write(f"{guard.step_count} {loss.item()!r} {x.sum().item()!r} {digest(model.module, opt)[:12]}"
+                            f" lr={opt.param_groups[0]['lr']!r} {desc}\n")
             if guard.step_count == args.kill_at and rank == args.kill_rank and attempt == 0:
                 os.kill(os.getpid(), signal.SIGKILL)
         t_exit = time.monotonic()
