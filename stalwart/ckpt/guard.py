@@ -21,6 +21,7 @@ SIGTERM (preemption) a final checkpoint is written within ``preempt_deadline_s``
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ from stalwart.ckpt.providers.objects import StatefulProvider
 from stalwart.ckpt.providers.optimizer import OptimizerProvider
 from stalwart.ckpt.providers.rng import RNGProvider
 from stalwart.ckpt.redundancy import ECConfig, check_topology, missing_reads
+from stalwart.ckpt.redundancy.peer import SOURCES_FILE
 from stalwart.ckpt.snapshot import Copier, SnapshotPlan, build_plan, map_slot_file
 from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tiers
 from stalwart.errors import StalwartError
@@ -77,6 +79,7 @@ class GuardStats:
     pool_bytes: int = 0
     restored_step: int | None = None
     restored_from: str | None = None
+    restore_sources: dict = field(default_factory=dict)  # bytes this rank restored, by source (see _byte_sources)
     fallbacks: list[str] = field(default_factory=list)
     parity_bytes: int = 0  # erasure-coding parity this node's keeper holds (redundancy=)
     parity_overhead: float | None = None  # m / k
@@ -167,11 +170,12 @@ class Guard:
         self.where = where_am_i()
         self.rank = self.where.rank
         if self.redundancy is not None:
-            check_topology(self.redundancy.k, self.redundancy.m, self.where.num_nodes)
+            check_topology(self.redundancy.k, self.redundancy.m, self.where.keeper_slots)
             if not os.environ.get("STALWART_KEEPER_GROUP"):
                 raise StalwartError("redundancy= needs the keepers' store address: set STALWART_KEEPER_GROUP=host:port")
         self._session: str | None = None  # this run's id, agreed on entry (keeper decisions, multi-node keys)
         self._refusal: str | None = None  # why the last snapshot request was not given a slot
+        self._last_sources: dict[str, int] = {}
         self.providers: list[StateProvider] = list(providers) if providers is not None else self._default_providers(
             model, optimizer, scheduler, extra
         )
@@ -185,8 +189,8 @@ class Guard:
         self._views: dict[int, tuple] = {}  # slot -> (image, mapping, entry views, checksum tables)
         self.slot_dirs: list[str] = []
         self.client = KeeperClient(
-            self.root, self.tier_specs, rank=self.rank, local_ranks=self.where.local_ranks, node=self.where.node_rank,
-            nodes=self.where.num_nodes, slots=slots, linger_s=keeper_linger_s,
+            self.root, self.tier_specs, rank=self.rank, local_ranks=self.where.local_ranks, node=self.where.keeper_slot,
+            nodes=self.where.keeper_slots, slots=slots, linger_s=keeper_linger_s,
             group_addr=os.environ.get("STALWART_KEEPER_GROUP"), ec=self.redundancy,
             reply_timeout_s=self.timeouts.keeper_reply_s, commit_timeout_s=self.timeouts.commit_s,
         )
@@ -375,7 +379,7 @@ class Guard:
         reply = self._call(
             "plan", rank=self.rank, file_size=plan.file_size, sig=plan.layout_signature,
             layout=plan.layout.to_json(), topology={"framework": type(unwrap(self.model)).__name__},
-            session=self._session,
+            session=self._session, active=list(self.where.active_slots),
         )
         self.maps = []
         self._views.clear()
@@ -505,7 +509,12 @@ class Guard:
         deadline = time.monotonic() + self.preempt_deadline_s
         why = self._capture(self.step_count)
         step = self.step_count if why is None else self.last_snapshot_step
-        if step is not None:
+        if step is not None and self.client.plugin:
+            # the launcher's agent stops its workers to re-form the job (or is itself stopping): the
+            # node's keeper lives as long as the agent and persists the step in the background
+            with contextlib.suppress(StalwartError):
+                self._call("wait", step=step, force=True, timeout=0.0)
+        elif step is not None:
             why = why or self._durable(step, timeout=max(1.0, deadline - time.monotonic()))
             if why:
                 log.error("%s", self._fall_back(step, why, timeout=max(1.0, deadline - time.monotonic())))
@@ -555,6 +564,8 @@ class Guard:
         ec = self._note_redundancy(status)
         if not ec or self.redundancy is None:
             return status
+        if not status.get("memory") and not any(status.get("tiers", {}).values()) and not status.get("peers_hold"):
+            return status  # the job's first start: nothing anywhere to rebuild or restore
         deadline = time.monotonic() + self.redundancy.rebuild_wait_s
         while not ec.get("settled") and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -649,8 +660,9 @@ class Guard:
                     self.step_count = step
                     self.last_snapshot_step = step
                     self.stats.restored_step, self.stats.restored_from = step, name
-                    if self.rank == 0:
-                        log.warning("stalwart: restored step %s from %s", step, name)
+                    self.stats.restore_sources = dict(self._last_sources)
+                    where = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(self.stats.restore_sources.items()))
+                    log.warning("stalwart: rank %s restored step %s from %s (%s)", self.rank, step, name, where or "no bytes")
                     return step
                 why = reason if not ok else "failed on another rank"
                 msg = f"stalwart: step {step} in {name} cannot be restored ({why}); falling back"
@@ -663,11 +675,16 @@ class Guard:
             _destroy(group)
 
     def _try_candidate(self, step: int, order: int, name: str, memory_dirs: dict):
-        path = None
+        path, views = None, []
         try:
             if order == 0 and step not in memory_dirs:
-                raise StalwartError(f"step {step} is not in node {self.where.node_rank}'s memory")
-            path = memory_dirs[step] if order == 0 else self.tiers[order - 1].fetch(step)
+                if not self._has_peers():
+                    raise StalwartError(f"step {step} is not in node {self.where.node_rank}'s memory")
+                # this node holds none of it (it joined later, or its memory is gone): all from the peers
+                path = self._peer_view(step, {})
+                views.append(path)
+            else:
+                path = memory_dirs[step] if order == 0 else self.tiers[order - 1].fetch(step)
             with Checkpoint(path) as ckpt:
                 if ckpt.step != step:
                     raise StalwartError(f"{path} holds step {ckpt.step}, not {step}")
@@ -677,31 +694,39 @@ class Guard:
                 if self._loader is None:
                     targets.append(data_targets(ctx))  # kept until resume(loader) attaches one
                 specs, groups = [], {}
-                locals_: dict[str, torch.Tensor] = {}
                 for t in targets:
                     groups.update(t.groups)
-                    for item in t.items:
-                        specs.append(item.spec)
-                        locals_[item.spec.name] = item.tensor
+                    specs.extend(item.spec for item in t.items)
                 target = Layout(self.mesh, specs, groups)
                 plan = ckpt.plan(target, self.rank)
                 remote = missing_reads(ckpt, plan) if order == 0 else {}
                 # Memory slots are overwritten by later snapshots: never alias them.
                 tensors = None if remote else ckpt.execute(plan, mmap=order != 0)
+            sources = {}
             if remote:  # other nodes' files: their keepers' memory, through this node's keeper
-                view = self._call("peer_view", step=step, reads={str(r): v for r, v in remote.items()}, rank=self.rank,
-                                  timeout=self.timeouts.restore_s)["dir"]
-                try:
-                    with Checkpoint(view) as ckpt:
-                        tensors = ckpt.execute(plan)
-                finally:
-                    with contextlib.suppress(StalwartError):
-                        self._call("release_view", dir=view)
-            return True, None, (tensors, ctx, path)
+                view = self._peer_view(step, remote)
+                views.append(view)
+                with Checkpoint(view) as ckpt:
+                    tensors = ckpt.execute(plan)
+                with contextlib.suppress(OSError, ValueError), open(os.path.join(view, SOURCES_FILE)) as f:
+                    sources = json.load(f)
+            self._last_sources = _byte_sources(plan, name if order else None, sources, self.where.keeper_slot)
+            return True, None, (tensors, ctx, path if not views else None)
         except (StalwartError, OSError, ValueError, KeyError) as e:
             if order and path is not None:
                 self.tiers[order - 1].release(path)
             return False, f"{type(e).__name__}: {e}", None
+        finally:
+            for view in views:
+                with contextlib.suppress(StalwartError):
+                    self._call("release_view", dir=view)
+
+    def _has_peers(self) -> bool:
+        return self.where.keeper_slots > 1 and bool(os.environ.get("STALWART_KEEPER_GROUP"))
+
+    def _peer_view(self, step: int, reads: dict) -> str:
+        return self._call("peer_view", step=step, reads={str(r): v for r, v in reads.items()}, rank=self.rank,
+                          timeout=self.timeouts.restore_s)["dir"]
 
     def _apply(self, tensors: dict[str, torch.Tensor], ctx: RestoreContext) -> None:
         for p in self.providers:
@@ -764,6 +789,25 @@ class Guard:
             msg = self._fall_back(step, why, self.timeouts.persist_s)
             log.error("%s", msg)
             warnings.warn(msg, stacklevel=3)
+
+
+def _byte_sources(plan, tier: str | None, sources: dict, own_slot: int) -> dict[str, int]:
+    """Bytes this rank read, by where they came from: ``own memory``, ``peer memory``,
+    ``ec rebuilt`` (decoded from the redundancy group's survivors) or the tier's name."""
+    out: dict[str, int] = {}
+    for read in plan.reads:
+        if tier is not None:
+            where = tier
+        else:
+            src = sources.get(str(read.rank))
+            if src is None:
+                where = "own memory"
+            elif src.get("rebuilt"):
+                where = "ec rebuilt"
+            else:
+                where = "own memory" if src.get("node") == own_slot else "peer memory"
+        out[where] = out.get(where, 0) + (read.stop - read.start)
+    return out
 
 
 def _watch_signals(fd: int, guard_ref) -> None:

@@ -52,6 +52,7 @@ from stalwart.ckpt.redundancy import (
     parse_ec,
     snapshot_id,
 )
+from stalwart.ckpt.shm import pid_alive, reclaim_orphans, write_owner
 from stalwart.ckpt.slots import Slot
 from stalwart.ckpt.storelink import StoreLink, local_address
 from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tier
@@ -66,23 +67,35 @@ log = logging.getLogger("stalwart.keeper")
 class NodeGroup:
     """Commit metadata exchange between the keepers of several nodes (a TCPStore).
 
-    Node 0 hosts the store; every keeper publishes the records of the files it wrote
-    for a step, node 0 writes the manifest once all nodes published. The store link
-    reconnects after node 0's keeper restarts, and a gather gives up early (naming the
-    nodes) when a keeper it waits for is dead or was replaced.
+    Node 0 hosts the store (or, under the launcher plugin, every keeper is a client of
+    the rendezvous store, under ``prefix``); every keeper publishes the records of the
+    files it wrote for a step, the first node of the step's group writes the manifest
+    once all of them published. The store link reconnects after the store's host
+    restarts, and a gather gives up early (naming the nodes) when a keeper it waits for
+    is dead or was replaced.
+
+    Nodes are keeper slots: stable positions in the job's keeper group. ``active`` are
+    the slots whose keepers serve trainers in the current run (all of them unless the
+    trainers said otherwise): memory commits wait for exactly these.
     """
 
-    def __init__(self, node: int, nodes: int, host: str, port: int, timeout_s: float) -> None:
+    def __init__(self, node: int, nodes: int, host: str, port: int, timeout_s: float, *,
+                 host_store: bool | None = None, prefix: str = "") -> None:
         self.node = node
         self.nodes = nodes
         self.timeout_s = timeout_s
-        self.link = StoreLink(host, port, node, nodes, timeout_s=timeout_s)
+        self.active: list[int] = list(range(nodes))
+        self.link = StoreLink(host, port, node, nodes, timeout_s=timeout_s, host_store=host_store, prefix=prefix)
 
     def publish(self, key: str, obj) -> None:
         self.link.set(f"{key}/node{self.node}", json.dumps(obj))
 
-    def gather(self, key: str, incs: dict | None = None, timeout_s: float | None = None, abort=None) -> list:
-        return self.link.gather(key, range(self.nodes), incs=incs, timeout_s=timeout_s or self.timeout_s, abort=abort)
+    def gather(self, key: str, nodes: list[int] | None = None, incs: dict | None = None, timeout_s: float | None = None,
+               abort=None) -> dict[int, object]:
+        """Every node's value of ``key`` (``nodes``: the active ones by default), by node."""
+        nodes = list(self.active if nodes is None else nodes)
+        parts = self.link.gather(key, nodes, incs=incs, timeout_s=timeout_s or self.timeout_s, abort=abort)
+        return dict(zip(nodes, parts, strict=True))
 
 
 class Keeper:
@@ -96,9 +109,18 @@ class Keeper:
         node: int = 0,
         group: NodeGroup | None = None,
         commit_timeout_s: float = 120.0,
+        agent_pid: int | None = None,
+        standin: bool = False,
+        node_id: str | None = None,
     ) -> None:
         self.shm_dir = shm_dir
         self.commit_timeout_s = commit_timeout_s  # how long a memory commit waits for the other nodes
+        self.agent_pid = agent_pid  # the launcher agent this keeper lives as long as (None: trainers decide)
+        self.standin = standin  # holds a lost node's place in the redundancy group: no trainers, no tiers
+        self.node_id = node_id
+        self._retire_checked, self._retire_seen = 0.0, False
+        self._announced_memory = False
+        self._peers_checked = 0.0
         self.tier_specs = [t for t in tiers if t.kind != "memory"]
         self.tiers: list[Tier] = [open_tier(t) for t in self.tier_specs]
         self.linger_s = linger_s
@@ -167,7 +189,19 @@ class Keeper:
             "slots": len(self.slots),
             "pool_bytes": len(self.slots) * sum(self.file_sizes.values()),
             **({"ec": self.redundancy.status()} if self.redundancy is not None else {}),
+            "peers_hold": self._peers_hold(),
         }
+
+    def _peers_hold(self) -> bool:
+        """Whether any keeper of the job ever committed a memory snapshot (worth waiting for a rebuild)."""
+        if self.group is None or self._announced_memory:
+            return self._announced_memory
+        now = time.monotonic()
+        if now - self._peers_checked > 2.0:  # called under the lock: at most one store round trip per 2 s
+            self._peers_checked = now
+            with contextlib.suppress(Exception):
+                self._announced_memory = self.group.link.check("memory/ever")
+        return self._announced_memory
 
     def uncommit(self, slot: Slot, reason: str | None = None) -> None:
         """Empty a slot; an unfinished attempt in it is abandoned (with ``reason``)."""
@@ -183,12 +217,19 @@ class Keeper:
                 os.remove(os.path.join(slot.dir, name))
         slot.step, slot.attempt, slot.complete, slot.done, slot.objects = None, 0, False, {}, {}
         slot.protected, slot.sid, slot.records, slot.owners, slot.incs = False, None, [], {}, {}
+        slot.rebuilt = False
 
     # ------------------------------------------------------------------ ops
     def op_hello(self, msg: dict) -> dict:
         rank = int(msg["rank"])
         with self.cond:
-            self.local_ranks.update(int(r) for r in msg["local_ranks"])
+            announced = {int(r) for r in msg["local_ranks"]}
+            if set(self.connected) - {rank} <= announced:
+                # a (re)started job says which ranks this node serves now: ranks of an earlier
+                # world that are not connected any more will never deliver a copy again
+                self.local_ranks = announced
+            else:  # trainers of two worlds at once (a restart still in flight): keep waiting for all
+                self.local_ranks |= announced
             self.ever_connected = True
             self.clean_bye.discard(rank)
             self.ledger.rank_joined(rank)
@@ -210,6 +251,12 @@ class Keeper:
                 self.cond.wait(0.5)
             if self.peer is not None:
                 self.peer.purge()  # snapshots again: restores (and their peer views) are over
+            if self.group is not None and msg.get("active"):
+                active = sorted(int(n) for n in msg["active"])
+                if self.node not in active or active[-1] >= self.group.nodes:
+                    raise RedundancyError(f"keeper slot {self.node}: the trainers' active slots {active} do not fit"
+                                          f" a group of {self.group.nodes} (a keeper of another job?)")
+                self.group.active = active
             self.session = msg.get("session") or self.session
             if msg.get("sig") != self.plan_sig:
                 for s in self.slots:
@@ -442,7 +489,7 @@ class Keeper:
             since: dict[int, float] = {}
             parts = self.group.gather(key, timeout_s=self.commit_timeout_s,
                                       abort=lambda missing: self._went_past("mem", step, missing, since))
-            skipped = [i for i, p in enumerate(parts) if p.get("skipped")]
+            skipped = [i for i, p in parts.items() if p.get("skipped")]
             if skipped:
                 raise RedundancyError(f"node(s) {', '.join(map(str, skipped))} skipped it")
         except Exception as e:
@@ -456,13 +503,17 @@ class Keeper:
         with self.cond:
             if slot.step != step or slot.attempt != number or slot.complete:
                 return  # overwritten meanwhile
-            records = [r for p in parts for r in p["records"]]
-            objects = next((p["objects"] for p in parts if p["objects"]), objects)
-            slot.owners = {int(r["rank"]): node for node, p in enumerate(parts) for r in p["records"]}
-            slot.incs = {node: p.get("inc") for node, p in enumerate(parts)}
+            records = [r for p in parts.values() for r in p["records"]]
+            objects = next((p["objects"] for p in parts.values() if p["objects"]), objects)
+            slot.owners = {int(r["rank"]): node for node, p in parts.items() for r in p["records"]}
+            slot.incs = {node: p.get("inc") for node, p in parts.items()}
             atomic_write(os.path.join(slot.dir, NODES_FILE), json.dumps(slot.owners).encode(), fsync=False)
             self._commit_memory(slot, records, objects)
             self.cond.notify_all()
+        if not self._announced_memory:  # a keeper that starts later knows the job has memory worth rebuilding
+            with contextlib.suppress(Exception):
+                self.group.link.set("memory/ever", "1")
+                self._announced_memory = True
 
     def _publish_latest(self, kind: str, step: int) -> None:
         """This node's newest step of ``kind`` (memory commit or a tier): see :meth:`_went_past`."""
@@ -592,11 +643,12 @@ class Keeper:
                 records = [FileRecord.from_json(slot.done[r]) for r in sorted(slot.done)]
                 manifest_base = read_manifest(slot.dir)
                 incs = dict(slot.incs)
+                holders = sorted(set(slot.owners.values())) or list(self.group.active if self.group else [self.node])
             try:
                 for tier in todo:
                     if slot.index in self.cancel:
                         break
-                    self._persist(tier, slot, step, records, manifest_base, incs)
+                    self._persist(tier, slot, step, records, manifest_base, incs, holders)
             finally:
                 with self.cond:
                     slot.persisting = False
@@ -604,7 +656,8 @@ class Keeper:
                         self.forced = None
                     self.cond.notify_all()
 
-    def _persist(self, tier: Tier, slot: Slot, step: int, local: list[FileRecord], base: Manifest, incs: dict) -> None:
+    def _persist(self, tier: Tier, slot: Slot, step: int, local: list[FileRecord], base: Manifest, incs: dict,
+                 holders: list[int]) -> None:
         t0 = time.perf_counter()
         try:
             stored = tier.put_files(step, slot.dir, local, cancelled=lambda: slot.index in self.cancel)
@@ -612,15 +665,15 @@ class Keeper:
                 key = self._key(tier.name, step)
                 self.group.publish(key, [r.to_json() for r in stored])
                 self._publish_latest(tier.name, step)
-                if self.node != 0:
+                if self.node != holders[0]:  # the first node that holds the step writes the tier's manifest
                     with self.cond:
                         self.persisted[tier.name].add(step)
                     return
                 # gives up early when a node's keeper that held this step died or was replaced, or
                 # persisted a newer step instead; nodes persist the same steps at about the same time
-                parts = self.group.gather(key, incs=incs or None, timeout_s=120 + 2 * (time.perf_counter() - t0),
+                parts = self.group.gather(key, holders, incs=incs or None, timeout_s=120 + 2 * (time.perf_counter() - t0),
                                           abort=lambda missing: self._went_past(tier.name, step, missing))
-                stored = [FileRecord.from_json(r) for part in parts for r in part]
+                stored = [FileRecord.from_json(r) for part in parts.values() for r in part]
             manifest = Manifest(base.layout, sorted(stored, key=lambda f: f.rank), step, base.objects, None, base.topology, base.block_size)
             tier.commit(step, manifest)
             nbytes = sum(r.size for r in local)
@@ -686,8 +739,27 @@ class Keeper:
                     self.forced = newest if self.forced is None else max(self.forced, newest)
             self.cond.notify_all()
 
+    def retired(self) -> bool:
+        """A stand-in is retired when its slot's own node came back (the launcher says so)."""
+        if not self.standin or self.group is None:
+            return False
+        now = time.monotonic()
+        if now - self._retire_checked < 1.0:
+            return self._retire_seen
+        self._retire_checked = now
+        with contextlib.suppress(Exception):
+            self._retire_seen = self.group.link.get(f"standin/{self.node}/retire") == self.node_id
+        return self._retire_seen
+
     def idle_exit_due(self) -> bool:
+        """Whether to exit now. A launcher-managed keeper (``agent_pid``) lives as long as its
+        node's agent, across any number of trainer restarts; otherwise the keeper leaves once
+        every local rank said a clean goodbye, or ``linger_s`` after an abrupt disconnect."""
         with self.cond:
+            if self.agent_pid is not None:
+                if pid_alive(self.agent_pid) and not self.retired():
+                    return False
+                return not (any(s.persisting for s in self.slots) or self._pending_work() is not None) or self.retired()
             if self.connected or not self.ever_connected:
                 return False
             busy = any(s.persisting for s in self.slots) or self._pending_work() is not None
@@ -733,7 +805,7 @@ def _serve(keeper: Keeper, sock_path: str) -> None:
             except TimeoutError:
                 if keeper.idle_exit_due():
                     break
-                if not keeper.ever_connected and time.monotonic() - started > max(keeper.linger_s, 60):
+                if keeper.agent_pid is None and not keeper.ever_connected and time.monotonic() - started > max(keeper.linger_s, 60):
                     log.info("no trainer connected; exiting")
                     break
                 continue
@@ -746,6 +818,29 @@ def _serve(keeper: Keeper, sock_path: str) -> None:
         server.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock_path)
+
+
+def _standin_config(args) -> dict:
+    """The keeper arguments a stand-in for a lost node of this job needs (published in the store)."""
+    return {"slots": args.slots, "nodes": args.nodes, "ec": args.ec, "max_parity_memory": args.max_parity_memory,
+            "ec_chunk": args.ec_chunk, "ec_rate": args.ec_rate, "ec_nice": args.ec_nice, "ec_no_shared": args.ec_no_shared,
+            "commit_timeout": args.commit_timeout}
+
+
+def standin_args(config: dict) -> list[str]:
+    """Command-line arguments of a stand-in keeper from a published :func:`_standin_config`."""
+    out = ["--tiers", "[]", "--slots", str(config["slots"]), "--nodes", str(config["nodes"]),
+           "--commit-timeout", str(config["commit_timeout"]), "--ec-chunk", str(config["ec_chunk"]),
+           "--ec-nice", str(config["ec_nice"]), "--standin"]
+    if config.get("ec"):
+        out += ["--ec", config["ec"]]
+    if config.get("max_parity_memory") is not None:
+        out += ["--max-parity-memory", str(config["max_parity_memory"])]
+    if config.get("ec_rate"):
+        out += ["--ec-rate", str(config["ec_rate"])]
+    if config.get("ec_no_shared"):
+        out += ["--ec-no-shared"]
+    return out
 
 
 def _start_redundancy(keeper: Keeper, group: NodeGroup | None, args) -> None:
@@ -826,6 +921,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ec-nice", type=int, default=10, help="how much lower the coding threads' CPU priority is (0: same)")
     ap.add_argument("--ec-no-shared", action="store_true",
                     help="code over the network even when the whole group shares this machine's memory")
+    ap.add_argument("--group-prefix", default="", help="key prefix of this job's keepers in a shared store")
+    ap.add_argument("--shared-store", action="store_true",
+                    help="the store at --group-addr is hosted elsewhere (the launcher's rendezvous store): only connect")
+    ap.add_argument("--agent-pid", type=int, default=None,
+                    help="the launcher agent of this node: live as long as it does, across trainer restarts")
+    ap.add_argument("--node-id", default=None, help="the stable identity of the node this keeper serves")
+    ap.add_argument("--standin", action="store_true",
+                    help="hold a lost node's place in the redundancy group (no trainers, no tiers) until it is retired")
     ap.add_argument("--log-file", default=None)
     ap.add_argument("--keep-shm", action="store_true", help="do not remove the shared memory on exit")
     args = ap.parse_args(argv)
@@ -841,15 +944,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, lambda *_: None)  # stay alive for the flush; trainers' exit ends us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    tiers = [parse_tier(t) for t in json.loads(args.tiers)]
+    if args.agent_pid is not None:
+        write_owner(args.shm_dir, args.node_id, args.agent_pid, args.group_prefix or None)
+        reclaim_orphans(os.path.dirname(os.path.abspath(args.shm_dir)), keep=os.path.abspath(args.shm_dir))
+    tiers = [] if args.standin else [parse_tier(t) for t in json.loads(args.tiers)]
     group = None
     if args.nodes > 1:
         if not args.group_addr:
             raise SystemExit("--group-addr host:port is required with --nodes > 1")
         host, port = args.group_addr.rsplit(":", 1)
-        group = NodeGroup(args.node, args.nodes, host, int(port), timeout_s=600)
+        group = NodeGroup(args.node, args.nodes, host, int(port), timeout_s=600,
+                          host_store=False if args.shared_store else None, prefix=args.group_prefix)
     keeper = Keeper(args.shm_dir, tiers, num_slots=args.slots, linger_s=args.linger, node=args.node, group=group,
-                    commit_timeout_s=args.commit_timeout)
+                    commit_timeout_s=args.commit_timeout, agent_pid=args.agent_pid, standin=args.standin,
+                    node_id=args.node_id)
+    if group is not None and not args.standin:  # what a stand-in for a lost node must be started with
+        group.link.keep("config", json.dumps(_standin_config(args)))
     _start_redundancy(keeper, group, args)
     with open(os.path.join(args.shm_dir, "keeper.pid.tmp"), "w") as f:
         f.write(str(os.getpid()))
@@ -857,6 +967,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("keeping %s with %d slots; tiers: %s", args.shm_dir, args.slots, ", ".join(t.url for t in tiers) or "memory only")
     try:
         _serve(keeper, os.path.join(args.shm_dir, "keeper.sock"))
+        if keeper.standin and group is not None:  # tell the node that claims this slot that it may start its keeper
+            with contextlib.suppress(Exception):
+                group.link.set(f"standin/{args.node}/gone", args.node_id or "")
     finally:
         if not args.keep_shm:
             shutil.rmtree(args.shm_dir, ignore_errors=True)

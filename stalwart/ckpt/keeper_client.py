@@ -19,10 +19,20 @@ from stalwart.errors import StalwartError
 SHM_BASE = os.environ.get("STALWART_SHM_BASE", "/dev/shm")
 
 
-def shm_dir_for(root: str, node: int) -> str:
-    """The shared-memory directory of a job (identified by its root) on one node."""
+def shm_dir_for(root: str, node: int | str) -> str:
+    """The shared-memory directory of a job (identified by its root) on one node (its rank,
+    or under the launcher plugin its stable node identity)."""
     key = hashlib.sha1(f"{os.path.abspath(root)}#node{node}".encode()).hexdigest()[:16]
     return os.path.join(SHM_BASE, f"stalwart-{key}")
+
+
+def plugin_env() -> dict:
+    """What the launcher plugin told this worker about its node's keeper (empty without it)."""
+    env = os.environ
+    if not env.get("STALWART_NODE_ID"):
+        return {}
+    return {"node_id": env["STALWART_NODE_ID"], "prefix": env.get("STALWART_KEEPER_PREFIX", ""),
+            "agent_pid": env.get("STALWART_AGENT_PID"), "shared_store": env.get("STALWART_KEEPER_SHARED_STORE") == "1"}
 
 
 class KeeperClient:
@@ -58,11 +68,13 @@ class KeeperClient:
         self.reply_timeout_s = reply_timeout_s  # beyond a request's own ``timeout``: then the keeper is gone
         self.commit_timeout_s = commit_timeout_s
         self.ec = ec  # erasure coding across the keepers (passed to a keeper this client starts)
-        self.shm_dir = shm_dir_for(root, node)
+        self.plugin = plugin_env()
+        self.shm_dir = shm_dir_for(root, self.plugin["node_id"] if self.plugin else node)
         self.sock_path = os.path.join(self.shm_dir, "keeper.sock")
         self.chan: Channel | None = None
         self.bg: Channel | None = None  # background requests (copy done): never queued behind a blocking one
         self.started_here = False
+        self.proc: subprocess.Popen | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def _try_connect(self) -> Channel | None:
@@ -71,8 +83,11 @@ class KeeperClient:
         except (FileNotFoundError, ConnectionRefusedError, OSError):
             return None
 
+    def _log_dir(self) -> str:
+        return os.path.join(self.root, ".stalwart") if "://" not in self.root else self.shm_dir
+
     def _spawn(self) -> None:
-        log_dir = os.path.join(self.root, ".stalwart") if "://" not in self.root else self.shm_dir
+        log_dir = self._log_dir()
         os.makedirs(log_dir, exist_ok=True)
         cmd = [
             sys.executable, "-m", "stalwart.ckpt.keeper",
@@ -87,6 +102,12 @@ class KeeperClient:
         ]
         if self.group_addr:
             cmd += ["--group-addr", self.group_addr]
+        if self.plugin:  # the launcher's agent owns this node: the keeper lives as long as the agent
+            cmd += ["--node-id", self.plugin["node_id"], "--group-prefix", self.plugin["prefix"]]
+            if self.plugin["agent_pid"]:
+                cmd += ["--agent-pid", self.plugin["agent_pid"]]
+            if self.plugin["shared_store"]:
+                cmd += ["--shared-store"]
         if self.ec is not None:
             cmd += ["--ec", f"{self.ec.k},{self.ec.m}", "--ec-chunk", str(self.ec.chunk), "--ec-nice", str(self.ec.nice)]
             if not self.ec.shared:
@@ -96,10 +117,12 @@ class KeeperClient:
             if self.ec.rate:
                 cmd += ["--ec-rate", str(self.ec.rate)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "CUDA_VISIBLE"))}
-        subprocess.Popen(
-            cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, close_fds=True, env=env,
-        )
+        # a keeper that dies before its log is set up (bad arguments, no store) says why here
+        with open(os.path.join(log_dir, f"keeper-node{self.node}.err"), "ab") as err:
+            self.proc = subprocess.Popen(
+                cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=err, close_fds=True, env=env,
+            )
         self.started_here = True
 
     def _start_lock_path(self) -> str:
@@ -121,6 +144,10 @@ class KeeperClient:
                 while chan is None and time.monotonic() < deadline:
                     time.sleep(0.05)
                     chan = self._try_connect()
+                    if chan is None and self.proc is not None and self.proc.poll() not in (None, 0):
+                        raise StalwartError(
+                            f"the keeper for {self.shm_dir} exited at start with status {self.proc.returncode}"
+                            f" (see {os.path.join(self._log_dir(), f'keeper-node{self.node}.err')})")
         finally:
             os.close(fd)
         return chan

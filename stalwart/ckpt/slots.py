@@ -28,6 +28,7 @@ class Slot:
     records: list = field(default_factory=list)  # every node's file records of ``step``
     owners: dict = field(default_factory=dict)  # rank -> node holding its file (multi-node)
     incs: dict = field(default_factory=dict)  # node -> incarnation of the keeper that committed it
+    rebuilt: bool = False  # decoded from the redundancy group's survivors (not copied by a trainer)
 
     @property
     def pinned(self) -> bool:
@@ -41,6 +42,7 @@ class SlotStore(Protocol):
     slots: list[Slot]
     shm_dir: str
     stopping: bool
+    standin: bool  # holds a lost node's place in the group: no trainers, so no data of new steps
 
     def uncommit(self, slot: Slot, reason: str | None = None) -> None:
         """Empty ``slot`` (its files and state); an unfinished snapshot in it is abandoned."""

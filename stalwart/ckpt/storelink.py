@@ -73,7 +73,12 @@ class StoreLink:
         op_timeout_s: float = 30.0,
         beat_s: float = 1.0,
         dead_after_s: float | None = None,
+        host_store: bool | None = None,
+        prefix: str = "",
     ) -> None:
+        """``host_store``: host the TCPStore in this process (default: node 0 does); with
+        False every keeper is a client of a store someone else hosts (the launcher's
+        rendezvous store), and ``prefix`` keeps the keepers' keys apart from its own."""
         import torch.distributed as dist
 
         self._dist = dist
@@ -90,7 +95,11 @@ class StoreLink:
         self._kept: dict[str, str] = {}
         self._beats: dict[int, tuple[int, float]] = {}
         self._stop = threading.Event()
-        self._server = self._host_store() if node == 0 else None
+        self.prefix = prefix
+        hosting = node == 0 if host_store is None else host_store
+        self._server = self._host_store() if hosting else None
+        if not hosting:
+            self._name_shared_store()
         self.keep(f"inc/node{node}", self.inc)
         threading.Thread(target=self._heartbeat, name="store-beat", daemon=True).start()
 
@@ -106,13 +115,27 @@ class StoreLink:
                 if time.monotonic() > deadline:
                     raise StoreDown(f"cannot host the keepers' store on port {self.port}: {e}") from None
                 time.sleep(0.5)
-        server.set("store/id", self.inc)
+        self._scoped(server).set("store/id", self.inc)
         self._store_id = self.inc
         return server
 
+    def _name_shared_store(self) -> None:
+        """A store someone else hosts: the first keeper to arrive names it, so that a
+        restarted store (a new id) is noticed like a restarted keeper-hosted one."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                c = self._scoped(self._dist.TCPStore(self.host, self.port, self.nodes, False, timeout=_td(self.op_timeout_s)))
+                c.compare_set("store/id", "", self.inc)
+                return
+            except Exception as e:
+                if time.monotonic() > deadline:
+                    raise StoreDown(f"the store at {self.host}:{self.port} is unreachable: {e}") from None
+                time.sleep(0.5)
+
     def new_client(self):
         """A fresh client connection (raises when the store cannot be reached)."""
-        c = self._dist.TCPStore(self.host, self.port, self.nodes, False, timeout=_td(self.op_timeout_s))
+        c = self._scoped(self._dist.TCPStore(self.host, self.port, self.nodes, False, timeout=_td(self.op_timeout_s)))
         sid = c.get("store/id").decode()
         republish = False
         with self._lock:
@@ -129,6 +152,9 @@ class StoreLink:
             for k, v in kept.items():
                 c.set(k, v)
         return c
+
+    def _scoped(self, client):
+        return self._dist.PrefixStore(self.prefix, client) if self.prefix else client
 
     def _take(self):
         with self._lock:

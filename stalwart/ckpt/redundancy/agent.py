@@ -29,6 +29,7 @@ from stalwart.ckpt.redundancy.config import (
     RedundancyError,
     check_topology,
     group_members,
+    read_text,
     snapshot_id,
 )
 from stalwart.ckpt.redundancy.geometry import Geometry, NodeBytes
@@ -444,6 +445,9 @@ class Redundancy:
         return None
 
     def _prepare_encode(self, step: int, sid: str, geo: Geometry) -> tuple[_Held | None, str | None]:
+        if self.keeper.standin:
+            return None, (f"it stands in for a lost node and holds no data of step {step}: memory snapshots are"
+                          " not erasure-coded until the node is replaced (disk tiers still protect them)")
         deadline = time.monotonic() + READY_WAIT_S
         with self.keeper.cond:
             slot = self._find(step, sid)
@@ -716,8 +720,8 @@ class Redundancy:
             else:
                 held = self._pin_source(step, sid, geo, need_parity=self.me in senders and self.me in parity_ok)
             if self.me == donor:
-                payload["manifest"] = _read_text(os.path.join(held.slot.dir, "manifest.json"))
-                payload["nodes"] = _read_text(os.path.join(held.slot.dir, NODES_FILE))
+                payload["manifest"] = read_text(os.path.join(held.slot.dir, "manifest.json"))
+                payload["nodes"] = read_text(os.path.join(held.slot.dir, NODES_FILE))
         except Exception as e:
             payload = {"ok": False, "why": f"{type(e).__name__}: {e}"}
         ok, why = True, None
@@ -782,6 +786,7 @@ class Redundancy:
         atomic_write(os.path.join(slot.dir, MANIFEST_NAME), manifest_text.encode(), fsync=False)
         with self.keeper.cond:
             self.keeper.adopt_slot(slot)
+            slot.rebuilt = True
             self.keeper.cond.notify_all()
 
 
@@ -794,11 +799,3 @@ def _lower_priority(nice: int) -> None:
     with contextlib.suppress(OSError):
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None

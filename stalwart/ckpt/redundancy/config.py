@@ -148,3 +148,12 @@ def snapshot_id(records: Sequence[dict]) -> str:
     digest covers every block checksum), so two slots of one step agree only if equal."""
     rows = sorted((int(r.get("rank", -1)), str(r["path"]), int(r["size"]), str(r["header_digest"])) for r in records)
     return ck.digest(json.dumps(rows, separators=(",", ":")).encode())
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
