@@ -31,14 +31,15 @@ import io
 import math
 import os
 import pickle
-
-import torch
+import sys
+from typing import TYPE_CHECKING
 
 from stalwart.errors import ConversionError, FormatError
 from stalwart.formats.adapters.base import (
     ConvertSource,
     OutState,
     PlannedFile,
+    Scalar,
     SourceTensor,
     Target,
     infer_optimizer_class,
@@ -54,7 +55,11 @@ from stalwart.formats.adapters.safe_load import (
     torch_load,
 )
 from stalwart.formats.direct_io import DirectWriter
+from stalwart.formats.dtypes import DType, as_dtype
 from stalwart.formats.sources import register_source
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_KEYS = ("model", "state_dict", "model_state_dict", "module")
 OPTIM_KEYS = ("optimizer", "optim", "optimizer_state_dict")
@@ -66,17 +71,24 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 # --------------------------------------------------------------------------- reading
 
 
+def _is_torch_tensor(v) -> bool:
+    torch = sys.modules.get("torch")  # a torch tensor exists only if torch was imported
+    return torch is not None and isinstance(v, torch.Tensor)
+
+
 def _is_tensor(v) -> bool:
-    return isinstance(v, (TensorRef, torch.Tensor))
+    return isinstance(v, TensorRef) or _is_torch_tensor(v)
 
 
-def _info(v) -> tuple[torch.dtype, tuple[int, ...]]:
-    return v.dtype, tuple(v.shape)
+def _info(v) -> tuple[DType, tuple[int, ...]]:
+    return as_dtype(v.dtype), tuple(v.shape)
 
 
 def _reader(v):
     if isinstance(v, TensorRef):
         return v.read
+    if isinstance(v, Scalar):
+        return v.tensor
     t = v.detach().contiguous()
     return lambda: t.clone()
 
@@ -233,7 +245,7 @@ class TorchSaveSource(ConvertSource):
                     self.add(SourceTensor(slot_name(name, slot), shape, dtype, "optimizer_slot", _reader(v), name, slot,
                                           ranges=_ranges(v)))
                 elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                    t = torch.tensor(v, dtype=torch.int64 if isinstance(v, int) else torch.float64)
+                    t = Scalar.of(v)
                     self.add(SourceTensor(slot_name(name, slot), (), t.dtype, "optimizer_slot", _reader(t), name, slot))
                 else:
                     raise ConversionError(f"{self.path}: optimizer state {slot!r} of {name!r} is a {type(v).__name__}")
@@ -265,7 +277,7 @@ def _is_torch_file(path: str) -> bool:
     return head[:2] == b"\x80\x02"  # legacy torch.save: a protocol-2 pickle of the magic number
 
 
-def _detect(path: str) -> TorchSaveSource | None:
+def _detect(path: str, options: dict) -> TorchSaveSource | None:
     if _is_torch_file(path):
         return TorchSaveSource(path)
     return None
@@ -285,12 +297,15 @@ class _StorageStub:
 class TensorStub:
     """Stands for a tensor in a pickle written before its bytes (see :class:`StreamingTorchSave`)."""
 
-    def __init__(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(self, key: str, dtype: torch.dtype | DType, shape: tuple[int, ...]) -> None:
+        dtype = as_dtype(dtype).torch
         self.storage = _StorageStub(key, dtype, math.prod(shape))
         self.shape = tuple(shape)
         self.dtype = dtype
 
     def __reduce_ex__(self, proto):
+        import torch
+
         stride = []
         acc = 1
         for n in reversed(self.shape):
@@ -312,6 +327,8 @@ class _Pickler(pickle._Pickler):
         self.storages: dict[str, _StorageStub] = {}
 
     def persistent_id(self, obj):
+        import torch
+
         if isinstance(obj, _StorageStub):
             self.storages.setdefault(obj.key, obj)
             if obj.dtype in torch.storage._new_dtypes():
@@ -355,11 +372,13 @@ class StreamingTorchSave:
     DIRECT_MIN = 4 * 1024 * 1024
 
     def __init__(self, path: str, obj) -> None:
+        import torch
+
         self.path = path
         data, self.storages = dumps(obj)
         self.order = sorted(self.storages, key=int)
         self.next = 0
-        size = sum(s.numel * torch.empty((), dtype=s.dtype).element_size() for s in self.storages.values())
+        size = sum(s.numel * s.dtype.itemsize for s in self.storages.values())
         self.file = DirectWriter(path) if size >= self.DIRECT_MIN else _PlainFile(path)
         try:
             self.zip = torch.serialization._open_zipfile_writer(self.file)
@@ -376,6 +395,8 @@ class StreamingTorchSave:
             raise
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
+        import torch
+
         if self.next >= len(self.order) or self.order[self.next] != key:
             raise FormatError(f"{self.path}: tensor record {key} written out of order")
         stub = self.storages[key]
@@ -439,7 +460,7 @@ class _PlainFile:
 
 def _stub_tree(o, tensors: list[torch.Tensor]):
     """``o`` with every tensor replaced by a stub (the tensors appended to ``tensors``)."""
-    if isinstance(o, torch.Tensor):
+    if _is_torch_tensor(o):
         tensors.append(o.detach().contiguous())
         return TensorStub(str(len(tensors) - 1), o.dtype, tuple(o.shape))
     if isinstance(o, collections.OrderedDict):
