@@ -469,6 +469,11 @@ def plan_conversion(
     workers: int = 2,
 ) -> tuple[ConversionPlan, Target]:
     target = make_target(to, max_shard_size=parse_size(max_shard_size), tag=tag, workers=workers)
+    if src.meta.unread_state and target.keeps_optimizer and not weights_only:
+        raise ConversionError(
+            f"{src.path}: cannot convert all of its state: {'; '.join(src.meta.unread_state)}. Pass --weights-only"
+            " (weights_only=True) to convert without it"
+        )
     state, dropped = select(src, dtype=parse_dtype(dtype), include=include, exclude=exclude, rename=rename,
                             weights_only=weights_only or not target.keeps_optimizer)
     state.created = _created(src)

@@ -95,26 +95,36 @@ Detector = Callable[[str, dict], "TensorSource | None"]
 _DETECTORS: list[tuple[str, Detector]] = []
 
 
-def register_source(name: str, detector: Detector) -> None:
+_PRIORITY: dict[str, int] = {}
+
+
+def register_source(name: str, detector: Detector, priority: int = 100) -> None:
     """Add a format: ``detector(path, options)`` returns a source if it recognises ``path``, else
-    None. ``options`` are the reader options given to :func:`open_source` (e.g. ``param_order``)."""
+    None. ``options`` are the reader options given to :func:`open_source` (e.g. ``param_order``).
+    Detectors are tried by ascending ``priority`` (more specific layouts first)."""
+    _PRIORITY[name] = priority
     _DETECTORS.append((name, detector))
+    _DETECTORS.sort(key=lambda d: _PRIORITY[d[0]])
 
 
 def _detect_native(path: str, options: dict) -> TensorSource | None:
-    if os.path.isdir(path) and (
-        os.path.exists(os.path.join(path, MANIFEST_NAME)) or os.path.exists(os.path.join(path, "latest"))
-    ):
+    if not os.path.isdir(path):
+        return None
+    if not os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        # a root whose 'latest' names a stalwart step (DeepSpeed writes a 'latest' too)
+        from stalwart.formats.atomic import parse_step_dirname
+
         try:
-            return NativeSource(path)
-        except FormatError:
-            if os.path.exists(os.path.join(path, MANIFEST_NAME)):
-                raise
-            return None  # a 'latest' of another format (e.g. DeepSpeed's)
-    return None
+            with open(os.path.join(path, "latest"), encoding="utf-8") as f:
+                name = f.read(4096).strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if parse_step_dirname(name) is None and not os.path.exists(os.path.join(path, name, MANIFEST_NAME)):
+            return None
+    return NativeSource(path)
 
 
-register_source("stalwart", _detect_native)
+register_source("stalwart", _detect_native, priority=0)
 
 
 def open_source(path: str, **options) -> TensorSource:

@@ -159,6 +159,9 @@ class SourceMeta:
     info: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     extra_objects: dict = field(default_factory=dict)
+    # State the reader found but could not read (e.g. optimizer state it cannot name): a
+    # conversion that would write such state fails instead of dropping it silently.
+    unread_state: list[str] = field(default_factory=list)
 
 
 class ConvertSource(TensorSource):

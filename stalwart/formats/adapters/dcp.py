@@ -300,7 +300,7 @@ def _detect(path: str, options: dict) -> DCPSource | None:
     return None
 
 
-register_source("dcp", _detect)
+register_source("dcp", _detect, priority=30)
 
 
 # --------------------------------------------------------------------------- writing

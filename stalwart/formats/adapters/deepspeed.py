@@ -726,6 +726,6 @@ def _detect(path: str, options: dict) -> DeepSpeedSource | None:
     return src
 
 
-register_source("deepspeed", _detect)
+register_source("deepspeed", _detect, priority=20)
 
 __all__ = ["DeepSpeedSource", "find_tag_dir"]

@@ -263,7 +263,7 @@ def _detect(path: str, options: dict) -> UniversalSource | None:
     return src
 
 
-register_source("ds-universal", _detect)
+register_source("ds-universal", _detect, priority=10)
 
 
 # --------------------------------------------------------------------------- writing

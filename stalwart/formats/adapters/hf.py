@@ -329,7 +329,7 @@ def _detect(path: str, options: dict) -> HFSource | None:
     return open_hf(path)
 
 
-register_source("hf", _detect)
+register_source("hf", _detect, priority=50)
 
 
 # --------------------------------------------------------------------------- writing

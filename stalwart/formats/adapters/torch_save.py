@@ -122,6 +122,7 @@ class TorchSaveSource(ConvertSource):
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
+        self.consume(path)
         if is_zip_file(path):
             lf = LazyFile(path)
             self.on_close(lf.close)
@@ -212,12 +213,8 @@ class TorchSaveSource(ConvertSource):
         groups = osd["param_groups"]
         state = osd["state"]
         ids = [p for g in groups for p in g.get("params", [])]
-        named = [n for g in groups for n in (g.get("param_names") or [])]
-        if ids and all(isinstance(p, str) for p in ids):
-            names = [str(p) for p in ids]
-        elif len(named) == len(ids) and named:
-            names = [str(n) for n in named]
-        else:
+        names = optimizer_param_names(osd)
+        if names is None:
             cands = [(n, t.shape) for n, t in self.tensors.items() if t.role == "param"]
             wanted = []
             for p in ids:
@@ -231,37 +228,66 @@ class TorchSaveSource(ConvertSource):
                 )
             names = matched
             self.meta.warnings.append("optimizer params matched to model tensors by order and shape (no param_names)")
-        missing = [n for n in names if n not in self.tensors]
-        if missing:
-            raise FormatError(f"{self.path}: optimizer state names params {missing[:5]} that the model state lacks")
-        name_of = dict(zip(ids, names))
-        slots = set()
-        for pid, name in name_of.items():
-            p = self.tensors[name]
-            for slot, v in (state.get(pid) or {}).items():
-                slots.add(slot)
-                if _is_tensor(v):
-                    dtype, shape = _info(v)
-                    self.add(SourceTensor(slot_name(name, slot), shape, dtype, "optimizer_slot", _reader(v), name, slot,
-                                          ranges=_ranges(v)))
-                elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                    t = Scalar.of(v)
-                    self.add(SourceTensor(slot_name(name, slot), (), t.dtype, "optimizer_slot", _reader(t), name, slot))
-                else:
-                    raise ConversionError(f"{self.path}: optimizer state {slot!r} of {name!r} is a {type(v).__name__}")
-            if p.requires_grad is None:
-                p.requires_grad = True
-        out_groups = []
-        k = 0
-        for g in groups:
-            hp, dropped = jsonable({key: v for key, v in g.items() if key not in ("params", "param_names")})
-            if dropped:
-                raise FormatError(f"{self.path}: optimizer param group holds non-JSON values at {dropped}")
-            n = len(g.get("params", []))
-            out_groups.append({"params": names[k : k + n], **(hp or {})})
-            k += n
-        self.meta.optimizer = {"class": infer_optimizer_class(slots, out_groups[0] if out_groups else {}),
-                               "class_inferred": True, "param_groups": out_groups}
+        add_optimizer_state(self, osd, names, self.path)
+
+
+def optimizer_param_names(osd: dict) -> list[str] | None:
+    """The param names of a torch optimizer state dict, when it records them (FQN keys, or
+    ``param_names``, which torch >= 2.6 saves for optimizers built from named params)."""
+    ids = [p for g in osd["param_groups"] for p in g.get("params", [])]
+    named = [n for g in osd["param_groups"] for n in (g.get("param_names") or [])]
+    if ids and all(isinstance(p, str) for p in ids):
+        return [str(p) for p in ids]
+    if named and len(named) == len(ids):
+        return [str(n) for n in named]
+    return None
+
+
+def add_optimizer_state(src: ConvertSource, osd: dict, names: list[str], where: str) -> None:
+    """Add the slots of torch optimizer state dict ``osd`` to ``src`` as ``optim.<name>.<slot>``
+    and its param groups (by name) to ``src.meta.optimizer``; ``names`` are the params in
+    the order of the groups' ``params`` lists. Every slot's shape is checked against its param."""
+    groups = osd["param_groups"]
+    state = osd["state"]
+    ids = [p for g in groups for p in g.get("params", [])]
+    if len(names) != len(ids):
+        raise ConversionError(f"{where}: the optimizer holds {len(ids)} params, {len(names)} names were given for them")
+    missing = [n for n in names if n not in src.tensors]
+    if missing:
+        raise FormatError(f"{where}: optimizer state names params {missing[:5]} that the model state lacks")
+    name_of = dict(zip(ids, names))
+    slots = set()
+    for pid, name in name_of.items():
+        p = src.tensors[name]
+        for slot, v in (state.get(pid) or {}).items():
+            slots.add(slot)
+            if _is_tensor(v):
+                dtype, shape = _info(v)
+                if shape not in ((), p.shape) and math.prod(shape) != math.prod(p.shape):
+                    raise ConversionError(
+                        f"{where}: optimizer slot {slot!r} of param {pid} has shape {list(shape)}, but the param it is"
+                        f" mapped to, {name!r}, has shape {list(p.shape)}: the param order is wrong"
+                    )
+                src.add(SourceTensor(slot_name(name, slot), shape, dtype, "optimizer_slot", _reader(v), name, slot,
+                                     ranges=_ranges(v)))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                t = Scalar.of(v)
+                src.add(SourceTensor(slot_name(name, slot), (), t.dtype, "optimizer_slot", _reader(t), name, slot))
+            else:
+                raise ConversionError(f"{where}: optimizer state {slot!r} of {name!r} is a {type(v).__name__}")
+        if p.requires_grad is None:
+            p.requires_grad = True
+    out_groups = []
+    k = 0
+    for g in groups:
+        hp, dropped = jsonable({key: v for key, v in g.items() if key not in ("params", "param_names")})
+        if dropped:
+            raise FormatError(f"{where}: optimizer param group holds non-JSON values at {dropped}")
+        n = len(g.get("params", []))
+        out_groups.append({"params": names[k : k + n], **(hp or {})})
+        k += n
+    src.meta.optimizer = {"class": infer_optimizer_class(slots, out_groups[0] if out_groups else {}),
+                          "class_inferred": True, "param_groups": out_groups}
 
 
 def _is_torch_file(path: str) -> bool:
@@ -283,7 +309,7 @@ def _detect(path: str, options: dict) -> TorchSaveSource | None:
     return None
 
 
-register_source("torch", _detect)
+register_source("torch", _detect, priority=60)
 
 
 # --------------------------------------------------------------------------- writing
@@ -592,4 +618,13 @@ class TorchSaveTarget(Target):
             raise
 
 
-__all__ = ["StreamingTorchSave", "TensorStub", "TorchSaveSource", "TorchSaveTarget", "dumps", "save_small"]
+__all__ = [
+    "StreamingTorchSave",
+    "TensorStub",
+    "TorchSaveSource",
+    "TorchSaveTarget",
+    "add_optimizer_state",
+    "dumps",
+    "optimizer_param_names",
+    "save_small",
+]
