@@ -26,6 +26,11 @@ Formats read (detected from SRC):
                 safetensors variant), any sharding
   hf            model.safetensors, sharded model-*.safetensors + index, DCP's HF storage
                 layout, pytorch_model*.bin (+ index)
+  hf-trainer    a Trainer checkpoint-N/ without DeepSpeed: weights, optimizer.pt, scheduler.pt,
+                rng_state*.pth, scaler.pt, trainer_state.json (optimizer params named from
+                param_names, --param-order, or config.json with transformers installed)
+  accelerate    an Accelerate save_state() directory: weights, optimizer.bin, scheduler.bin,
+                random_states_*.pkl, scaler.pt, sampler / custom objects
   torch         one torch.save file: a state dict, or {model, optimizer, step, ...}
 Pickled files are read with an allow-list (torch.load(weights_only=True) semantics plus
 stand-ins for DeepSpeed's pickled classes); nothing else is ever unpickled.
@@ -49,9 +54,13 @@ examples:
   stalwart convert run/checkpoint-500 ckpt/ --to native      # HF Trainer + DeepSpeed output
   stalwart convert dcp_ckpt/ model.pt --to torch --weights-only --rename '^model\\.='
   stalwart convert ckpt/ out/ --to hf --exclude 'lm_head' --max-shard-size 2GB --dry-run
+  stalwart convert acc_state/ ckpt/ --to native --param-order model/config.json   # Accelerate
 
 Filters are regexes searched (re.search) in the source's param/buffer names; optimizer
 slots follow their param. --rename rules apply re.sub in the order given.
+Nothing is dropped silently: files in SRC no reader consumes are listed in the notes, and
+state that cannot be read (optimizer state without param names) fails a conversion that
+would write it, unless --weights-only.
 Exit status: 0 converted (or planned), 2 bad input or usage (one-line error, nothing written).
 """
 
