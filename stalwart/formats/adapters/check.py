@@ -56,10 +56,9 @@ def _rel(src: ConvertSource, path: str) -> str:
 
 def describe(src: ConvertSource) -> dict:
     """A JSON-able description of ``src`` (what ``stalwart inspect`` prints)."""
-    aliases = src.aliases_of() if hasattr(src, "aliases_of") else {}
-    if not aliases:
-        for a, o in src.aliases.items():
-            aliases.setdefault(o, []).append(a)
+    aliases: dict[str, list[str]] = {}
+    for a, o in src.aliases.items():
+        aliases.setdefault(o, []).append(a)
     rows = []
     for t in src.tensors.values():
         row = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype.name, "role": t.role, "bytes": t.nbytes}
