@@ -716,11 +716,12 @@ def _detect(path: str, options: dict) -> DeepSpeedSource | None:
         return None
     src = DeepSpeedSource(tag, root=path)
     # the pointers that led to the tag directory are read too; DeepSpeed's own
-    # zero_to_fp32.py script (copied next to its tags) is a tool, not state
+    # conversion script (zero_to_fp32.py, zero_to_torch.py: copied next to its tags) is a
+    # tool, not state
     d = tag
     while os.path.realpath(d) != os.path.realpath(path) and d != os.path.dirname(d):
         d = os.path.dirname(d)
-        for name in ("latest", "zero_to_fp32.py"):
+        for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py"):
             if os.path.isfile(os.path.join(d, name)):
                 src.consume(os.path.join(d, name))
     return src
