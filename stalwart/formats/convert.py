@@ -204,6 +204,10 @@ def open_convert_source(path: str, **options) -> ConvertSource:
     _raise_open_files_limit()
     src = open_source(path, **options)
     if isinstance(src, ConvertSource):
+        unused = [k for k, v in options.items() if v is not None and k not in getattr(src, "used_options", ())]
+        for k in unused:
+            src.meta.warnings.append(f"--{k.replace('_', '-')} {options[k]}: not used (the {src.meta.format} reader"
+                                     " names its optimizer params itself)")
         return src
     if isinstance(src, NativeSource):
         from stalwart.formats.adapters.native import NativeConvertSource

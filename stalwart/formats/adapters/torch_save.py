@@ -120,9 +120,11 @@ class TorchSaveSource(ConvertSource):
 
     default_format = "torch"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, param_order: str | None = None) -> None:
         super().__init__(path)
         self.consume(path)
+        self.param_order = param_order
+        self.used_options = {"param_order"}
         if is_zip_file(path):
             lf = LazyFile(path)
             self.on_close(lf.close)
@@ -214,6 +216,13 @@ class TorchSaveSource(ConvertSource):
         state = osd["state"]
         ids = [p for g in groups for p in g.get("params", [])]
         names = optimizer_param_names(osd)
+        if names is None and self.param_order is not None:
+            from stalwart.formats.adapters.param_order import model_param_order, read_param_order
+
+            names, config = read_param_order(self.param_order)
+            if config is not None:
+                names = model_param_order(config)[0]
+            self.meta.warnings.append(f"optimizer params named from --param-order {self.param_order}")
         if names is None:
             cands = [(n, t.shape) for n, t in self.tensors.items() if t.role == "param"]
             wanted = []
@@ -305,7 +314,7 @@ def _is_torch_file(path: str) -> bool:
 
 def _detect(path: str, options: dict) -> TorchSaveSource | None:
     if _is_torch_file(path):
-        return TorchSaveSource(path)
+        return TorchSaveSource(path, options.get("param_order"))
     return None
 
 
