@@ -178,3 +178,14 @@ def test_byte_moving_commands_never_import_torch(ds_ckpts, formats, tmp_path):
     common = [k for k in ref if k in got and got[k].dtype == ref[k].dtype]
     assert len(common) >= 3
     assert all(same_bits(got[k], ref[k]) for k in common)
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_trainer_checkpoint_with_deepspeed_reads_trainer_files(ds_ckpts, tmp_path):
+    """A Trainer checkpoint-N/ written with DeepSpeed: the tag plus Trainer's own files."""
+    src = ds_ckpts.path("z2_fp32")  # run dir holding checkpoint-3/{global_step3, latest, trainer_state.json, rng_state_0.pth}
+    plan = convert(src, str(tmp_path / "n"), to="native", dry_run=True)
+    assert plan.source_format == "deepspeed-zero2" and plan.not_read == []
+    objects = plan.state.meta.extra_objects
+    assert objects["trainer_state"]["global_step"] == 3 and "rank0" in objects["rng"]
+    assert "base64" in objects["rng"]["rank0"]["torch"]

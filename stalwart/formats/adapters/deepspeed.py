@@ -724,6 +724,16 @@ def _detect(path: str, options: dict) -> DeepSpeedSource | None:
         for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py"):
             if os.path.isfile(os.path.join(d, name)):
                 src.consume(os.path.join(d, name))
+    # a Trainer checkpoint-N/ written with DeepSpeed: Trainer's own files sit next to the tag
+    trainer_dir = os.path.dirname(os.path.normpath(tag))
+    if HF_DIR_RE.match(os.path.basename(trainer_dir)):
+        from stalwart.formats.adapters.hf_training import read_side_state
+
+        try:
+            read_side_state(src, trainer_dir, set(os.listdir(trainer_dir)))
+        except BaseException:
+            src.close()
+            raise
     return src
 
 

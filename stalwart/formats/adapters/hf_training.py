@@ -103,6 +103,69 @@ def _rng_value(value, path: str):
     return out
 
 
+def lazy_obj(src: ConvertSource, path: str):
+    """The unpickled (restricted, lazy) content of a torch.save file, recorded as consumed by ``src``."""
+    lf = LazyFile(path)
+    src.on_close(lf.close)
+    src.consume(path)
+    return lf.obj
+
+
+def read_side_state(src: ConvertSource, directory: str, names: set[str]) -> None:
+    """The training state around the weights and optimizer that Trainer and Accelerate save
+    in ``directory``: model configs, ``trainer_state.json`` (the step), ``scaler.pt``, RNG
+    files by rank, Accelerate's sampler / data-loader / custom objects. Also used for a
+    Trainer checkpoint written with DeepSpeed (the DeepSpeed reader reads the rest)."""
+    m = src.meta
+    for cfg, key in (("config.json", "hf_config"), ("generation_config.json", "generation_config")):
+        if cfg in names:
+            try:
+                with open(os.path.join(directory, cfg), encoding="utf-8") as f:
+                    m.extra_objects[key] = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise FormatError(f"{directory}/{cfg}: not valid JSON ({e})") from None
+            src.consume(os.path.join(directory, cfg))
+    if "trainer_state.json" in names:
+        try:
+            with open(os.path.join(directory, "trainer_state.json"), encoding="utf-8") as f:
+                ts = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise FormatError(f"{directory}/trainer_state.json: not valid JSON ({e})") from None
+        src.consume(os.path.join(directory, "trainer_state.json"))
+        m.extra_objects["trainer_state"] = ts
+        step = ts.get("global_step") if isinstance(ts, dict) else None
+        if isinstance(step, int):
+            if m.step is None:
+                m.step = step
+            elif m.step != step:
+                m.warnings.append(f"trainer_state.json says step {step}, the checkpoint {m.step}")
+    if "scaler.pt" in names:
+        m.loss_scaler, dropped = jsonable(lazy_obj(src, os.path.join(directory, "scaler.pt")))
+        if dropped:
+            m.warnings.append(f"scaler.pt: values not representable as JSON, dropped: {dropped[:8]}")
+    rng: dict = {}
+    for n in sorted(names):
+        match = TRAINER_RNG.match(n) or ACCEL_RNG.match(n)
+        if match is None:
+            continue
+        state = lazy_obj(src, os.path.join(directory, n))
+        if not isinstance(state, dict):
+            raise FormatError(f"{directory}/{n}: expected a dict of RNG states, found {type(state).__name__}")
+        state = dict(state)
+        step = state.pop("step", None)
+        if isinstance(step, int) and m.step is None:
+            m.step = step
+        rng[f"rank{match.group(1) or 0}"] = _rng_value(state, f"{directory}/{n}")
+    if rng:
+        m.extra_objects["rng"] = rng
+    for n in sorted(names):
+        if ACCEL_EXTRA.match(n):
+            value, dropped = jsonable(lazy_obj(src, os.path.join(directory, n)))
+            m.extra_objects[n.rsplit(".", 1)[0]] = value
+            if dropped:
+                m.warnings.append(f"{n}: values not representable as JSON, dropped: {dropped[:8]}")
+
+
 class TrainingStateSource(HFSource):
     """A Trainer ``checkpoint-N/`` or an Accelerate ``save_state`` directory (see the module docstring)."""
 
@@ -124,31 +187,11 @@ class TrainingStateSource(HFSource):
             raise
 
     def _lazy(self, name: str):
-        lf = LazyFile(os.path.join(self.path, name))
-        self.on_close(lf.close)
-        self.consume(lf.path)
-        return lf.obj
+        return lazy_obj(self, os.path.join(self.path, name))
 
     def _read_state(self, names: set[str], param_order: str | None) -> None:
         m = self.meta
-        for cfg, key in (("config.json", "hf_config"), ("generation_config.json", "generation_config")):
-            if cfg in names:
-                try:
-                    with open(os.path.join(self.path, cfg), encoding="utf-8") as f:
-                        m.extra_objects[key] = json.load(f)
-                except (OSError, json.JSONDecodeError) as e:
-                    raise FormatError(f"{self.path}/{cfg}: not valid JSON ({e})") from None
-                self.consume(os.path.join(self.path, cfg))
-        if "trainer_state.json" in names:
-            try:
-                with open(os.path.join(self.path, "trainer_state.json"), encoding="utf-8") as f:
-                    ts = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise FormatError(f"{self.path}/trainer_state.json: not valid JSON ({e})") from None
-            self.consume(os.path.join(self.path, "trainer_state.json"))
-            m.extra_objects["trainer_state"] = ts
-            if isinstance(ts, dict) and isinstance(ts.get("global_step"), int):
-                m.step = ts["global_step"]
+        read_side_state(self, self.path, names)
         optim = ACCEL_OPTIM if ACCEL_OPTIM in names else TRAINER_OPTIM if TRAINER_OPTIM in names else None
         if optim is not None:
             self._read_optimizer(optim, param_order)
@@ -157,31 +200,6 @@ class TrainingStateSource(HFSource):
                 m.scheduler, dropped = jsonable(self._lazy(sched))
                 if dropped:
                     m.warnings.append(f"{sched}: values not representable as JSON, dropped: {dropped[:8]}")
-        if "scaler.pt" in names:
-            m.loss_scaler, dropped = jsonable(self._lazy("scaler.pt"))
-            if dropped:
-                m.warnings.append(f"scaler.pt: values not representable as JSON, dropped: {dropped[:8]}")
-        rng: dict = {}
-        for n in sorted(names):
-            match = TRAINER_RNG.match(n) or ACCEL_RNG.match(n)
-            if match is None:
-                continue
-            state = self._lazy(n)
-            if not isinstance(state, dict):
-                raise FormatError(f"{self.path}/{n}: expected a dict of RNG states, found {type(state).__name__}")
-            state = dict(state)
-            if isinstance(state.get("step"), int):
-                m.step = state.pop("step") if m.step is None else m.step
-                state.pop("step", None)
-            rng[f"rank{match.group(1) or 0}"] = _rng_value(state, f"{self.path}/{n}")
-        if rng:
-            m.extra_objects["rng"] = rng
-        for n in sorted(names):
-            if ACCEL_EXTRA.match(n):
-                value, dropped = jsonable(self._lazy(n))
-                m.extra_objects[n.rsplit(".", 1)[0]] = value
-                if dropped:
-                    m.warnings.append(f"{n}: values not representable as JSON, dropped: {dropped[:8]}")
 
     def _read_optimizer(self, name: str, param_order: str | None) -> None:
         osd = self._lazy(name)
@@ -271,4 +289,4 @@ def _detect(path: str, options: dict) -> ConvertSource | None:
 
 register_source("hf-training", _detect, priority=40)
 
-__all__ = ["TrainingStateSource"]
+__all__ = ["TrainingStateSource", "read_side_state"]
