@@ -58,3 +58,10 @@ def test_python_dash_m_and_help_without_torch():
            "except SystemExit as e:\n    print('torch' in sys.modules, e.code)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "inspect" in res.stdout and res.stdout.strip().endswith("False 0"), res.stdout + res.stderr
+
+
+def test_sources_detect_native_by_the_manifest_name_the_writer_uses():
+    from stalwart.formats.manifest import MANIFEST_NAME as written
+    from stalwart.formats.sources import MANIFEST_NAME as detected
+
+    assert detected == written
