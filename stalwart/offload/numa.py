@@ -322,9 +322,17 @@ def mbind(addr: int, length: int, nodes: tuple[int, ...], mode: str = "bind") ->
 
 
 def numa_maps(addr: int, pid: str = "self") -> str | None:
-    """This process's ``/proc/<pid>/numa_maps`` line for the mapping starting at ``addr``."""
-    text = _read(f"/proc/{pid}/numa_maps") or ""
-    for line in text.splitlines():
-        if line.startswith(f"{addr:x} "):
+    """The ``/proc/<pid>/numa_maps`` line of the mapping that contains ``addr`` (the kernel
+    may have merged adjacent mappings with the same policy into one)."""
+    start = None
+    for line in (_read(f"/proc/{pid}/maps") or "").splitlines():
+        lo, _, hi = line.split(" ", 1)[0].partition("-")
+        if int(lo, 16) <= addr < int(hi, 16):
+            start = lo
+            break
+    if start is None:
+        return None
+    for line in (_read(f"/proc/{pid}/numa_maps") or "").splitlines():
+        if line.split(" ", 1)[0] == start.lstrip("0") or line.split(" ", 1)[0] == start:
             return line
     return None

@@ -119,7 +119,7 @@ def predict(costs: list[SubgroupCost], placements: list[str], cal: Calibration) 
 def _model(classes: list[tuple[SubgroupCost, int]], counts: list[tuple], cal: Calibration):
     """The model, vectorised: ``counts[k] = (cpu, gpu, resident)`` numbers (or arrays of
     numbers) of class k's subgroups placed there. Returns (cpu, h2d, gpu, d2h, infeasible)."""
-    shape = np.broadcast(*[np.asarray(x) for c in counts for x in c]).shape if counts else ()
+    shape = np.broadcast_shapes(*[np.shape(x) for c in counts for x in c])
     cpu, h2d, gpu, down, serial, res, slot = (np.zeros(shape) for _ in range(7))
     last_up, lead = np.full(shape, np.inf), np.full(shape, np.inf)
     bad = np.zeros(shape, bool)
@@ -129,8 +129,8 @@ def _model(classes: list[tuple[SubgroupCost, int]], counts: list[tuple], cal: Ca
             cpu = cpu + nc * (c.n / cal.cpu_rate)
         else:
             bad |= nc > 0
-        if c.param_up_bytes:
-            pu = c.param_up_bytes / cal.h2d_bw + cal.latency if cal.h2d_bw > 0 else np.inf
+        if c.param_up_bytes and cal.h2d_bw > 0:  # (no device: the weights are updated in place)
+            pu = c.param_up_bytes / cal.h2d_bw + cal.latency
             h2d = h2d + np.where(nc > 0, nc * pu, 0.0)
             last_up = np.where(nc > 0, np.minimum(last_up, pu), last_up)
         if not cal.has_device:
@@ -171,8 +171,8 @@ def _options(k: int) -> list[tuple[int, int, int]]:
 
 def plan(costs: list[SubgroupCost], cal: Calibration, max_combinations: int = 200_000,
          previous: list[str] | None = None) -> Plan:
-    """The placement with the smallest predicted makespan (ties: fewer transfers, i.e.
-    more on the CPU, then fewer resident). Exact for the model whenever the number of
+    """The placement with the smallest predicted makespan (ties: the fewest bytes over
+    the link). Exact for the model whenever the number of
     count combinations is at most ``max_combinations`` (always, for equal subgroups: a
     single class of k subgroups has (k+1)(k+2)/2); beyond that, classes other than the
     largest are kept on the CPU. ``previous`` keeps residency stable: subgroups already
@@ -194,14 +194,15 @@ def plan(costs: list[SubgroupCost], cal: Calibration, max_combinations: int = 20
     keep = g_grid + r_grid <= head_k
     g_grid, r_grid = g_grid[keep], r_grid[keep]
     for rest in itertools.product(*rest_opts):
-        cpu, h2d, gpu, d2h, bad = _model(classes, [(head_k - g_grid - r_grid, g_grid, r_grid), *rest], cal)
+        counts = [(head_k - g_grid - r_grid, g_grid, r_grid), *rest]
+        cpu, h2d, gpu, d2h, bad = _model(classes, counts, cal)
         span = np.where(bad, np.inf, np.maximum.reduce([cpu, h2d, gpu, d2h]))
-        # Ties: lowest makespan, then most on the CPU (fewest transfers), then fewest resident.
-        i = np.lexsort((r_grid, g_grid + r_grid, span))[0]
-        g, r = int(g_grid[i]), int(r_grid[i])
-        key = (float(span[i]), g + r + sum(x[1] + x[2] for x in rest), r + sum(x[2] for x in rest))
+        moved = _bytes_moved(classes, counts)
+        # Ties: lowest makespan, then fewest bytes over the link (cpu < resident < gpu).
+        i = np.lexsort((moved, span))[0]
+        key = (float(span[i]), float(moved[i]))
         if best is None or key < best[0]:
-            best = (key, (head_k - g - r, g, r), rest)
+            best = (key, (head_k - int(g_grid[i]) - int(r_grid[i]), int(g_grid[i]), int(r_grid[i])), rest)
     assert best is not None
     counts = [best[1], *best[2]]
     placements = ["cpu"] * len(costs)
@@ -214,6 +215,14 @@ def plan(costs: list[SubgroupCost], cal: Calibration, max_combinations: int = 20
         for i in [i for i in idx if placements[i] == "cpu"][:ng]:
             placements[i] = "gpu"
     return _finish(costs, placements, cal)
+
+
+def _bytes_moved(classes: list[tuple[SubgroupCost, int]], counts: list[tuple]) -> np.ndarray:
+    total = 0.0
+    for (c, _), (nc, ng, nr) in zip(classes, counts):
+        total = total + np.asarray(nc) * c.param_up_bytes + np.asarray(nr) * c.down_bytes \
+            + np.asarray(ng) * (c.up_bytes + c.down_bytes)
+    return np.asarray(total, dtype=float)
 
 
 def _finish(costs: list[SubgroupCost], placements: list[str], cal: Calibration) -> Plan:
