@@ -35,6 +35,8 @@ from stalwart.offload import planner
 from stalwart.offload.calibrate import device_free
 from stalwart.offload.layout import local_tensor
 
+MAX_SLOTS = 3  # device scratch slots for transient subgroups: a bounded pipeline (upload / update / download)
+
 
 def _event() -> torch.cuda.Event:
     return torch.cuda.Event(enable_timing=True)
@@ -58,6 +60,7 @@ class DevicePath:
         self._ddp = False
         self._callback_queued = False
         self._scratch_bytes = 0
+        self._peak_before_update: int | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -90,16 +93,19 @@ class DevicePath:
                         lambda p, i=e.index: self._copy_grad(i, p.grad)))
 
     def calibration_now(self) -> planner.Calibration:
-        """The calibration with device memory as it is now."""
+        """The calibration with device memory as it is now. The resident budget ("auto") is
+        the headroom left at the peak seen before the last update began (forward and
+        backward included; none before the first step, when that peak is unknown)."""
         free = device_free(self.device)
         resident_now = sum(t.numel() * 4 for t in self._resident.values())
-        if self.resident_spec == "auto":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            headroom = total - torch.cuda.max_memory_allocated(self.device) - int(0.1 * total)
-            budget = max(0, resident_now + headroom)
-        else:
+        if self.resident_spec != "auto":
             budget = int(self.resident_spec)
-        return replace(self.opt.calibration, free_device=free + resident_now, resident_budget=budget)
+        elif self._peak_before_update is None:
+            budget = 0
+        else:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = max(0, resident_now + total - self._peak_before_update - int(0.1 * total))
+        return replace(self.opt.calibration, free_device=free, resident_budget=budget)
 
     def invalidate_resident(self) -> None:
         self._resident_valid.clear()
@@ -130,6 +136,7 @@ class DevicePath:
         lay = self.opt.layout
         e = lay.entries[entry]
         grad = local_tensor(grad)
+        seen = (grad.data_ptr(), grad._version)
         if grad.dtype != e.dtype:
             grad = grad.to(e.dtype)
         flat = grad.reshape(-1)
@@ -148,7 +155,7 @@ class DevicePath:
             grad.record_stream(self.d2h)
             for k in pieces:
                 self._grad_event[lay.pieces[k].subgroup] = ev
-            self._hosted[entry] = (grad.data_ptr(), grad._version)
+            self._hosted[entry] = seen
 
     def attach_ddp(self, ddp_model: torch.nn.Module) -> None:
         """Copy DDP's reduced gradients to the host as each bucket's all-reduce finishes."""
@@ -157,7 +164,11 @@ class DevicePath:
         def hook(state, bucket):
             if not self._callback_queued:
                 self._callback_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+                # DDP queues its own end-of-backward callback (which writes the reduced
+                # gradients into .grad) after the last bucket; ours queues a second one from
+                # inside the first, so it runs after DDP's.
+                engine = torch.autograd.Variable._execution_engine
+                engine.queue_callback(lambda: engine.queue_callback(self._after_backward))
             params, grads = bucket.parameters(), bucket.gradients()
 
             def copy(fut):
@@ -188,7 +199,9 @@ class DevicePath:
     def step(self, grads, table: np.ndarray, row_of: np.ndarray):
         from stalwart.offload.optimizer import StepStats
 
-        opt, plan = self.opt, self.opt.plan
+        opt = self.opt
+        self._peak_before_update = torch.cuda.max_memory_allocated(self.device)
+        plan = self._fit_residency(opt.plan)
         stats = StepStats(opt._step_count + 1, plan)
         cur = torch.cuda.current_stream(self.device)
         start = _event()
@@ -222,7 +235,7 @@ class DevicePath:
             dt = time.perf_counter() - t0
             n = int(opt._segments["n"][idx].sum())
             cpu_elems, cpu_time = cpu_elems + n, cpu_time + dt
-            stats.subgroups.append(("cpu", n, plan.per_subgroup[s], dt))
+            stats.subgroups.append((s, "cpu", n, plan.per_subgroup[s], dt))
             a, b = _event(), _event()
             with torch.cuda.stream(self.h2d):
                 a.record(self.h2d)
@@ -242,8 +255,26 @@ class DevicePath:
         self.comp.synchronize()
         measured = self._measure(timings, ups, up_bytes, (cpu_elems, cpu_time), start, last, stats)
         opt.calibration = planner.refit(opt.calibration, measured)
-        opt.plan = planner.plan(opt.costs, self.calibration_now(), previous=plan.placements)
+        opt.plan = opt.replan(previous=plan.placements)
         return stats
+
+    def _fit_residency(self, plan: planner.Plan) -> planner.Plan:
+        """Demote resident subgroups beyond the budget seen now to transient device updates
+        (both are device placements: the gradient hooks are unaffected)."""
+        budget = self.calibration_now().resident_budget
+        sizes = [c.device_bytes for c in self.opt.costs]
+        used = 0
+        places = list(plan.placements)
+        for s, p in enumerate(places):
+            if p == "resident":
+                if used + sizes[s] > budget:
+                    places[s] = "gpu"
+                else:
+                    used += sizes[s]
+        if places == plan.placements:
+            return plan
+        self.opt.plan = planner.fixed(self.opt.costs, places, plan.calibration)
+        return self.opt.plan
 
     def _upload_weights(self, idx: np.ndarray) -> int:
         """H2D of the updated weights of pieces ``idx`` (from staging, or from the master
@@ -289,7 +320,7 @@ class DevicePath:
         slot_elems = max((size(s) for s in transient), default=0)
         nslots = 0
         if transient:
-            nslots = max(1, min(len(transient), device_free(self.device) // (4 * slot_elems)))
+            nslots = max(1, min(len(transient), MAX_SLOTS, device_free(self.device) // (4 * slot_elems)))
         slots = [torch.empty(slot_elems, dtype=torch.float32, device=self.device) for _ in range(nslots)]
         self._scratch_bytes = 4 * slot_elems * nslots
         free_ev: list[torch.cuda.Event | None] = [None] * nslots
@@ -373,7 +404,7 @@ class DevicePath:
             h2d_bytes, h2d_t = h2d_bytes + upb, h2d_t + (up_s if upb else 0.0)
             d2h_bytes, d2h_t = d2h_bytes + downb, d2h_t + down_s
             gpu_elems, gpu_t = gpu_elems + n, gpu_t + comp_s
-            stats.subgroups.append((place, n, self.opt.plan.per_subgroup[s], up_s + comp_s + down_s))
+            stats.subgroups.append((s, place, n, self.opt.plan.per_subgroup[s], up_s + comp_s + down_s))
         for a, b in ups:
             h2d_t += a.elapsed_time(b) / 1e3
         h2d_bytes += up_bytes

@@ -58,7 +58,8 @@ class StepStats:
     step: int
     plan: planner.Plan
     measured: dict[str, float] = field(default_factory=dict)  # update (wall), cpu, h2d, gpu, d2h
-    subgroups: list[tuple[str, int, float, float | None]] = field(default_factory=list)  # place, n, predicted, measured
+    # (subgroup, place, elements, predicted s, measured s)
+    subgroups: list[tuple[int, str, int, float, float | None]] = field(default_factory=list)
 
     def describe(self) -> str:
         m = self.measured
@@ -66,7 +67,7 @@ class StepStats:
                  f"  measured update {m.get('update', 0) * 1e3:.2f} ms"
                  + "".join(f", {k} {m[k] * 1e3:.2f} ms" for k in ("cpu", "h2d", "gpu", "d2h") if k in m),
                  "  subgroup  place      elements   predicted ms  measured ms"]
-        for i, (place, n, pred, meas) in enumerate(self.subgroups):
+        for i, place, n, pred, meas in sorted(self.subgroups):
             ms = "-" if meas is None else f"{meas * 1e3:.3f}"
             lines.append(f"  {i:8d}  {place:9s} {n:10d}   {pred * 1e3:12.3f}  {ms:>11s}")
         return "\n".join(lines)
@@ -94,6 +95,9 @@ class OffloadAdamW(torch.optim.Optimizer):
     - ``resident_budget``: (CUDA) bytes of device memory that may keep subgroups'
       state between steps: ``"auto"`` (the headroom left at the peak of the last
       forward/backward) or a number.
+    - ``placement``: ``"auto"`` (the planner decides every step), or fixed: ``"cpu"``,
+      ``"gpu"`` or one of "cpu"/"gpu"/"resident" per subgroup (results are the same
+      bits whatever the placement; this is for measurements and tests).
 
     :attr:`plan`, :attr:`stats` and :meth:`memory_report` show the decisions, the
     predicted and measured times, and the memory used.
@@ -105,7 +109,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                  fused: bool | None = None, adamw: bool = True, subgroup_size: int = DEFAULT_SUBGROUP,
                  threads: int | None = None, numa: str | dict | NumaPlan = "auto",
                  calibration: planner.Calibration | None = None, grad_hooks: bool | None = None,
-                 resident_budget: str | int = "auto") -> None:
+                 resident_budget: str | int = "auto", placement: str | list[str] = "auto") -> None:
         if amsgrad or capturable or differentiable:
             raise OffloadError("OffloadAdamW does not support amsgrad, capturable or differentiable")
         if not float(lr) >= 0.0:
@@ -122,6 +126,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.rule: UpdateRule = AdamRule(decoupled=adamw)
         self.subgroup_size = int(subgroup_size)
+        self.placement = placement
         self._numa_spec = numa
         self.kernel = native.HostKernel(threads)
         self.device = self._param_device()
@@ -183,7 +188,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         layout = build_layout(groups, self.subgroup_size,
                               lambda p: self.staging or local_tensor(p).dtype != torch.float32, self.staging)
         self.costs = self._costs(layout)
-        self.plan = planner.plan(self.costs, self._calibration_now())
+        self.plan = self.replan()
         self.numa_plan = self._numa_plan(layout, self.plan)
         pin = self.staging
         slots = self.rule.slots
@@ -232,6 +237,19 @@ class OffloadAdamW(torch.optim.Optimizer):
 
         return DTensor.from_local(view, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
+
+    def replan(self, previous: list[str] | None = None) -> planner.Plan:
+        """The plan for the next step: the planner's, or the fixed ``placement``."""
+        cal = self._calibration_now()
+        if self.placement == "auto":
+            return planner.plan(self.costs, cal, previous=previous)
+        places = [self.placement] * len(self.costs) if isinstance(self.placement, str) else list(self.placement)
+        if len(places) != len(self.costs) or not set(places) <= set(planner.PLACES):
+            raise OffloadError(f"placement must be 'auto' or one of {planner.PLACES} per subgroup "
+                               f"({len(self.costs)} subgroups), not {self.placement!r}")
+        if self._device_path is None and set(places) != {"cpu"}:
+            raise OffloadError("placement on a device needs parameters on a CUDA device")
+        return planner.fixed(self.costs, places, cal)
 
     def _calibration_now(self) -> planner.Calibration:
         if self._device_path is not None:
@@ -490,11 +508,11 @@ class OffloadAdamW(torch.optim.Optimizer):
                 self.kernel.step(self.rule.rule_id, np.ascontiguousarray(segs[idx]), table)
             dt = time.perf_counter() - t
             done, seconds = done + n, seconds + dt
-            stats.subgroups.append(("cpu", n, n / cal.cpu_rate, dt))
+            stats.subgroups.append((sg.index, "cpu", n, n / cal.cpu_rate, dt))
         stats.measured["cpu"] = seconds
         del keep
         self.calibration = planner.refit(cal, {"cpu": (done, seconds)})
-        self.plan = planner.plan(self.costs, self.calibration)
+        self.plan = self.replan()
         return stats
 
     # ------------------------------------------------------------ reports

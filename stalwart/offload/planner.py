@@ -217,6 +217,11 @@ def plan(costs: list[SubgroupCost], cal: Calibration, max_combinations: int = 20
     return _finish(costs, placements, cal)
 
 
+def fixed(costs: list[SubgroupCost], placements: list[str], cal: Calibration) -> Plan:
+    """A plan with the given placements (and the model's prediction for them)."""
+    return _finish(costs, list(placements), cal)
+
+
 def _bytes_moved(classes: list[tuple[SubgroupCost, int]], counts: list[tuple]) -> np.ndarray:
     total = 0.0
     for (c, _), (nc, ng, nr) in zip(classes, counts):
@@ -231,6 +236,8 @@ def _finish(costs: list[SubgroupCost], placements: list[str], cal: Calibration) 
     for c, p in zip(costs, placements):
         if p == "cpu":
             per.append(c.n / cal.cpu_rate if cal.cpu_rate > 0 else math.inf)
+        elif not cal.has_device:
+            per.append(math.inf)
         else:
             up = c.up_bytes / cal.h2d_bw if p == "gpu" else 0.0
             per.append(up + c.n / cal.gpu_rate + c.down_bytes / cal.d2h_bw)
