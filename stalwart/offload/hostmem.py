@@ -17,6 +17,10 @@ import torch
 from stalwart.offload.numa import PAGE, Extent, NumaError, apply_extent
 
 
+class PinError(NumaError):
+    """The host buffer could not be registered with CUDA (pinned)."""
+
+
 def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
@@ -54,7 +58,7 @@ class HostRegion:
         if pin:
             rc = torch.cuda.cudart().cudaHostRegister(self.addr, self.size, 0)
             if int(rc) != 0:
-                raise NumaError(f"cudaHostRegister of {self.size} bytes at {self.addr:#x} failed (cudaError {int(rc)}); "
+                raise PinError(f"cudaHostRegister of {self.size} bytes at {self.addr:#x} failed (cudaError {int(rc)}); "
                                 "is the locked-memory limit (ulimit -l) too low?")
             self.pinned = True
             weakref.finalize(self, _unregister, self.addr)

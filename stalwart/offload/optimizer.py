@@ -30,7 +30,7 @@ import torch
 from stalwart.errors import StalwartError
 from stalwart.offload import native, planner
 from stalwart.offload.calibrate import calibrate
-from stalwart.offload.hostmem import HostRegion
+from stalwart.offload.hostmem import HostRegion, PinError
 from stalwart.offload.layout import Layout, build_layout, local_tensor
 from stalwart.offload.numa import (
     SYSFS_NODES,
@@ -285,6 +285,9 @@ class OffloadAdamW(torch.optim.Optimizer):
                     extents.append(Extent(kind, start + e.offset, e.length, e.nodes, e.mode, e.weights))
         try:
             return HostRegion(size, extents, pin=pin)
+        except PinError as err:  # e.g. a low locked-memory limit: slower (synchronous) copies, same results
+            warnings.warn(f"stalwart.offload: the {kind} buffer is not pinned: {err}", stacklevel=3)
+            return HostRegion(size, extents, pin=False)
         except NumaError as err:
             if self._numa_spec != "auto":
                 raise
@@ -292,6 +295,15 @@ class OffloadAdamW(torch.optim.Optimizer):
                           stacklevel=3)
             self.numa_plan = None
             return HostRegion(size, [], pin=pin)
+
+    def attach_ddp(self, ddp_model: torch.nn.Module) -> None:
+        """Give a DDP run back the overlap of gradient copies with the backward pass (CUDA):
+        a DDP comm hook copies each bucket's reduced gradients to the host as soon as its
+        all-reduce finishes (otherwise, with more than one rank, they are copied at
+        ``step()``). Replaces any comm hook the model had. Nothing to do for CPU
+        parameters, which the host kernel reads in place."""
+        if self._device_path is not None:
+            self._device_path.attach_ddp(ddp_model)
 
     def _static_segments(self) -> None:
         """Segment fields that do not change between steps."""
