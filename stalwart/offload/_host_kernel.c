@@ -21,8 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SW_ABI 3
-#define BLK 1024
+#define SW_ABI 4
+#define BLK 2048
 
 enum { SW_F32 = 0, SW_BF16 = 1, SW_F16 = 2 };
 enum { SW_RULE_ADAM = 0 };
@@ -71,19 +71,13 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, like c10
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-static void load_grad(float *restrict dst, const void *src, int dt, int64_t k, const sw_adam_scalars *s) {
-    if (dt == SW_F32) {
-        memcpy(dst, src, (size_t)k * 4);
-    } else if (dt == SW_BF16) {
+static void load_grad(float *restrict dst, const void *src, int dt, int64_t k) {
+    if (dt == SW_BF16) {
         const uint16_t *restrict h = (const uint16_t *)src;
         for (int64_t i = 0; i < k; i++) dst[i] = bf16_to_f32(h[i]);
     } else {
         const _Float16 *restrict h = (const _Float16 *)src;
         for (int64_t i = 0; i < k; i++) dst[i] = (float)h[i];
-    }
-    if (s->flags & SW_GSCALE) {
-        const float gs = s->gscale;
-        for (int64_t i = 0; i < k; i++) dst[i] = dst[i] * gs;
     }
 }
 
@@ -101,27 +95,31 @@ static void store_out(void *dst, int dt, const float *restrict p, int64_t k) {
 
 /* ---------------------------------------------------------------- Adam / AdamW */
 
-/* The operation order is the contract with optim_rules.adam_reference and the device
- * path: change both or neither. */
-static void adam_block(float *restrict p, float *restrict g, float *restrict m, float *restrict v, int64_t k,
+/* The operation order is the contract with rules.AdamRule.apply (the reference and the
+ * device path): change both or neither. The flag tests are loop-invariant: the compiler
+ * unswitches them into one vectorised loop per combination. */
+static void adam_block(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t k,
                        const sw_adam_scalars *s) {
-    const float wd = s->wd, decay = s->decay, b1 = s->b1, omb1 = s->omb1, b2 = s->b2, omb2 = s->omb2;
+    const int gsc = s->flags & SW_GSCALE, l2 = s->flags & SW_ADAM_L2, dec = s->flags & SW_ADAM_DECOUPLED;
+    const float gs = s->gscale, wd = s->wd, decay = s->decay, b1 = s->b1, omb1 = s->omb1, b2 = s->b2, omb2 = s->omb2;
     const float ibc = s->inv_bc2_sqrt, eps = s->eps, ss = s->step_size;
-    if (s->flags & SW_ADAM_L2)
-        for (int64_t i = 0; i < k; i++) g[i] = g[i] + p[i] * wd;
-    if (s->flags & SW_ADAM_DECOUPLED)
-        for (int64_t i = 0; i < k; i++) p[i] = p[i] * decay;
     for (int64_t i = 0; i < k; i++) {
-        const float gi = g[i];
+        float gi = g[i];
+        float pi = p[i];
+        if (gsc) gi = gi * gs;
+        if (l2) gi = gi + pi * wd;
+        if (dec) pi = pi * decay;
         const float mi = m[i] * b1 + gi * omb1;
         const float vi = v[i] * b2 + (gi * gi) * omb2;
         const float d = sqrtf(vi) * ibc + eps;
-        p[i] = p[i] - (mi / d) * ss;
+        p[i] = pi - (mi / d) * ss;
         m[i] = mi;
         v[i] = vi;
     }
 }
 
+/* fp32 gradients are read in place; bf16/fp16 ones are widened a block at a time into an
+ * L1-resident buffer. The output (model dtype) is written after its block's gradient was read. */
 static void adam_range(const sw_seg *sg, int64_t lo, int64_t hi, const sw_adam_scalars *tab) {
     const sw_adam_scalars *s = &tab[sg->scal];
     float gbuf[BLK] __attribute__((aligned(64)));
@@ -129,8 +127,13 @@ static void adam_range(const sw_seg *sg, int64_t lo, int64_t hi, const sw_adam_s
     const int osz = sg->odt == SW_F32 ? 4 : 2;
     for (int64_t i = lo; i < hi; i += BLK) {
         const int64_t k = hi - i < BLK ? hi - i : BLK;
-        load_grad(gbuf, (const char *)sg->g + i * gsz, sg->gdt, k, s);
-        adam_block(sg->p + i, gbuf, sg->s0 + i, sg->s1 + i, k, s);
+        const void *gsrc = (const char *)sg->g + i * gsz;
+        const float *g = (const float *)gsrc;
+        if (sg->gdt != SW_F32) {
+            load_grad(gbuf, gsrc, sg->gdt, k);
+            g = gbuf;
+        }
+        adam_block(sg->p + i, g, sg->s0 + i, sg->s1 + i, k, s);
         if (sg->out) store_out((char *)sg->out + i * osz, sg->odt, sg->p + i, k);
     }
 }

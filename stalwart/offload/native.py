@@ -31,7 +31,7 @@ import numpy as np
 from stalwart.errors import StalwartError
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_host_kernel.c")
-ABI = 3
+ABI = 4
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread", "-std=gnu11")
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
 
