@@ -238,6 +238,16 @@ def gpu_model():
     return GPT(cfg), cfg
 
 
+def plain_step(model, opt, dev):
+    def step_fn(x):
+        x = x.to(dev, non_blocking=True)
+        model(x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step_fn
+
+
 def gpu_worker(kind: str) -> dict:
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
@@ -257,13 +267,7 @@ def gpu_worker(kind: str) -> dict:
         else:
             opt = OffloadAdamW(model.parameters(), lr=1e-4, threads=os.cpu_count(), subgroup_size=1 << 26,
                                placement="auto" if kind == "ours" else "cpu")
-
-        def step_fn(x):
-            x = x.to(dev, non_blocking=True)
-            loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step_fn = plain_step(model, opt, dev)
     elif kind == "deepspeed":
         import deepspeed
 
@@ -290,13 +294,7 @@ def gpu_worker(kind: str) -> dict:
             fully_shard(b, offload_policy=CPUOffloadPolicy(), mp_policy=mp)
         fully_shard(model, offload_policy=CPUOffloadPolicy(), mp_policy=mp)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step_fn(x):
-            x = x.to(dev, non_blocking=True)
-            loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step_fn = plain_step(model, opt, dev)
     times = []
     try:
         for i, x in enumerate(data):
