@@ -199,13 +199,15 @@ class NumaPlan:
                 out[n] = out.get(n, 0) + b
         return out
 
-    def describe(self) -> str:
+    def describe(self, max_extents: int = 24) -> str:
         lines = [f"NUMA plan: update threads on node {self.local}, DRAM budget {self.budget / 2**30:.2f} GiB"]
         for node, nbytes in sorted(self.bytes_by_node().items()):
             lines.append(f"  node {node}: {nbytes / 2**30:.3f} GiB")
-        for e in self.extents:
+        for e in self.extents[:max_extents]:
             w = f" weights {list(e.weights)}" if e.weights else ""
             lines.append(f"  {e.name}[{e.offset}:{e.offset + e.length}] -> {e.mode} {list(e.nodes)}{w}")
+        if len(self.extents) > max_extents:
+            lines.append(f"  ... {len(self.extents) - max_extents} more extents (NumaPlan.extents)")
         return "\n".join(lines)
 
 
