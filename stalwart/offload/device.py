@@ -36,6 +36,8 @@ from stalwart.offload.calibrate import device_free
 from stalwart.offload.layout import local_tensor
 
 MAX_SLOTS = 3  # device scratch slots for transient subgroups: a bounded pipeline (upload / update / download)
+CHUNK = 1 << 24  # elements per batch of device update ops: bounds their temporaries
+TEMP_BYTES = 28  # device temporaries per element of a batch (fp32 g, t, d, u; fp64 sqrt)
 
 
 def _event() -> torch.cuda.Event:
@@ -96,7 +98,9 @@ class DevicePath:
         """The calibration with device memory as it is now. The resident budget ("auto") is
         the headroom left at the peak seen before the last update began (forward and
         backward included; none before the first step, when that peak is unknown)."""
-        free = device_free(self.device)
+        largest = max((sg.stop - sg.start for sg in self.opt.layout.subgroups), default=0) \
+            if hasattr(self.opt, "layout") else self.opt.subgroup_size
+        free = max(0, device_free(self.device) - TEMP_BYTES * min(CHUNK, largest))
         resident_now = sum(t.numel() * 4 for t in self._resident.values())
         if self.resident_spec != "auto":
             budget = int(self.resident_spec)
@@ -256,6 +260,7 @@ class DevicePath:
         measured = self._measure(timings, ups, up_bytes, (cpu_elems, cpu_time), start, last, stats)
         opt.calibration = planner.refit(opt.calibration, measured)
         opt.plan = opt.replan(previous=plan.placements)
+        self._grad_event.clear()
         return stats
 
     def _fit_residency(self, plan: planner.Plan) -> planner.Plan:
@@ -370,28 +375,40 @@ class DevicePath:
         return timings
 
     def _update_on_device(self, s: int, dev: dict[str, torch.Tensor], grads, table, row_of) -> int:
-        """Run the rule's torch ops on subgroup ``s``'s pieces that have gradients; write
-        the model's weights in place. Returns the elements updated."""
+        """Run the rule's torch ops on subgroup ``s``'s pieces that have gradients, in batches
+        of at most :data:`CHUNK` elements; write the model's weights in place. Returns the
+        elements updated."""
         opt, lay = self.opt, self.opt.layout
         sg = lay.subgroups[s]
-        ps, gs, sts, rows, outs = [], [], [], [], []
+        batch: list[tuple] = []
+        size = done = 0
+
+        def flush():
+            if batch:
+                ps, gs, sts, rows, outs = zip(*batch)
+                opt.rule.apply(ps, gs, sts, rows)
+                for o, p in zip(outs, ps):
+                    o.copy_(p)  # round-to-nearest-even into the model's dtype, as the host kernel does
+                batch.clear()
+
         for k in opt._pieces_for(s, row_of):
             pc = lay.pieces[int(k)]
             e = lay.entries[pc.entry]
-            a = e.offset + pc.start - sg.start
-            mo = e.master_offset + pc.start - sg.master[0]
-            ps.append(dev["master"][mo:mo + pc.n])
             g = grads[pc.entry]
-            gs.append(g.reshape(-1)[pc.start:pc.start + pc.n])
             g.record_stream(self.comp)
-            sts.append([dev[slot][a:a + pc.n] for slot in opt.rule.slots])
-            rows.append(table[row_of[pc.entry]])
-            outs.append(local_tensor(e.param).detach().view(-1)[pc.start:pc.start + pc.n])
-        if ps:
-            opt.rule.apply(ps, gs, sts, rows)
-            for o, p in zip(outs, ps):
-                o.copy_(p)  # round-to-nearest-even into the model's dtype, as the host kernel does
-        return sum(p.numel() for p in ps)
+            flat_g, flat_out = g.reshape(-1), local_tensor(e.param).detach().view(-1)
+            for lo in range(pc.start, pc.start + pc.n, CHUNK):
+                n = min(CHUNK, pc.start + pc.n - lo)
+                a = e.offset + lo - sg.start
+                mo = e.master_offset + lo - sg.master[0]
+                batch.append((dev["master"][mo:mo + n], flat_g[lo:lo + n], [dev[x][a:a + n] for x in opt.rule.slots],
+                              table[row_of[pc.entry]], flat_out[lo:lo + n]))
+                size, done = size + n, done + n
+                if size >= CHUNK:
+                    flush()
+                    size = 0
+        flush()
+        return done
 
     def _measure(self, timings, ups, up_bytes, cpu, start, last, stats) -> dict[str, tuple[float, float]]:
         h2d_bytes = d2h_bytes = 0
