@@ -21,7 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SW_ABI 4
+#define SW_ABI 5
 #define BLK 2048
 
 enum { SW_F32 = 0, SW_BF16 = 1, SW_F16 = 2 };
@@ -265,43 +265,62 @@ static void pool_run(sw_pool *pool, sw_fn fn, void *arg) {
 
 typedef struct {
     const sw_seg *segs;
+    const int64_t *start; /* start[i]: offset of segment i in the concatenation; start[nseg] = total */
     int nseg;
     int64_t total;
     const void *scalars;
     int rule;
+    int64_t next; /* next chunk to take (atomic) */
 } sw_job;
 
-/* Thread t of n takes elements [total*t/n, total*(t+1)/n) of the concatenated segments,
- * boundaries rounded to 64 elements so threads do not share cache lines. */
-static void job_part(void *a, int t, int n) {
-    const sw_job *job = (const sw_job *)a;
-    int64_t lo = (job->total * t / n) & ~(int64_t)63;
-    int64_t hi = t + 1 == n ? job->total : (job->total * (t + 1) / n) & ~(int64_t)63;
-    int64_t base = 0;
-    for (int i = 0; i < job->nseg && base < hi; i++) {
-        const sw_seg *sg = &job->segs[i];
-        const int64_t a0 = lo > base ? lo - base : 0;
-        const int64_t a1 = hi - base < sg->n ? hi - base : sg->n;
-        if (a0 < a1 && job->rule == SW_RULE_ADAM) adam_range(sg, a0, a1, (const sw_adam_scalars *)job->scalars);
-        base += sg->n;
+#define CHUNK 65536 /* elements a thread takes at a time: a preempted thread holds up one chunk, not a share */
+
+static void run_range(const sw_job *job, int64_t lo, int64_t hi) {
+    int a = 0, b = job->nseg; /* the segment holding lo: last i with start[i] <= lo */
+    while (b - a > 1) {
+        const int mid = (a + b) / 2;
+        if (job->start[mid] <= lo) a = mid; else b = mid;
+    }
+    for (int i = a; i < job->nseg && job->start[i] < hi; i++) {
+        const int64_t s0 = job->start[i];
+        const int64_t a0 = lo > s0 ? lo - s0 : 0;
+        const int64_t a1 = hi - s0 < job->segs[i].n ? hi - s0 : job->segs[i].n;
+        if (a0 < a1 && job->rule == SW_RULE_ADAM) adam_range(&job->segs[i], a0, a1, (const sw_adam_scalars *)job->scalars);
+    }
+}
+
+/* Every thread takes chunks of the concatenated segments until none is left. */
+static void job_part(void *arg, int t, int n) {
+    sw_job *job = (sw_job *)arg;
+    (void)t;
+    (void)n;
+    for (;;) {
+        const int64_t c = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        const int64_t lo = c * CHUNK;
+        if (lo >= job->total) break;
+        run_range(job, lo, lo + CHUNK < job->total ? lo + CHUNK : job->total);
     }
 }
 
 /* Update every segment with rule `rule`; scalars is that rule's scalar table. */
 int sw_step(sw_pool *pool, int rule, const sw_seg *segs, int nseg, const void *scalars) {
     if (!pool || rule != SW_RULE_ADAM || nseg < 0) return -1;
-    sw_job job = {segs, nseg, 0, scalars, rule};
+    int64_t total = 0;
     for (int i = 0; i < nseg; i++) {
         if (segs[i].n < 0 || !segs[i].p || !segs[i].g || !segs[i].s0 || !segs[i].s1) return -2;
         if (segs[i].gdt < SW_F32 || segs[i].gdt > SW_F16 || segs[i].odt < SW_F32 || segs[i].odt > SW_F16) return -3;
-        job.total += segs[i].n;
+        total += segs[i].n;
     }
-    if (job.total == 0) return 0;
-    /* Small jobs are not worth waking the pool for. */
-    if (job.total < 32768 || pool->n == 1) {
-        job_part(&job, 0, 1);
-        return 0;
-    }
-    pool_run(pool, job_part, &job);
+    if (total == 0) return 0;
+    int64_t *start = malloc(sizeof(int64_t) * ((size_t)nseg + 1));
+    if (!start) return -4;
+    start[0] = 0;
+    for (int i = 0; i < nseg; i++) start[i + 1] = start[i] + segs[i].n;
+    sw_job job = {segs, start, nseg, total, scalars, rule, 0};
+    if (total <= CHUNK || pool->n == 1) /* not worth waking the pool */
+        run_range(&job, 0, total);
+    else
+        pool_run(pool, job_part, &job);
+    free(start);
     return 0;
 }

@@ -31,7 +31,7 @@ import numpy as np
 from stalwart.errors import StalwartError
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_host_kernel.c")
-ABI = 4
+ABI = 5
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread", "-std=gnu11")
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
 
@@ -163,6 +163,8 @@ class HostKernel:
             if not self._pool:
                 raise RuntimeError("the host kernel is closed")
             rc = self._lib.sw_step(self._pool, rule, segs.ctypes.data, len(segs), scalars.ctypes.data)
+        if rc == -4:
+            raise MemoryError("the host kernel could not allocate its segment index")
         if rc != 0:
             raise ValueError(f"the host kernel rejected its segments (code {rc}): null pointer or unknown dtype")
 
