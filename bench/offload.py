@@ -322,6 +322,8 @@ def gpu_worker(kind: str) -> dict:
 
 
 def gpu(args) -> dict:
+    if not torch.cuda.is_available():
+        sys.exit("bench/offload.py --gpu: no CUDA device here (run it where one is: bench/offload_gpu.sh)")
     out = {}
     for kind in ("adamw", "ours", "ours-cpu", "deepspeed", "fsdp2"):
         res = subprocess.run([sys.executable, __file__, "--worker", f"gpu:{kind}", "--gpu-mem-gib", str(args.gpu_mem_gib),
@@ -341,7 +343,8 @@ def gpu(args) -> dict:
             print(f"{labels[kind]:36s} {r['iter_s'] * 1e3:9.1f} ms ({r['iter_min'] * 1e3:.1f}-{r['iter_max'] * 1e3:.1f})"
                   f"  peak {r['peak_gib']:5.1f} GiB  vs ours {ratio}")
         else:
-            print(f"{labels[kind]:36s} {'out of memory' if 'oom' in r else 'failed: ' + r.get('error', '')[-300:]}")
+            last = (r.get("error") or "?").strip().splitlines()[-1]
+            print(f"{labels[kind]:36s} {'out of memory (does not fit)' if 'oom' in r else 'failed: ' + last}")
     if "plan" in out["ours"]:
         o = out["ours"]
         print(f"planner split {o['plan']}; update predicted {o['predicted_update_s'] * 1e3:.1f} ms, "
