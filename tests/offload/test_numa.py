@@ -17,6 +17,7 @@ from stalwart.offload.numa import (
     BufferUse,
     Extent,
     NumaError,
+    NumaPlan,
     Topology,
     mbind,
     numa_maps,
@@ -164,3 +165,24 @@ def test_optimizer_buffers_are_bound():
         assert line is not None and f"bind:{local}" in line, (kind, line)
     off = OffloadAdamW(model.parameters(), threads=1, numa="off")
     assert off.numa_plan is None and "bind:" not in (numa_maps(off.regions["exp_avg"].addr) or "")
+
+
+def test_optimizer_numa_policy_can_be_overridden(tmp_path):
+    """A dict of policy inputs (here a fake 2-socket tree and no DRAM budget: everything
+    preferred on the local node), or a whole NumaPlan of one's own."""
+    model = torch.nn.Linear(256, 256)
+    opt = OffloadAdamW(model.parameters(), threads=1, numa={"root": fake_sysfs(tmp_path, TWO_SOCKETS), "dram_budget": 0})
+    assert opt.numa_plan.local == 0 and {e.mode for e in opt.numa_plan.extents} == {"preferred"}
+    assert "prefer:0" in numa_maps(opt.regions["exp_avg"].addr)
+    mine = NumaPlan(0, [Extent("exp_avg/0", 0, 256 * 256 * 4, (0,), "interleave")])
+    opt = OffloadAdamW(model.parameters(), threads=1, numa=mine, subgroup_size=1 << 20)
+    assert opt.numa_plan is mine
+    assert "interleave:0" in numa_maps(opt.regions["exp_avg"].addr)
+
+
+def test_binding_to_nodes_this_machine_lacks_is_an_error_when_asked_for(tmp_path):
+    """An explicit policy that puts state on CXL nodes 2 and 3 (absent here) fails clearly;
+    "auto" would warn and run unbound instead."""
+    model = torch.nn.Linear(256, 256)
+    with pytest.raises(NumaError, match=r"mbind\(.*\[2(, 3)?\]\) failed"):
+        OffloadAdamW(model.parameters(), threads=1, numa={"root": fake_sysfs(tmp_path, WITH_CXL), "dram_budget": 0})
