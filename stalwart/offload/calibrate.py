@@ -72,9 +72,16 @@ def device_free(device: torch.device, margin: float = 0.1) -> int:
     return max(0, int(free + cached - margin * total))
 
 
+_measured: dict[tuple, float] = {}  # (threads, rule) -> host rate: measured once per process
+
+
 def calibrate(kernel: native.HostKernel, rule: UpdateRule, device: torch.device | None = None) -> Calibration:
-    """A fresh :class:`Calibration` for this machine (CPU only when ``device`` is None)."""
-    rate = cpu_rate(kernel, rule)
+    """A :class:`Calibration` for this machine (CPU only when ``device`` is None). The host
+    kernel's rate is measured once per process and thread count; device rates each time."""
+    key = (kernel.threads, type(rule).__name__)
+    if key not in _measured:
+        _measured[key] = cpu_rate(kernel, rule)
+    rate = _measured[key]
     if device is None or device.type != "cuda":
         return Calibration(cpu_rate=rate)
     h2d, d2h, gpu = device_rates(device, rule)
