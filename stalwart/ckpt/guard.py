@@ -196,6 +196,7 @@ class Guard:
         )
         self._loader: ResumableLoader | None = None
         self._pending_data: Mapping | None = None
+        self._restored: tuple | None = None  # the restored step's tensors and context
         self._hook_handles: list = []
         self._preempted = threading.Event()
         self._preempt_done = False
@@ -598,13 +599,25 @@ class Guard:
         return Latest(step, tuple(holders[step]))
 
     # ------------------------------------------------------------------ data
-    def resume(self, loader: Iterable, *, epochs: int | None = None, skip: str = "sampler") -> ResumableLoader:
-        """Wrap ``loader`` so iteration continues where the restored checkpoint left off.
+    def resume(self, loader: Iterable, *, epochs: int | None = None, skip: str = "sampler"):
+        """Continue iterating ``loader`` where the restored checkpoint left off.
 
-        The first call restores the data position (skipping batches already seen, see
-        :class:`ResumableLoader` for ``skip``); with ``epochs``, iteration runs from the
-        restored epoch up to ``epochs``.
+        An object with a ``stalwart_provider(placement)`` method (an
+        :class:`stalwart.elastic.ElasticLoader`) is bound to this job's data-parallel
+        position, given its saved position, and returned: it keeps the global batch, the
+        sample order and per-sample randomness at any world size. Any other iterable (a
+        ``DataLoader``) is wrapped in a :class:`ResumableLoader`, which skips the batches
+        already seen (see ``skip``); with ``epochs``, iteration runs from the restored epoch
+        up to ``epochs``.
         """
+        make = getattr(loader, "stalwart_provider", None)
+        if callable(make):
+            if all(getattr(p, "source", None) is not loader for p in self.providers):
+                provider = make(self.where)
+                self.providers.append(provider)
+                if self._restored is not None:
+                    provider.restore(*self._restored)
+            return loader
         if self._loader is not None and self._loader.loader is loader:
             self._loader.epochs = epochs if epochs is not None else self._loader.epochs
             return self._loader
@@ -729,11 +742,16 @@ class Guard:
                           timeout=self.timeouts.restore_s)["dir"]
 
     def _apply(self, tensors: dict[str, torch.Tensor], ctx: RestoreContext) -> None:
+        used: set[str] = set()
         for p in self.providers:
             if isinstance(p, DataProvider):
                 continue
             names = {i.spec.name for i in p.targets(ctx).items}
+            used |= names
             p.restore({n: t for n, t in tensors.items() if n in names}, ctx)
+        # for providers attached later (guard.resume of an elastic loader): the context and what
+        # nobody took (never the model's or optimizer's tensors, which would double their memory)
+        self._restored = ({n: t for n, t in tensors.items() if n not in used}, ctx)
         self._pending_data = (tensors, ctx)
         if self._loader is not None:
             for p in self.providers:
@@ -766,6 +784,7 @@ class Guard:
             self._views.clear()
             self.plan = None
             self._pending_data = None
+            self._restored = None
             self.client.close(clean=clean, step=self.step_count)
             self.copier.close()
 
