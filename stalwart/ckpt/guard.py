@@ -752,7 +752,7 @@ class Guard:
         # for providers attached later (guard.resume of an elastic loader): the context and what
         # nobody took (never the model's or optimizer's tensors, which would double their memory)
         self._restored = ({n: t for n, t in tensors.items() if n not in used}, ctx)
-        self._pending_data = (tensors, ctx)
+        self._pending_data = ({n: t for n, t in tensors.items() if n == DataProvider.tensor_name}, ctx)
         if self._loader is not None:
             for p in self.providers:
                 if isinstance(p, DataProvider):
