@@ -662,6 +662,7 @@ class Guard:
             candidates = _agree_on_candidates(self._candidates(status), group)
             self._session = _agree_on_session(group)
             memory_dirs = {m["step"]: m["dir"] for m in status.get("memory", [])}
+            incompatible: str | None = None
             for step, order, name in candidates:
                 ok, reason, loaded = self._try_candidate(step, order, name, memory_dirs)
                 all_ok = _all_true(ok, group)
@@ -678,11 +679,18 @@ class Guard:
                     log.warning("stalwart: rank %s restored step %s from %s (%s)", self.rank, step, name, where or "no bytes")
                     return step
                 why = reason if not ok else "failed on another rank"
+                if not ok and reason.startswith("LayoutError") and incompatible is None:
+                    incompatible = f"step {step} in {name}: {reason[len('LayoutError: '):]}"
                 msg = f"stalwart: step {step} in {name} cannot be restored ({why}); falling back"
                 self.stats.fallbacks.append(msg)
                 if self.rank == 0 or not ok:
                     warnings.warn(msg, stacklevel=2)
                     log.warning(msg)
+            # checkpoints exist but hold another model: starting over silently would discard them
+            if candidates and not _all_true(incompatible is None, group):
+                raise StalwartError(
+                    f"the checkpoints under {self.root} do not fit this model ({incompatible or 'on another rank'});"
+                    " use another root=, or resume=False to start over") from None
             return None
         finally:
             _destroy(group)

@@ -134,6 +134,7 @@ class Keeper:
         self.plan_sig: str | None = None
         self.topology: dict = {}
         self.connected: dict[int, Channel] = {}
+        self.pids: dict[int, int | None] = {}  # rank -> the process connected as that rank
         self.clean_bye: set[int] = set()
         self.ever_connected = False
         self.last_disconnect = time.monotonic()
@@ -220,6 +221,15 @@ class Keeper:
         slot.rebuilt = False
 
     # ------------------------------------------------------------------ ops
+    def _conflict(self, rank: int, pid) -> str | None:
+        """Why a hello of ``rank`` from process ``pid`` must be refused: another live process
+        of that rank is connected, i.e. two jobs share this keeper (lock held)."""
+        other = self.pids.get(rank)
+        if rank in self.connected and other and pid and int(other) != int(pid) and pid_alive(int(other)):
+            return (f"rank {rank} of another job (pid {other}) is connected to the keeper of {self.shm_dir}: two jobs"
+                    " use the same root= on this host; give each job its own root")
+        return None
+
     def op_hello(self, msg: dict) -> dict:
         rank = int(msg["rank"])
         with self.cond:
@@ -705,7 +715,14 @@ class Keeper:
                 if op == "hello":
                     rank = int(msg["rank"])
                     with self.cond:
-                        self.connected[rank] = chan
+                        why = self._conflict(rank, msg.get("pid"))
+                        if why is None:
+                            self.connected[rank] = chan
+                            self.pids[rank] = msg.get("pid")
+                    if why is not None:
+                        chan.send({"ok": False, "error": why})
+                        rank = None
+                        continue
                 handler = getattr(self, f"op_{op}", None)
                 if handler is None:
                     chan.send({"ok": False, "error": f"unknown op {op!r}"})

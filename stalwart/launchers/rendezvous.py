@@ -83,7 +83,8 @@ def create_handler(params: RendezvousParameters) -> StalwartRendezvousHandler:
     backend, store = create_backend(params)
     inner = dynamic_rendezvous.create_handler(store, backend, params)
     host, port = _endpoint(params)
-    return StalwartRendezvousHandler(inner, store, params.run_id, params.max_nodes, f"{host}:{port}", params.local_addr)
+    return StalwartRendezvousHandler(inner, store, params.run_id, params.max_nodes, f"{host}:{port}", params.local_addr,
+                                     min_nodes=params.min_nodes)
 
 
 def _endpoint(params: RendezvousParameters) -> tuple[str, int]:
@@ -96,7 +97,7 @@ class StalwartRendezvousHandler(RendezvousHandler):
     """torch's dynamic rendezvous plus stalwart's per-node services (see the module docstring)."""
 
     def __init__(self, inner: RendezvousHandler, store, run_id: str, max_nodes: int, store_addr: str,
-                 local_addr: str | None = None) -> None:
+                 local_addr: str | None = None, min_nodes: int = 1) -> None:
         from stalwart.launchers.node import NodeServices
 
         self._inner = inner
@@ -105,6 +106,7 @@ class StalwartRendezvousHandler(RendezvousHandler):
         self._max_nodes = max_nodes
         self._store_addr = store_addr
         self._local_addr = local_addr
+        self._min_nodes = min_nodes
         self.node_id = new_node_id()
         self.prefix = f"stalwart/{run_id}"
         self.membership: Membership | None = None
@@ -163,6 +165,7 @@ class StalwartRendezvousHandler(RendezvousHandler):
             "STALWART_KEEPER_SHARED_STORE": "1",
             "STALWART_AGENT_PID": str(os.getpid()),
             "STALWART_RDZV_ROUND": str(membership.round),
+            "STALWART_NNODES": f"{self._min_nodes}:{membership.max_slots}",
         }
 
     def is_closed(self) -> bool:
