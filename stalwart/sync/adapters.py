@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -110,6 +111,10 @@ class Destination:
         self._where = self._storage(targets, {s.target for ss in segs for s in ss})
         self.nbytes = sum(s.length * s.words.element_size() for ss in self.segs for s in ss)
         self._stage: torch.Tensor | None = None
+        # the trainer's per-tensor digests of the version this receiver verified last (deltas
+        # are checked against them: a delta carries only the whole-model digest)
+        self.expected: list[bytes] | None = None
+        self.expected_version: tuple[str, int] | None = None
 
     @staticmethod
     def _storage(targets: dict[str, torch.Tensor], names) -> dict[str, tuple]:
@@ -127,30 +132,55 @@ class Destination:
         except KeyError:
             return False
 
-    def apply(self, e: DecodedEntry) -> list[str]:
-        """Apply one decoded entry; returns the receiver tensors it touched."""
+    def apply(self, e: DecodedEntry, touched: set[str], changed: set[int] | None = None) -> None:
+        """Apply one decoded entry; adds the receiver tensors it changed to ``touched`` and the
+        wire tensors whose words it may change to ``changed``.
+
+        An entry runs from word ``start`` of tensor ``tensor_id`` on, into the following
+        tensors of the schema (each must have the entry's word size; tensors without
+        words are passed over).
+        """
         h = e.header
-        if h.tensor_id >= len(self.segs):
-            raise IndexError(f"tensor id {h.tensor_id} (schema has {len(self.segs)})")
-        spec = self.schema[h.tensor_id]
-        if h.start + h.length > spec.words or (1 << h.word_log2) != spec.word:
-            raise ValueError(
-                f"entry for {spec.name!r} covers words [{h.start}, {h.start + h.length}) of {spec.words}"
-                f" with {1 << h.word_log2}-byte words (tensor has {spec.word})"
-            )
-        touched = []
-        a, b = h.start, h.start + h.length
-        for s in self.segs[h.tensor_id]:
-            lo, hi = max(a, s.src_off), min(b, s.src_off + s.length)
-            if lo >= hi:
+        w = 1 << h.word_log2
+        t, s, pos, length = h.tensor_id, h.start, 0, h.length
+        n = len(self.segs)
+        several = False
+        while pos < length:
+            if t >= n:
+                raise IndexError(
+                    f"entry from tensor {h.tensor_id} runs past the last tensor ({n} in the schema)"
+                )
+            spec = self.schema[t]
+            if spec.words == 0 and s == 0:
+                t += 1
                 continue
-            dst_pos = s.dst_off + (lo - s.src_off)
-            if s.cpu:
-                apply_np(s.np, e, lo - a, hi - a, dst_pos)
-            else:
-                apply_torch(s.words, e, lo - a, hi - a, dst_pos)
-            touched.append(s.target)
-        return touched
+            if spec.word != w or s >= spec.words:
+                raise ValueError(
+                    f"entry covers word {s} of {spec.name!r} ({spec.words} words of {spec.word} bytes)"
+                    f" with {w}-byte words"
+                )
+            take = min(spec.words - s, length - pos)
+            several = several or take < length
+            segs = self.segs[t]
+            hit = not segs and (e.idx is None or bool(np.any((e.idx >= pos) & (e.idx < pos + take))))
+            for g in segs:
+                lo, hi = max(s, g.src_off), min(s + take, g.src_off + g.length)
+                if lo >= hi:
+                    continue
+                args = (e, pos + lo - s, pos + hi - s, g.dst_off + (lo - g.src_off), several)
+                if apply_np(g.np, *args) if g.cpu else apply_torch(g.words, *args):
+                    touched.add(g.target)
+                    hit = True
+            if hit and changed is not None:
+                changed.add(t)
+            pos += take
+            t += 1
+            s = 0
+
+    @property
+    def unmapped(self) -> list[int]:
+        """Wire tensors this receiver does not hold (ignored by its name map)."""
+        return [i for i, ss in enumerate(self.segs) if not ss and self.schema[i].words]
 
     def tensor_digest(self, i: int) -> bytes | None:
         """XXH3-128 of wire tensor ``i`` as the receiver holds it (None if not mapped)."""

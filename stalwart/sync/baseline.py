@@ -38,6 +38,12 @@ class Baseline:
     def chunk_np(self, i: int, start: int, n: int) -> np.ndarray:
         return self._np[i][start : start + n]
 
+    def chunk_host(self, i: int, start: int, n: int) -> np.ndarray:
+        """Words ``[start, start + n)`` of tensor ``i`` as a host array (copied from a device)."""
+        if self._np[i] is not None:
+            return self._np[i][start : start + n]
+        return self.words[i][start : start + n].cpu().numpy()
+
     def chunk(self, i: int, start: int, n: int) -> torch.Tensor:
         return self.words[i][start : start + n]
 
@@ -45,30 +51,42 @@ class Baseline:
         """Copy ``words`` (any device) into the baseline at ``start``."""
         self.words[i][start : start + words.numel()].copy_(words)
 
-    def commit(
-        self, source, version: int, dirty: list[tuple[int, int, int]] | None, chunk_words: int, log=()
-    ) -> None:
+    def commit(self, source, version: int, dirty, chunk_words: int, log=()) -> None:
         """Advance to ``version``.
 
-        ``log``: (tensor, start, local indices, new words) of sparse changes, scattered in;
-        ``dirty``: chunks to copy again from ``source`` (None: everything, ``log`` ignored).
+        ``log``: (chunk, local indices, new words) of sparse changes, scattered in;
+        ``dirty``: chunks (:class:`stalwart.sync.stream.Chunk`) to copy again from
+        ``source`` (None: everything, ``log`` ignored).
         """
         if dirty is None or self.version is None:
-            from stalwart.sync.stream import chunks
-
-            todo = chunks(self.schema, chunk_words)
-            log = ()
-        else:
-            todo = iter(dirty)
-        for i, s, n in todo:
-            dev, _ = source.read(i, s, n, need_host=False)
-            self.store(i, s, dev)
-        for i, s, idx, new in log:
-            if self._np[i] is not None:
-                self._np[i][s:][idx] = new
-            else:
-                w = self.words[i]
-                w[s:].index_put_(
-                    (torch.from_numpy(idx).to(w.device, torch.int64),), torch.from_numpy(new).to(w.device)
-                )
+            for i, spec in enumerate(self.schema):
+                for s in range(0, spec.words, chunk_words):
+                    dev, _ = source.read(i, s, min(chunk_words, spec.words - s), need_host=False)
+                    self.store(i, s, dev)
+            self.version = version
+            return
+        for ch in dirty:
+            for pc in ch.pieces:
+                dev, _ = source.read(pc.tensor, pc.start, pc.n, need_host=False)
+                self.store(pc.tensor, pc.start, dev)
+        for ch, idx, new in log:
+            if len(ch.pieces) == 1:
+                self._scatter(ch.tensor, ch.start, idx, new)
+                continue
+            bounds = np.searchsorted(idx, [pc.off for pc in ch.pieces[1:]])
+            lo = 0
+            for pc, hi in zip(ch.pieces, [*bounds.tolist(), len(idx)]):
+                if hi > lo:
+                    self._scatter(pc.tensor, pc.start, idx[lo:hi] - pc.off, new[lo:hi])
+                lo = hi
         self.version = version
+
+    def _scatter(self, i: int, start: int, idx: np.ndarray, new: np.ndarray) -> None:
+        if self._np[i] is not None:
+            dst = self._np[i][start:] if start else self._np[i]
+            dst[idx] = new
+        else:
+            w = self.words[i]
+            w[start:].index_put_(
+                (torch.from_numpy(idx).to(w.device, torch.int64),), torch.from_numpy(new).to(w.device)
+            )
