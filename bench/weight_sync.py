@@ -53,7 +53,7 @@ from stalwart.sync.baseline import Baseline  # noqa: E402
 from stalwart.sync.codec import Decoder, Encoder, words_np  # noqa: E402
 from stalwart.sync.names import NameMapper  # noqa: E402
 from stalwart.sync.source import Source  # noqa: E402
-from stalwart.sync.stream import StreamResult, apply_bucket, encode_stream  # noqa: E402
+from stalwart.sync.stream import StreamResult, apply_bucket, encode_stream, plan_chunks  # noqa: E402
 from stalwart.sync.transports._stream import Pacer, send_all  # noqa: E402
 from stalwart.sync.transports.base import SendBuffer  # noqa: E402
 from stalwart.sync.wire import HEADER_SIZE, parse_header  # noqa: E402
@@ -330,6 +330,7 @@ class IsolatedCodec:
             self.recv[spec.name] = t
         self.dest = Destination(schema, ModelAdapter(self.recv), NameMapper())
         self.encoder = Encoder(chunk_words, compression=compression)
+        self.chunks = plan_chunks(schema, chunk_words)
         self.buf = SendBuffer(np.zeros(bucket_bytes, np.uint8))
         self.version = 0
 
@@ -346,8 +347,8 @@ class IsolatedCodec:
         res = StreamResult()
         frames = []
         it = encode_stream(
-            self.version, "delta", schema, self.source, self.baseline, self.encoder, self.cw, lambda: self.buf,
-            lambda b: None, res, None, schema.nbytes // 8,
+            self.version, "delta", schema, self.source, self.baseline, self.encoder, self.chunks, lambda: self.buf,
+            lambda b: None, res, None, schema.nbytes // 4,
         )  # fmt: skip
         enc = 0.0
         while True:
@@ -362,11 +363,12 @@ class IsolatedCodec:
         enc += clock() - t
         t = clock()
         dec, touched = Decoder(), set()
+        self.dest.begin_digests()
         for f in frames:
             a = np.frombuffer(f, dtype=np.uint8)
             apply_bucket(parse_header(a[:HEADER_SIZE]), a[HEADER_SIZE:], self.dest, dec, "bucket", touched)
-        for i in range(len(schema)):
-            if self.dest.tensor_digest(i) != res.digests[i]:
+        for i, got in enumerate(self.dest.finish_digests()):
+            if got != res.digests[i]:
                 raise AssertionError(f"isolated codec: {schema[i].name} differs after apply")
         return enc, clock() - t
 

@@ -115,6 +115,11 @@ class Destination:
         # are checked against them: a delta carries only the whole-model digest)
         self.expected: list[bytes] | None = None
         self.expected_version: tuple[str, int] | None = None
+        # hashing wire tensors in order as entries are applied (while their words are in cache)
+        self._ordered = [sorted(ss, key=lambda g: g.src_off) for ss in self.segs]
+        self._host_only = [bool(ss) and all(g.cpu for g in ss) for ss in self.segs]
+        self._hpos: list[int] | None = None
+        self._hd: list[StreamDigest | None] = []
 
     @staticmethod
     def _storage(targets: dict[str, torch.Tensor], names) -> dict[str, tuple]:
@@ -173,6 +178,11 @@ class Destination:
                     hit = True
             if hit and changed is not None:
                 changed.add(t)
+            if self._hpos is not None and self._host_only[t]:
+                if s >= self._hpos[t]:
+                    self._hash_upto(t, s + take)
+                else:  # out of order (never sent so): hash the whole tensor at the end
+                    self._hpos[t] = -1
             pos += take
             t += 1
             s = 0
@@ -182,13 +192,46 @@ class Destination:
         """Wire tensors this receiver does not hold (ignored by its name map)."""
         return [i for i, ss in enumerate(self.segs) if not ss and self.schema[i].words]
 
+    def begin_digests(self) -> None:
+        """Hash each wire tensor progressively as :meth:`apply` goes through it (in order), so
+        :meth:`finish_digests` reads only what no entry touched."""
+        self._hpos = [0] * len(self.segs)
+        self._hd = [None] * len(self.segs)
+
+    def _hash_upto(self, t: int, upto: int) -> None:
+        lo = self._hpos[t]
+        if lo < 0 or upto <= lo:
+            return
+        d = self._hd[t]
+        if d is None:
+            d = self._hd[t] = StreamDigest()
+        for g in self._ordered[t]:
+            a, b = max(lo, g.src_off), min(upto, g.src_off + g.length)
+            if a < b:
+                d.update(memoryview(g.np[g.dst_off + a - g.src_off : g.dst_off + b - g.src_off]).cast("B"))
+        self._hpos[t] = upto
+
+    def finish_digests(self) -> list[bytes | None]:
+        """Every wire tensor's digest as the receiver holds it (None where not mapped)."""
+        out: list[bytes | None] = []
+        for t, spec in enumerate(self.schema):
+            if self._hpos is not None and self._host_only[t] and self._hpos[t] >= 0:
+                self._hash_upto(t, spec.words)
+                d = self._hd[t] or StreamDigest()
+                out.append(bytes.fromhex(d.hexdigest()))
+            else:
+                out.append(self.tensor_digest(t))
+        self._hpos = None
+        self._hd = []
+        return out
+
     def tensor_digest(self, i: int) -> bytes | None:
         """XXH3-128 of wire tensor ``i`` as the receiver holds it (None if not mapped)."""
         ss = self.segs[i]
         if not ss:
             return None
         d = StreamDigest()
-        for s in sorted(ss, key=lambda s: s.src_off):
+        for s in self._ordered[i]:
             if s.cpu:
                 d.update(memoryview(s.np[s.dst_off : s.dst_off + s.length]).cast("B"))
             else:

@@ -66,6 +66,13 @@ _ITEMSIZE: dict[torch.dtype, int] = {}
 _LEB_LIMITS = [1 << (7 * i) for i in range(1, 10)]
 _SAMPLE_WORDS = 32 * 1024
 _MIN_INDEX_ZSTD = 4096  # index sections below this many bytes are never worth a zstd frame
+_BLOCK_BYTES = 1 << 19  # compare-and-gather block: both sides' words stay in a core's L2 cache
+_FEW = 32  # up to this many LEB128 numbers are coded in plain Python (less overhead than numpy)
+
+
+def _nz(a: np.ndarray) -> np.ndarray:
+    """Indices of the nonzero entries of a 1-D array (``numpy.flatnonzero`` without its wrappers)."""
+    return a.nonzero()[0]
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -130,14 +137,14 @@ def leb128_put(out: bytearray, x: int) -> None:
     out.append(x)
 
 
-def leb128_get(buf, pos: int, end: int, what: str) -> tuple[int, int]:
+def leb128_get(buf: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
     """One LEB128 number from ``buf[pos:end]``; returns (value, next position)."""
     x = 0
     shift = 0
     while True:
         if pos >= end:
             raise ProtocolError(f"{what}: truncated number at byte {pos}")
-        b = int(buf[pos])
+        b = buf[pos]
         pos += 1
         x |= (b & 0x7F) << shift
         if b < 0x80:
@@ -149,6 +156,8 @@ def leb128_get(buf, pos: int, end: int, what: str) -> tuple[int, int]:
 
 def leb128_lengths(x: np.ndarray) -> np.ndarray:
     """Bytes each non-negative value takes as LEB128."""
+    if len(x) <= _FEW:
+        return np.array([leb128_size(v) for v in x.tolist()], dtype=np.uint8)
     nb = np.ones(len(x), dtype=np.uint8)
     for lim in _LEB_LIMITS:
         ge = x >= lim
@@ -160,14 +169,18 @@ def leb128_lengths(x: np.ndarray) -> np.ndarray:
 
 def leb128_encode_into(x: np.ndarray, nb: np.ndarray, out: np.ndarray) -> int:
     """Write LEB128 of ``x`` (byte lengths ``nb``) into uint8 ``out``; returns bytes written."""
-    if len(x) == 0:
-        return 0
+    if len(x) <= _FEW:  # a few numbers (the usual count of gap exceptions): plain Python is faster
+        b = bytearray()
+        for v in x.tolist():
+            leb128_put(b, v)
+        out[: len(b)] = np.frombuffer(b, dtype=np.uint8)
+        return len(b)
     ends = np.cumsum(nb, dtype=np.int64)
     starts = ends - nb
     s, g, n = starts, x, nb
     for b in range(int(nb.max())):
         if b:
-            sel = np.flatnonzero(n > b)
+            sel = (n > b).nonzero()[0]
             s, g, n = s[sel], g[sel], n[sel]
         out[s + b] = ((g >> (7 * b)) & 0x7F) | ((n > b + 1).astype(np.int64) << 7)
     return int(ends[-1])
@@ -176,20 +189,28 @@ def leb128_encode_into(x: np.ndarray, nb: np.ndarray, out: np.ndarray) -> int:
 def leb128_decode(buf: np.ndarray, count: int, what: str) -> np.ndarray:
     """``count`` LEB128 numbers that exactly fill uint8 ``buf``."""
     n = len(buf)
-    if count == 0:
-        if n:
-            raise ProtocolError(f"{what}: {n} bytes for 0 numbers")
-        return np.empty(0, dtype=np.int64)
-    ends = np.flatnonzero(buf < 0x80)
+    if count <= _FEW:
+        raw = buf.tobytes()
+        vals = []
+        p = 0
+        for _ in range(count):
+            v, p = leb128_get(raw, p, n, what)
+            vals.append(v)
+        if p != n:
+            raise ProtocolError(f"{what}: {n - p} bytes left after {count} numbers")
+        return np.array(vals, dtype=np.int64)
+    ends = (buf < 0x80).nonzero()[0]
     if len(ends) != count or ends[-1] != n - 1:
         raise ProtocolError(f"{what}: {len(ends)} numbers where {count} were announced")
-    lens = np.diff(ends, prepend=-1)
+    lens = np.empty(count, dtype=np.int64)
+    lens[0] = ends[0] + 1
+    np.subtract(ends[1:], ends[:-1], out=lens[1:])
     if int(lens.max()) > 9:
         raise ProtocolError(f"{what}: number longer than 9 bytes")
     starts = ends - lens + 1
     vals = np.zeros(count, dtype=np.int64)
     for b in range(int(lens.max())):
-        sel = np.flatnonzero(lens > b)
+        sel = (lens > b).nonzero()[0]
         vals[sel] |= (buf[starts[sel] + b].astype(np.int64) & 0x7F) << (7 * b)
     return vals
 
@@ -221,12 +242,12 @@ def plan_gap_codes(idx: np.ndarray) -> GapCodes:
     """Choose 8- or 16-bit gap codes for ``idx`` (whichever is smaller), sizes exact."""
     d = gaps_of(idx)
     k = len(d)
-    pos8 = np.flatnonzero(d >= 0xFF)
+    pos8 = _nz(d >= 0xFF)
     len8 = leb128_lengths(d[pos8])
     size8 = k + int(len8.sum(dtype=np.int64))
     if size8 <= 2 * k:
         return GapCodes(IDX_GAPS8, d, pos8, len8, size8)
-    pos16 = np.flatnonzero(d >= 0xFFFF)
+    pos16 = _nz(d >= 0xFFFF)
     len16 = leb128_lengths(d[pos16])
     size16 = 2 * k + int(len16.sum(dtype=np.int64))
     if size16 < size8:
@@ -266,16 +287,14 @@ def read_gap_codes(buf: np.ndarray, enc: int, count: int, length: int, what: str
         return np.empty(0, dtype=np.int64)
     codes = buf[: b * count] if b == 1 else buf[: 2 * count].view("<u2")
     rest = buf[b * count :]
-    if len(rest) == 0:
-        idx = np.cumsum(codes, dtype=np.int64)
-    else:
-        esc = np.flatnonzero(codes == (0xFF if b == 1 else 0xFFFF))
+    d = codes.astype(np.int64)
+    if len(rest):
+        esc = _nz(codes == (0xFF if b == 1 else 0xFFFF))
         vals = leb128_decode(rest, len(esc), f"{what}: gap exceptions")
         if len(vals) and int(vals.max()) >= max(length, 1):
             raise ProtocolError(f"{what}: gap of {int(vals.max())} in a range of {length} words")
-        d = codes.astype(np.int64)
         d[esc] = vals
-        idx = np.cumsum(d)
+    idx = torch.cumsum(torch.from_numpy(d), 0, out=torch.from_numpy(d)).numpy()  # torch's is ~6x numpy's
     if int(idx[-1]) >= length:
         raise ProtocolError(f"{what}: index {int(idx[-1])} outside a range of {length} words")
     return idx
@@ -285,7 +304,7 @@ def bitmap_indices(buf: np.ndarray, length: int, count: int, what: str) -> np.nd
     if len(buf) != (length + 7) // 8:
         raise ProtocolError(f"{what}: bitmap of {len(buf)} bytes for {length} words")
     bits = np.unpackbits(buf, count=length).view(np.bool_)  # numpy's fast nonzero path needs bool
-    idx = np.flatnonzero(bits)
+    idx = _nz(bits)
     if len(idx) != count:
         raise ProtocolError(f"{what}: bitmap marks {len(idx)} words, entry says {count}")
     return idx
@@ -393,11 +412,16 @@ class Encoder:
         self.compression = compression
         # room for padding a mask with True (see _nonzero)
         self._mask = np.empty(self.max_words + self.max_words // 8 + 64, dtype=np.bool_)
-        self._gmask = np.empty(self.max_words // 2 + self.max_words // 16 + 64, dtype=np.bool_)
+        gm = min(self.max_words // 2, _BLOCK_BYTES // 8)
+        self._gmask = np.empty(gm + gm // 8 + 64, dtype=np.bool_)
         self._xor = np.empty(self.max_words * 8, dtype=np.uint8)
         self._planes = np.empty(self.max_words * 8, dtype=np.uint8)
         self._idx_scratch = np.empty(self.max_words * 2 + 64, dtype=np.uint8)
         self._group: tuple[np.ndarray, np.ndarray] | None = None
+        self._digest = None  # plan_delta's digest, fed block by block
+        self._prepare = None  # plan_delta's per-block preparation
+        self._hashed = 0
+        self._prepared = 0
         self._cctx = zstandard.ZstdCompressor(level=zstd_level)
         self.min_compress_bytes = 256
 
@@ -443,14 +467,40 @@ class Encoder:
         n = len(cur)
         return EntryPlan(IDX_DENSE, VAL_RAW, n, n, 0, n * cur.itemsize, values=cur)
 
-    def plan_delta(self, cur: np.ndarray, base: np.ndarray) -> EntryPlan | None:
-        """Entry turning ``base`` into ``cur`` (same-length word arrays), or None if equal."""
+    def plan_delta(self, cur: np.ndarray, base: np.ndarray, digest=None, prepare=None) -> EntryPlan | None:
+        """Entry turning ``base`` into ``cur`` (same-length word arrays), or None if equal.
+
+        The range is compared block by block. ``prepare(lo, hi)``, if given, is called
+        for each block in order before its words are read (e.g. to cast the trainer's
+        words into ``cur`` or to bring ``base`` up to date), and ``digest`` (an object with
+        ``update(buffer)``) is fed every byte of ``cur`` in order, each block while it is
+        still in cache.
+        """
+        self._digest = digest
+        self._prepare = prepare
+        self._hashed = 0
+        self._prepared = 0
+        try:
+            return self._plan_delta(cur, base)
+        finally:
+            self._prepare_to(len(cur))
+            if digest is not None and self._hashed < len(cur):
+                digest.update(memoryview(cur[self._hashed :]).cast("B"))
+            self._digest = self._prepare = None
+
+    def _prepare_to(self, upto: int) -> None:
+        if self._prepare is not None and upto > self._prepared:
+            self._prepare(self._prepared, upto)
+            self._prepared = upto
+
+    def _plan_delta(self, cur: np.ndarray, base: np.ndarray) -> EntryPlan | None:
         n = len(cur)
         w = cur.itemsize
         if n > self.max_words:
             raise ValueError(f"range of {n} words exceeds the encoder's {self.max_words}")
         found = self._changed_grouped(cur, base) if w < 8 and n >= 64 else None
         if found is None:  # word by word (dense-ish changes, 8-byte words, tiny ranges)
+            self._prepare_to(n)
             mask = self._mask[:n]
             np.not_equal(cur, base, out=mask)
             k = int(np.count_nonzero(mask))
@@ -512,39 +562,58 @@ class Encoder:
         """(indices, new words, old words) of the changed words, found 8 bytes at a time.
 
         Comparing 64-bit groups first shrinks the array numpy's index extraction walks by
-        the words per group; only the groups that differ are compared word by word.
-        Returns None when too many groups differ for this to pay (dense-ish changes).
+        the words per group; only the groups that differ are compared word by word. The
+        range is walked in blocks that stay in the core's cache between the comparison and
+        the gathers. Returns None when too many groups differ for this to pay (dense-ish
+        changes).
         """
         n = len(cur)
         w = cur.itemsize
         per = 8 // w
+        shift = per.bit_length() - 1
         ng = n // per
         c64 = cur[: ng * per].view(np.int64)
         b64 = base[: ng * per].view(np.int64)
-        gm = self._gmask[:ng]
-        np.not_equal(c64, b64, out=gm)
-        kg = int(np.count_nonzero(gm))
-        if kg > 0.4 * ng:
-            return None
-        gi = self._nonzero(self._gmask, ng, kg)
-        cw = c64.take(gi).view(cur.dtype)
-        bw = b64.take(gi).view(cur.dtype)
-        p = np.flatnonzero(cw != bw)
-        shift = per.bit_length() - 1
-        idx = gi.take(p >> shift)
-        idx <<= shift
-        idx |= p & (per - 1)
-        new = cw.take(p)
-        old = bw.take(p)
+        parts = []
+        for g0 in range(0, ng, _BLOCK_BYTES // 8):
+            g1 = min(ng, g0 + _BLOCK_BYTES // 8)
+            self._prepare_to(g1 * per)
+            cb, bb = c64[g0:g1], b64[g0:g1]
+            m = g1 - g0
+            gm = self._gmask[:m]
+            np.not_equal(cb, bb, out=gm)
+            kg = int(np.count_nonzero(gm))
+            if kg > 0.4 * m:
+                return None
+            if kg == 0:
+                if self._digest is not None:
+                    self._digest.update(memoryview(cur[g0 * per : g1 * per]).cast("B"))
+                    self._hashed = g1 * per
+                continue
+            gi = self._nonzero(self._gmask, m, kg)
+            cw = cb.take(gi).view(cur.dtype)
+            bw = bb.take(gi).view(cur.dtype)
+            p = _nz(cw != bw)
+            idx = gi.take(p >> shift)
+            idx += g0
+            idx <<= shift
+            idx |= p & (per - 1)
+            parts.append((idx, cw.take(p), bw.take(p)))
+            if self._digest is not None:
+                self._digest.update(memoryview(cur[g0 * per : g1 * per]).cast("B"))
+                self._hashed = g1 * per
         tail = ng * per
+        self._prepare_to(n)
         if tail < n:  # the last few words that do not fill a group
-            t = np.flatnonzero(cur[tail:] != base[tail:])
+            t = _nz(cur[tail:] != base[tail:])
             if len(t):
                 t += tail
-                idx = np.concatenate([idx, t])
-                new = np.concatenate([new, cur.take(t)])
-                old = np.concatenate([old, base.take(t)])
-        return idx, new, old
+                parts.append((t, cur.take(t), base.take(t)))
+        if not parts:
+            return np.empty(0, dtype=np.int64), cur[:0], cur[:0]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(np.concatenate(x) for x in zip(*parts))
 
     @staticmethod
     def _nonzero(mask: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -560,8 +629,8 @@ class Encoder:
             m = int((0.105 * n - k) / 0.895) + 1
             if m <= len(mask) - n:
                 mask[n : n + m] = True
-                return np.flatnonzero(mask[: n + m])[:k]
-        return np.flatnonzero(mask[:n])
+                return _nz(mask[: n + m])[:k]
+        return _nz(mask[:n])
 
     def _plan_sparse(self, n, w, idx, new, xor_fn) -> EntryPlan:
         k = len(idx)
@@ -572,7 +641,14 @@ class Encoder:
             plan = EntryPlan(
                 gc.enc, ve, n, k, gc.nbytes, vn, gaps=gc, values=vals, packed=packed, idx=idx, new=new
             )
-            if self.compression != "off" and gc.nbytes >= _MIN_INDEX_ZSTD and self.compress_indices:
+            # gap codes carry about log2(e * n / k) bits of information in 8 or more: compressing
+            # them pays only when the changes are dense enough (mean gap below ~40 words)
+            if (
+                self.compression != "off"
+                and self.compress_indices
+                and gc.nbytes >= _MIN_INDEX_ZSTD
+                and 40 * k > n
+            ):
                 self._pack_indices(plan)
             return plan
         mask = self._mask[:n]
@@ -670,17 +746,18 @@ def read_entry_header(buf: np.ndarray, pos: int, end: int, what: str) -> tuple[E
     """Parse the entry header at ``pos``; returns it and the position of its index section."""
     if pos >= end:
         raise ProtocolError(f"{what}: truncated entry header at byte {pos}")
-    flags = int(buf[pos])
+    raw = buf[pos : min(end, pos + ENTRY_OVERHEAD)].tobytes()  # bytes index faster than numpy scalars
+    flags = raw[0]
     ie, ve, wl = flags & 3, (flags >> 2) & 3, (flags >> 4) & 3
     if ve not in VAL_NAMES or flags & 0x80:
         raise ProtocolError(f"{what}: unknown entry encoding (flags 0x{flags:02x}) at byte {pos}")
-    p = pos + 1
+    p = 1
     fields = []
     for _ in range(6):
-        x, p = leb128_get(buf, p, end, what)
+        x, p = leb128_get(raw, p, len(raw), what)
         fields.append(x)
     tid, start, length, count, inb, vnb = fields
-    return EntryHeader(tid, ie, ve, wl, start, length, count, inb, vnb, bool(flags & _FLAG_IDX_ZSTD)), p
+    return EntryHeader(tid, ie, ve, wl, start, length, count, inb, vnb, bool(flags & _FLAG_IDX_ZSTD)), pos + p
 
 
 class Decoder:

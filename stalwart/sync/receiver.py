@@ -286,6 +286,8 @@ class WeightSyncReceiver:
             cause = f"{what}: this receiver holds no digests of v{info.base_version} to check a delta against"
         if cause is None and len(dest.schema) != info.tensors:
             cause = f"{what}: BEGIN announces {info.tensors} tensors, the tensor list has {len(dest.schema)}"
+        if dest is not None:
+            dest.begin_digests()
         t_apply = 0.0
         if mode == "full":  # say which tensors differ from the trainer's; only those are sent
             t = time.perf_counter()
@@ -415,7 +417,7 @@ class WeightSyncReceiver:
         """
         n = len(dest.schema)
         model, extra = parse_end(end_payload, n, f"END of {what}")
-        mine = [dest.tensor_digest(i) for i in range(n)]
+        mine = dest.finish_digests()
         if info.mode == "full":
             trainer = [info.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] for i in range(n)]
             if bin_digest(b"".join(trainer)) != model:

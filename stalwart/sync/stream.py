@@ -26,7 +26,7 @@ from stalwart.sync.adapters import Destination
 from stalwart.sync.baseline import Baseline
 from stalwart.sync.bucket import BucketWriter
 from stalwart.sync.codec import Decoder, Encoder
-from stalwart.sync.schema import Schema
+from stalwart.sync.schema import Schema, small_words
 from stalwart.sync.source import Source
 from stalwart.sync.transports.base import SendBuffer
 from stalwart.sync.wire import FrameHeader, bin_digest, verify_payload
@@ -74,12 +74,13 @@ def plan_chunks(
 ) -> list[Chunk]:
     """Chunks covering the wire tensors (those with ``only[i]`` set, if given) in schema order.
 
-    Tensors of at most ``chunk_words // 8`` words that follow each other in the schema
-    with the same word size (and the same ``group_key``) share chunks of at most
-    :func:`group_words`; larger tensors are cut into chunks of ``chunk_words``.
+    Small tensors (:func:`~stalwart.sync.schema.small_words`) that follow each other in
+    the schema with the same word size (and the same ``group_key``) share chunks of at
+    most :func:`group_words`; larger tensors are cut into chunks of ``chunk_words``.
+    (:class:`~stalwart.sync.source.Source` lists small tensors last, by word size.)
     Tensors without words are skipped (entries pass over them).
     """
-    small = max(1, chunk_words // 8)
+    small = small_words(chunk_words)
     gmax = group_words(chunk_words)
     out: list[Chunk] = []
     group: list[Piece] = []
@@ -186,14 +187,14 @@ def encode_stream(
             w = ch.word
             if len(ch.pieces) == 1:
                 pc = ch.pieces[0]
-                dev, host = source.read(pc.tensor, pc.start, pc.n)
-                if delta:
-                    _hash(hashing, result, schema, pc, host)
                 if not delta:
-                    plan = encoder.plan_full(host)
+                    plan = encoder.plan_full(source.read(pc.tensor, pc.start, pc.n)[1])
                 elif baseline.on_host(pc.tensor):
-                    plan = encoder.plan_delta(host, baseline.chunk_np(pc.tensor, pc.start, pc.n))
+                    plan = _plan_blocks(encoder, source, baseline, pc, _digest(hashing, pc))
+                    _hashed(hashing, result, schema, pc)
                 else:
+                    dev, host = source.read(pc.tensor, pc.start, pc.n)
+                    _hash(hashing, result, schema, pc, host)
                     plan = encoder.plan_delta_torch(dev, baseline.chunk(pc.tensor, pc.start, pc.n))
             else:  # small tensors, copied side by side into the encoder's group scratch (host)
                 cur, base = encoder.group_scratch(w, ch.n)
@@ -207,9 +208,9 @@ def encode_stream(
             if plan is None:
                 continue
             if delta:
-                if plan.idx is not None and result.log_bytes + plan.count * (8 + w) <= log_budget:
-                    result.log.append((ch, plan.idx, plan.new))
-                    result.log_bytes += plan.count * (8 + w)
+                if plan.idx is not None and result.log_bytes + plan.count * (4 + w) <= log_budget:
+                    result.log.append((ch, plan.idx.astype(np.int32), plan.new))  # chunks are < 2**31 words
+                    result.log_bytes += plan.count * (4 + w)
                 else:
                     result.dirty.append(ch)
             result.changed += plan.count
@@ -240,13 +241,50 @@ def encode_stream(
             release(buf)
 
 
-def _hash(hashing: dict[int, StreamDigest], result: StreamResult, schema: Schema, pc: Piece, host) -> None:
+def _plan_blocks(encoder: Encoder, source: Source, baseline: Baseline, pc: Piece, digest: StreamDigest):
+    """Delta plan of one piece on the host, each block made ready just before it is compared: the
+    trainer's words cast into the stage, the baseline's pending changes scattered in, so each block
+    passes through the cache once."""
+    cur, fill = source.read_blocks(pc.tensor, pc.start, pc.n)
+    pend = baseline.take_pending(pc.tensor, pc.start)
+    base = baseline.chunk_np(pc.tensor, pc.start, pc.n)
+    if pend is None:
+        return encoder.plan_delta(cur, base, digest, fill)
+    idx, new = pend
+    done = [0]
+
+    def prepare(lo: int, hi: int) -> None:
+        if fill is not None:
+            fill(lo, hi)
+        a = done[0]
+        b = len(idx) if hi >= pc.n else int(np.searchsorted(idx, hi))
+        if b > a:
+            base[idx[a:b]] = new[a:b]
+            done[0] = b
+
+    try:
+        return encoder.plan_delta(cur, base, digest, prepare)
+    finally:  # the baseline must hold every committed change, whatever happened
+        if done[0] < len(idx):
+            base[idx[done[0] :]] = new[done[0] :]
+
+
+def _digest(hashing: dict[int, StreamDigest], pc: Piece) -> StreamDigest:
     d = hashing.get(pc.tensor)
     if d is None:
         d = hashing[pc.tensor] = StreamDigest()
-    d.update(memoryview(host).cast("B"))
+    return d
+
+
+def _hashed(hashing: dict[int, StreamDigest], result: StreamResult, schema: Schema, pc: Piece) -> None:
+    """``pc`` went into its tensor's digest: finish the digest if it was the tensor's last piece."""
     if pc.start + pc.n == schema[pc.tensor].words:
         result.digests[pc.tensor] = bytes.fromhex(hashing.pop(pc.tensor).hexdigest())
+
+
+def _hash(hashing: dict[int, StreamDigest], result: StreamResult, schema: Schema, pc: Piece, host) -> None:
+    _digest(hashing, pc).update(memoryview(host).cast("B"))
+    _hashed(hashing, result, schema, pc)
 
 
 def _account(writer: BucketWriter, result: StreamResult) -> None:
