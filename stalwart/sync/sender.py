@@ -409,7 +409,10 @@ class WeightSyncSender:
         else:
             extra = []
         end_payload = pack_end(bin_digest(b"".join(self._digests)), extra)
-        live = self._send_small(Kind.END, v, res.buckets, end_payload, live, st, v)
+        got = [p for p in live if p in bucket_peers]
+        rest = [p for p in live if p not in bucket_peers]  # needed nothing: sent no bucket
+        live = self._send_small(Kind.END, v, res.buckets, end_payload, got, st, v) if got else []
+        live += self._send_small(Kind.END, v, 0, end_payload, rest, st, v) if rest else []
         for p in live:
             st.update_bytes = max(st.update_bytes, sent[p] + HEADER_SIZE + len(end_payload))
         return live, dirty
