@@ -20,11 +20,12 @@ then the index section, zero bytes up to the next multiple of the word size (cou
 from the start of the bucket payload), and the value section.
 
 * **dense**: no index section; the values are all ``length`` words of the range.
-* **gaps** (8 or 16 bit): ``count`` codes, then LEB128 *exceptions*. The gaps are
+* **gaps** (8 or 16 bit): ``count`` codes, then *exceptions*. The gaps are
   ``d_0 = i_0`` and ``d_j = i_j - i_{j-1}`` of the sorted local indices ``i_j``, so
   the indices are the running sum of the gaps; a gap below ``E`` (255 or 65535) is
-  its code, a larger one is written as the code ``E`` with its value in the exceptions,
-  in order.
+  its code, a larger one is written as the code ``E`` with its value in the
+  exceptions, in order: one 16-bit (32-bit for 16-bit codes) number per escaped code,
+  then a u64 for each of those that is all ones (gaps that do not fit there either).
 * **bitmap**: ``ceil(length / 8)`` bytes, most significant bit first (``numpy.packbits``).
 * **raw values**: the new words (``count`` of them, or ``length`` for dense).
 * **XOR+zstd**: one zstd frame holding the byte planes of ``new XOR current`` words
@@ -63,11 +64,9 @@ _UINT_NP = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32
 _WORD_TORCH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _LOG2 = {1: 0, 2: 1, 4: 2, 8: 3}
 _ITEMSIZE: dict[torch.dtype, int] = {}
-_LEB_LIMITS = [1 << (7 * i) for i in range(1, 10)]
 _SAMPLE_WORDS = 32 * 1024
 _MIN_INDEX_ZSTD = 4096  # index sections below this many bytes are never worth a zstd frame
 _BLOCK_BYTES = 1 << 19  # compare-and-gather block: both sides' words stay in a core's L2 cache
-_FEW = 32  # up to this many LEB128 numbers are coded in plain Python (less overhead than numpy)
 
 
 def _nz(a: np.ndarray) -> np.ndarray:
@@ -154,67 +153,6 @@ def leb128_get(buf: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
             raise ProtocolError(f"{what}: number longer than 64 bits at byte {pos}")
 
 
-def leb128_lengths(x: np.ndarray) -> np.ndarray:
-    """Bytes each non-negative value takes as LEB128."""
-    if len(x) <= _FEW:
-        return np.array([leb128_size(v) for v in x.tolist()], dtype=np.uint8)
-    nb = np.ones(len(x), dtype=np.uint8)
-    for lim in _LEB_LIMITS:
-        ge = x >= lim
-        if not ge.any():
-            break
-        nb += ge
-    return nb
-
-
-def leb128_encode_into(x: np.ndarray, nb: np.ndarray, out: np.ndarray) -> int:
-    """Write LEB128 of ``x`` (byte lengths ``nb``) into uint8 ``out``; returns bytes written."""
-    if len(x) <= _FEW:  # a few numbers (the usual count of gap exceptions): plain Python is faster
-        b = bytearray()
-        for v in x.tolist():
-            leb128_put(b, v)
-        out[: len(b)] = np.frombuffer(b, dtype=np.uint8)
-        return len(b)
-    ends = np.cumsum(nb, dtype=np.int64)
-    starts = ends - nb
-    s, g, n = starts, x, nb
-    for b in range(int(nb.max())):
-        if b:
-            sel = (n > b).nonzero()[0]
-            s, g, n = s[sel], g[sel], n[sel]
-        out[s + b] = ((g >> (7 * b)) & 0x7F) | ((n > b + 1).astype(np.int64) << 7)
-    return int(ends[-1])
-
-
-def leb128_decode(buf: np.ndarray, count: int, what: str) -> np.ndarray:
-    """``count`` LEB128 numbers that exactly fill uint8 ``buf``."""
-    n = len(buf)
-    if count <= _FEW:
-        raw = buf.tobytes()
-        vals = []
-        p = 0
-        for _ in range(count):
-            v, p = leb128_get(raw, p, n, what)
-            vals.append(v)
-        if p != n:
-            raise ProtocolError(f"{what}: {n - p} bytes left after {count} numbers")
-        return np.array(vals, dtype=np.int64)
-    ends = (buf < 0x80).nonzero()[0]
-    if len(ends) != count or ends[-1] != n - 1:
-        raise ProtocolError(f"{what}: {len(ends)} numbers where {count} were announced")
-    lens = np.empty(count, dtype=np.int64)
-    lens[0] = ends[0] + 1
-    np.subtract(ends[1:], ends[:-1], out=lens[1:])
-    if int(lens.max()) > 9:
-        raise ProtocolError(f"{what}: number longer than 9 bytes")
-    starts = ends - lens + 1
-    vals = np.zeros(count, dtype=np.int64)
-    for b in range(int(lens.max())):
-        sel = (lens > b).nonzero()[0]
-        vals[sel] |= (buf[starts[sel] + b].astype(np.int64) & 0x7F) << (7 * b)
-    return vals
-
-
 # ---------------------------------------------------------------- gap codes
 
 
@@ -227,72 +165,97 @@ def gaps_of(idx: np.ndarray) -> np.ndarray:
     return d
 
 
+_CODE = {IDX_GAPS8: (np.dtype("<u1"), np.dtype("<u2")), IDX_GAPS16: (np.dtype("<u2"), np.dtype("<u4"))}
+
+
 @dataclass(slots=True)
 class GapCodes:
-    """A sized gap encoding of sorted indices (written by :func:`write_gap_codes`)."""
+    """A sized gap encoding of sorted indices (written by :func:`write_gap_codes`).
+
+    ``count`` codes of ``c`` bytes (1 or 2), then one exception of ``2c`` bytes per
+    escaped code (a code of all ones), then one u64 per exception of all ones (gaps
+    that do not fit even there). All little-endian, no padding.
+    """
 
     enc: int  # IDX_GAPS8 or IDX_GAPS16
     gaps: np.ndarray
-    exc_pos: np.ndarray  # positions of the gaps written as exceptions
-    exc_len: np.ndarray  # their LEB128 lengths
+    esc: np.ndarray  # positions of the escaped gaps
+    long: np.ndarray  # positions (among the escaped ones) of the gaps written as u64
     nbytes: int
+
+
+def _gap_size(d: np.ndarray, enc: int) -> tuple[np.ndarray, np.ndarray, int]:
+    code, exc = _CODE[enc]
+    esc = _nz(d >= (1 << 8 * code.itemsize) - 1)
+    long = _nz(d[esc] >= (1 << 8 * exc.itemsize) - 1) if len(esc) else esc
+    return esc, long, len(d) * code.itemsize + len(esc) * exc.itemsize + 8 * len(long)
 
 
 def plan_gap_codes(idx: np.ndarray) -> GapCodes:
     """Choose 8- or 16-bit gap codes for ``idx`` (whichever is smaller), sizes exact."""
     d = gaps_of(idx)
     k = len(d)
-    pos8 = _nz(d >= 0xFF)
-    len8 = leb128_lengths(d[pos8])
-    size8 = k + int(len8.sum(dtype=np.int64))
+    esc, long, size8 = _gap_size(d, IDX_GAPS8)
     if size8 <= 2 * k:
-        return GapCodes(IDX_GAPS8, d, pos8, len8, size8)
-    pos16 = _nz(d >= 0xFFFF)
-    len16 = leb128_lengths(d[pos16])
-    size16 = 2 * k + int(len16.sum(dtype=np.int64))
+        return GapCodes(IDX_GAPS8, d, esc, long, size8)
+    esc16, long16, size16 = _gap_size(d, IDX_GAPS16)
     if size16 < size8:
-        return GapCodes(IDX_GAPS16, d, pos16, len16, size16)
-    return GapCodes(IDX_GAPS8, d, pos8, len8, size8)
+        return GapCodes(IDX_GAPS16, d, esc16, long16, size16)
+    return GapCodes(IDX_GAPS8, d, esc, long, size8)
 
 
 def write_gap_codes(g: GapCodes, out: np.ndarray) -> int:
     """Write ``g`` into uint8 ``out``; returns bytes written."""
+    code, exc = _CODE[g.enc]
     k = len(g.gaps)
-    if g.enc == IDX_GAPS8:
-        codes = out[:k]
-        codes[:] = g.gaps  # truncating; escaped codes are rewritten below
-        codes[g.exc_pos] = 0xFF
-        p = k
+    p = k * code.itemsize
+    if code.itemsize == 1:
+        out[:k] = g.gaps  # truncating; escaped codes are rewritten below
+        out[g.esc] = 0xFF
     else:
-        codes = out[: 2 * k].view(np.uint16) if out[: 2 * k].ctypes.data % 2 == 0 else None
-        if codes is None:  # unaligned destination: go through a temporary
-            tmp = g.gaps.astype(np.uint16)
-            tmp[g.exc_pos] = 0xFFFF
-            out[: 2 * k] = tmp.view(np.uint8)
-        else:
-            codes[:] = g.gaps
-            codes[g.exc_pos] = 0xFFFF
-        p = 2 * k
-    return p + leb128_encode_into(g.gaps[g.exc_pos], g.exc_len, out[p:])
+        tmp = g.gaps.astype(code)
+        tmp[g.esc] = 0xFFFF
+        out[:p] = tmp.view(np.uint8)
+    if len(g.esc):
+        ex = g.gaps[g.esc]
+        top = (1 << 8 * exc.itemsize) - 1
+        q = p + len(ex) * exc.itemsize
+        out[p:q] = np.minimum(ex, top).astype(exc).view(np.uint8)
+        p = q
+        if len(g.long):
+            q = p + 8 * len(g.long)
+            out[p:q] = ex[g.long].astype("<u8").view(np.uint8)
+            p = q
+    return p
 
 
 def read_gap_codes(buf: np.ndarray, enc: int, count: int, length: int, what: str) -> np.ndarray:
     """Indices (int64, sorted) from a gap-code index section."""
-    b = 1 if enc == IDX_GAPS8 else 2
-    if len(buf) < b * count:
+    code, exc = _CODE[enc]
+    c = code.itemsize
+    if len(buf) < c * count:
         raise ProtocolError(f"{what}: index section of {len(buf)} bytes for {count} gap codes")
     if count == 0:
         if len(buf):
             raise ProtocolError(f"{what}: {len(buf)} index bytes for 0 indices")
         return np.empty(0, dtype=np.int64)
-    codes = buf[: b * count] if b == 1 else buf[: 2 * count].view("<u2")
-    rest = buf[b * count :]
+    codes = buf[: c * count].view(code)
     d = codes.astype(np.int64)
+    rest = buf[c * count :]
     if len(rest):
-        esc = _nz(codes == (0xFF if b == 1 else 0xFFFF))
-        vals = leb128_decode(rest, len(esc), f"{what}: gap exceptions")
-        if len(vals) and int(vals.max()) >= max(length, 1):
-            raise ProtocolError(f"{what}: gap of {int(vals.max())} in a range of {length} words")
+        esc = _nz(codes == (1 << 8 * c) - 1)
+        m = len(esc) * exc.itemsize
+        if len(rest) < m:
+            raise ProtocolError(f"{what}: {len(rest)} exception bytes for {len(esc)} escaped gaps")
+        vals = rest[:m].view(exc).astype(np.int64)
+        long = _nz(vals == (1 << 8 * exc.itemsize) - 1)
+        if len(rest) != m + 8 * len(long):
+            raise ProtocolError(f"{what}: {len(rest)} exception bytes for {len(esc)} escaped gaps")
+        if len(long):
+            big = rest[m:].view("<u8")
+            if int(big.max()) >= max(length, 1):
+                raise ProtocolError(f"{what}: gap of {int(big.max())} in a range of {length} words")
+            vals[long] = big.astype(np.int64)
         d[esc] = vals
     idx = torch.cumsum(torch.from_numpy(d), 0, out=torch.from_numpy(d)).numpy()  # torch's is ~6x numpy's
     if int(idx[-1]) >= length:
@@ -422,7 +385,12 @@ class Encoder:
         self._prepare = None  # plan_delta's per-block preparation
         self._hashed = 0
         self._prepared = 0
-        self._cctx = zstandard.ZstdCompressor(level=zstd_level)
+        if zstd_level <= 1:  # a small match table: XOR planes and gap codes gain from entropy coding,
+            # hardly from matches; the default table's cache misses halve the speed (and the ratio is no better)
+            params = zstandard.ZstdCompressionParameters.from_level(zstd_level, hash_log=9)
+            self._cctx = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            self._cctx = zstandard.ZstdCompressor(level=zstd_level)
         self.min_compress_bytes = 256
 
     def group_scratch(self, w: int, n: int) -> tuple[np.ndarray, np.ndarray]:

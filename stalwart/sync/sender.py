@@ -57,6 +57,7 @@ from stalwart.sync.wire import (
 log = logging.getLogger("stalwart.sync")
 
 _DONE = object()
+COMMIT_LOG_FRACTION = 0.25  # default: sparse bf16 changes up to ~8 % density are logged, not re-read
 
 
 class _Failure:
@@ -88,7 +89,8 @@ class WeightSyncSender:
         max_resyncs: full resyncs per receiver within one ``sync()`` before giving up.
         start_version: versions continue after this (pass the last one on a restart).
         commit_log_fraction: memory (as a fraction of the model's wire bytes) for keeping
-            sparse changes until the baseline commit, instead of re-reading their chunks.
+            sparse changes (4-byte index + new word each) for the baseline, instead of
+            re-reading their chunks at the commit.
     """
 
     def __init__(
@@ -110,7 +112,7 @@ class WeightSyncSender:
         reconnect_timeout: float = 60.0,
         max_resyncs: int = 3,
         start_version: int = 0,
-        commit_log_fraction: float = 0.125,
+        commit_log_fraction: float = COMMIT_LOG_FRACTION,
     ) -> None:
         self.commit_log_fraction = float(commit_log_fraction)
         if baseline not in ("host", "device"):

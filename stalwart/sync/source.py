@@ -98,6 +98,10 @@ class Source:
         ]
         return self.schema
 
+    def casts(self, i: int) -> bool:
+        """Whether tensor ``i`` is sent in another dtype than it has (reading it costs a cast)."""
+        return self.schema[i].dtype != self.tensors[i].dtype
+
     def read_blocks(self, i: int, start: int, n: int) -> tuple[np.ndarray, Callable[[int, int], None] | None]:
         """Words ``[start, start + n)`` of tensor ``i`` on the host, filled block by block.
 

@@ -208,7 +208,10 @@ def encode_stream(
             if plan is None:
                 continue
             if delta:
-                if plan.idx is not None and result.log_bytes + plan.count * (4 + w) <= log_budget:
+                # a scattered change costs about as much as re-reading 20 words (re-casting 8):
+                # denser chunks are re-read at the commit
+                sparse = plan.count * (8 if source.casts(ch.tensor) else 20) <= ch.n
+                if sparse and plan.idx is not None and result.log_bytes + plan.count * (4 + w) <= log_budget:
                     result.log.append((ch, plan.idx.astype(np.int32), plan.new))  # chunks are < 2**31 words
                     result.log_bytes += plan.count * (4 + w)
                 else:
