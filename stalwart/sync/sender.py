@@ -57,7 +57,7 @@ from stalwart.sync.wire import (
 log = logging.getLogger("stalwart.sync")
 
 _DONE = object()
-COMMIT_LOG_FRACTION = 0.25  # default: sparse bf16 changes up to ~8 % density are logged, not re-read
+COMMIT_LOG_FRACTION = 0.25  # default: sparse bf16 changes up to 5 % density are logged, not re-read
 
 
 class _Failure:
@@ -89,7 +89,7 @@ class WeightSyncSender:
         max_resyncs: full resyncs per receiver within one ``sync()`` before giving up.
         start_version: versions continue after this (pass the last one on a restart).
         commit_log_fraction: memory (as a fraction of the model's wire bytes) for keeping
-            sparse changes (4-byte index + new word each) for the baseline, instead of
+            sparse changes (8-byte index + new word each) for the baseline, instead of
             re-reading their chunks at the commit.
     """
 

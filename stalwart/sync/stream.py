@@ -211,9 +211,9 @@ def encode_stream(
                 # a scattered change costs about as much as re-reading 20 words (re-casting 8):
                 # denser chunks are re-read at the commit
                 sparse = plan.count * (8 if source.casts(ch.tensor) else 20) <= ch.n
-                if sparse and plan.idx is not None and result.log_bytes + plan.count * (4 + w) <= log_budget:
-                    result.log.append((ch, plan.idx.astype(np.int32), plan.new))  # chunks are < 2**31 words
-                    result.log_bytes += plan.count * (4 + w)
+                if sparse and plan.idx is not None and result.log_bytes + plan.count * (8 + w) <= log_budget:
+                    result.log.append((ch, plan.idx, plan.new))  # int64 indices: scattered fastest
+                    result.log_bytes += plan.count * (8 + w)
                 else:
                     result.dirty.append(ch)
             result.changed += plan.count
