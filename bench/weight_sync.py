@@ -28,6 +28,7 @@ change of 2-byte values plus 1-byte gaps.
     python bench/weight_sync.py                  # TCP, 64 M-param synthetic model + fine-tuning
     python bench/weight_sync.py --transport all  # also shm and torch.distributed (gloo)
     python bench/weight_sync.py --newuser-only   # only the new-user run (about 20 s)
+    python bench/weight_sync.py --against ee3ba1d --reps 6   # encode+apply vs an earlier revision
 """
 
 from __future__ import annotations
@@ -625,6 +626,84 @@ def newuser(args) -> None:
     )
 
 
+# ---------------------------------------------------------------- against an earlier version of the code
+
+# Runs in a fresh interpreter with one source tree first on sys.path, so the tree's own
+# bench/weight_sync.py (IsolatedCodec, models, perturbations) and stalwart are the ones
+# measured. Prints one JSON line: model bytes and per-sync (encode, apply) CPU seconds.
+_CODEC_DRIVER = r"""
+import json, sys
+root, case, reps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path[:0] = [root, root + "/bench"]
+import numpy as np, torch
+torch.set_num_threads(1)
+import weight_sync as ws
+out = []
+if case == "real":
+    torch.manual_seed(0)
+    model = ws.TinyLM(d=384, layers=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
+    params = dict(model.named_parameters())
+    iso = ws.IsolatedCodec(params, torch.bfloat16, "auto", 16 << 20)
+    data = torch.randint(0, 8192, (64, 4, 65), generator=torch.Generator().manual_seed(1))
+    mb = sum(p.numel() * 2 for p in params.values())
+    for i in range(reps + 1):
+        tok = data[i % 64]
+        loss = torch.nn.functional.cross_entropy(model(tok[:, :-1]).reshape(-1, 8192), tok[:, 1:].reshape(-1))
+        loss.backward(); opt.step(); opt.zero_grad()
+        out.append(iso.measure())
+else:
+    tensors = ws.make_tensors(ws.synthetic_spec(5, 1024), torch.bfloat16, 0)
+    iso = ws.IsolatedCodec(tensors, None, "auto", 16 << 20)
+    rng = np.random.default_rng(0)
+    mb = sum(t.numel() * 2 for t in tensors.values())
+    for i in range(reps + 1):
+        ws.perturb(tensors, float(case), rng, False)
+        out.append(iso.measure())
+print(json.dumps({"model_bytes": mb, "syncs": out[1:]}))
+"""
+
+
+def against(rev: str, rounds: int, reps: int) -> None:
+    """Encode + apply throughput of this tree and of git revision ``rev``, alternating runs."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="stalwart-against-") as old:
+        arch = subprocess.run(["git", "-C", _ROOT, "archive", rev, "stalwart", "bench"], capture_output=True)
+        if arch.returncode:
+            raise SystemExit(f"cannot read revision {rev!r}: {arch.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", old], input=arch.stdout, check=True)
+        cases = [("0.01", "1% +-1-2 ulp (64M-param bf16)"), ("0.05", "5% +-1-2 ulp (64M-param bf16)")]
+        cases += [("real", "real AdamW lr 1e-6, fp32->bf16")]
+        got: dict = {}
+        for _ in range(rounds):
+            for case, _label in cases:
+                for who, root in (("before", old), ("now", _ROOT)):
+                    r = subprocess.run(
+                        [sys.executable, "-c", _CODEC_DRIVER, root, case, str(reps)],
+                        capture_output=True,
+                        text=True,
+                    )
+                    if r.returncode:
+                        raise SystemExit(f"{who} ({root}) failed on {case}:\n{r.stderr[-2000:]}")
+                    res = json.loads(r.stdout.strip().splitlines()[-1])
+                    mb = res["model_bytes"]
+                    got.setdefault((case, who), []).extend(mb / (e + a) / GB for e, a in res["syncs"])
+    print(
+        f"\n## encode + apply GB/s per core, this tree against {rev} (alternating runs, {rounds} x {reps} syncs each)"
+    )
+    print("| case | before median (min-max) | now median (min-max) | now / before |")
+    print("|---|---|---|---|")
+    for case, label in cases:
+        b, n = got[(case, "before")], got[(case, "now")]
+        print(
+            f"| {label} | {med(b):.2f} ({min(b):.2f}-{max(b):.2f}) | {med(n):.2f} ({min(n):.2f}-{max(n):.2f})"
+            f" | {med(n) / med(b):.2f}x |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--transport", default="tcp", choices=["tcp", "shm", "dist", "all"])
@@ -645,6 +724,10 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--newuser-only", action="store_true", help="only the new-user DistTransport run")
+    ap.add_argument(
+        "--against", metavar="REV", help="only compare encode + apply throughput with git revision REV"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="--against: alternating rounds")
     ap.add_argument("--skip-newuser", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -655,6 +738,10 @@ def main() -> None:
         f"# weight sync benchmark: {', '.join(kinds)}; torch {torch.__version__}, {os.cpu_count()} CPUs,"
         f" 1 thread per process; load average at start {load}"
     )
+    if args.against:
+        against(args.against, args.rounds, args.reps)
+        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+        return
     if not args.skip_newuser:
         newuser(args)
     if args.newuser_only:

@@ -431,6 +431,10 @@ class WeightSyncSender:
                     raise ProtocolError(f"{p.name}: expected NEED of v{v}, got {fr.header.describe()}")
                 need[p] = parse_need(fr.payload, len(schema), f"NEED from {p.name}")
                 live.append(p)
+                log.info(
+                    "weight sync v%d: %s lacks %d of %d tensors (the others match the trainer's digests)",
+                    v, p.name, int(need[p].sum()), len(schema),
+                )  # fmt: skip
             except TransportError as e:
                 st.causes.append(f"{p.name}: lost ({e})")
                 log.warning("weight sync v%d: %s lost before answering a full sync: %s", v, p.name, e)
