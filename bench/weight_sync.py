@@ -658,13 +658,16 @@ else:
     rng = np.random.default_rng(0)
     mb = sum(t.numel() * 2 for t in tensors.values())
     for i in range(reps + 1):
-        ws.perturb(tensors, float(case), rng, False)
+        ws.perturb(tensors, 1.0 if case == "random" else float(case), rng, case == "random")
         out.append(iso.measure())
 print(json.dumps({"model_bytes": mb, "syncs": out[1:]}))
 """
 
 
-def against(rev: str, rounds: int, reps: int) -> None:
+_AGAINST_LABELS = {"random": "100% random bits (64M-param bf16)", "real": "real AdamW lr 1e-6, fp32->bf16"}
+
+
+def against(rev: str, rounds: int, reps: int, which: list[str]) -> None:
     """Encode + apply throughput of this tree and of git revision ``rev``, alternating runs."""
     import json
     import subprocess
@@ -675,8 +678,9 @@ def against(rev: str, rounds: int, reps: int) -> None:
         if arch.returncode:
             raise SystemExit(f"cannot read revision {rev!r}: {arch.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", old], input=arch.stdout, check=True)
-        cases = [("0.01", "1% +-1-2 ulp (64M-param bf16)"), ("0.05", "5% +-1-2 ulp (64M-param bf16)")]
-        cases += [("real", "real AdamW lr 1e-6, fp32->bf16")]
+        cases = [
+            (c, _AGAINST_LABELS.get(c) or f"{100 * float(c):g}% +-1-2 ulp (64M-param bf16)") for c in which
+        ]
         got: dict = {}
         for _ in range(rounds):
             for case, _label in cases:
@@ -728,6 +732,11 @@ def main() -> None:
         "--against", metavar="REV", help="only compare encode + apply throughput with git revision REV"
     )
     ap.add_argument("--rounds", type=int, default=3, help="--against: alternating rounds")
+    ap.add_argument(
+        "--cases",
+        default="0.01,0.05,real",
+        help="--against: densities, 'real' (fine-tuning), 'random' (random bits)",
+    )
     ap.add_argument("--skip-newuser", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -739,7 +748,7 @@ def main() -> None:
         f" 1 thread per process; load average at start {load}"
     )
     if args.against:
-        against(args.against, args.rounds, args.reps)
+        against(args.against, args.rounds, args.reps, args.cases.split(","))
         print(f"\ntotal {time.perf_counter() - t0:.0f} s")
         return
     if not args.skip_newuser:
