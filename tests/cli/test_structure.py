@@ -16,7 +16,7 @@ PKG = os.path.dirname(stalwart.__file__)
 
 def test_one_module_per_command():
     names = [m.__name__.rsplit(".", 1)[1] for m in cli.command_modules()]
-    assert names == ["inspect", "verify", "diff", "convert"]
+    assert names == ["run", "store", "inspect", "verify", "diff", "convert"]
     help_text = cli.build_parser().format_help()
     for name in names:
         assert name in help_text
