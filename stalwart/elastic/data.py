@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,7 @@ _TAG_MICRO = 0x5A3D_0002
 _TAG_PERM = 0x5A3D_0003
 _TAG_WORKER = 0x5A3D_0004
 _FEISTEL_ROUNDS = 6
+_STEP_CACHE = 4
 
 
 class ElasticBatchError(StalwartError):
@@ -321,6 +323,9 @@ class ElasticSampler:
         self._half = np.uint64(bits // 2)
         self._mask = np.uint64((1 << (bits // 2)) - 1)
         self._keys: dict[int, list[np.uint64]] = {}
+        # The last few steps' orders (G indices each): the loader's batch sampler and its
+        # plan both walk the current step, micro-batch by micro-batch.
+        self._steps: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     # -- the permutation ------------------------------------------------------
     def _round_keys(self, epoch: int) -> list[np.uint64]:
@@ -355,7 +360,10 @@ class ElasticSampler:
         return out.astype(np.int64)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The whole order of ``epoch``: ``order[p]`` is the dataset index at position ``p``."""
+        """The whole order of ``epoch``: ``order[p]`` is the dataset index at position ``p``.
+
+        Allocates ``8 * num_samples`` bytes; planning steps never needs it.
+        """
         return self.indices(epoch, np.arange(self.num_samples, dtype=np.int64))
 
     # -- steps and micro-batches ----------------------------------------------
@@ -372,10 +380,20 @@ class ElasticSampler:
         """Micro-batches in global step ``step`` over all ranks."""
         return -(-self.step_samples(step) // self.micro_batch)
 
+    def _step_order(self, epoch: int, step: int) -> np.ndarray:
+        key = (int(epoch), int(step))
+        cached = self._steps.get(key)
+        if cached is None:
+            start = step * self.global_batch
+            cached = self.indices(epoch, np.arange(start, start + self.step_samples(step)))
+            self._steps[key] = cached
+            if len(self._steps) > _STEP_CACHE:
+                self._steps.popitem(last=False)
+        return cached
+
     def step_indices(self, epoch: int, step: int) -> list[int]:
         """The dataset indices global step ``step`` of ``epoch`` consumes, in position order."""
-        start = step * self.global_batch
-        return self.indices(epoch, np.arange(start, start + self.step_samples(step))).tolist()
+        return self._step_order(epoch, step).tolist()
 
     def plan(self, dp_size: int) -> GlobalBatch:
         """Validate ``dp_size`` for this sampler and return its :class:`GlobalBatch`."""
@@ -398,11 +416,10 @@ class ElasticSampler:
 
     def micro_batch_indices(self, epoch: int, step: int, k: int) -> list[int]:
         """Dataset indices of micro-batch ``k`` of global step ``step`` of ``epoch``."""
-        start = step * self.global_batch + k * self.micro_batch
-        stop = min(start + self.micro_batch, step * self.global_batch + self.step_samples(step))
-        if k < 0 or start >= stop:
+        start = k * self.micro_batch
+        if k < 0 or start >= self.step_samples(step):
             raise ElasticBatchError(f"step {step} has no micro-batch {k}")
-        return self.indices(epoch, np.arange(start, stop)).tolist()
+        return self._step_order(epoch, step)[start : start + self.micro_batch].tolist()
 
     def micro_batches(self, epoch: int, step: int, rank: int, dp_size: int) -> list[list[int]]:
         """Rank ``rank``'s micro-batches of global step ``step``: a list of lists of dataset indices.
