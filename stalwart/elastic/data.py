@@ -126,9 +126,8 @@ def sample_generator(seed: int, epoch: int, index: int, device: str | torch.devi
     Use it in a dataset's ``__getitem__`` (or a collate function) for per-sample
     augmentation: ``torch.rand(3, generator=sample_generator(seed, epoch, i))``. The
     dataset needs the epoch: :class:`ElasticLoader` calls ``dataset.set_epoch(epoch)``
-    when the dataset has one, before the epoch's DataLoader iterator starts its workers
-    (persistent workers keep the copy they started with: draw in the loop from
-    ``MicroBatch.epoch`` / :meth:`MicroBatch.sample_seeds` instead).
+    when the dataset has one, in whichever process loads the samples (worker
+    processes, persistent ones included), before the first sample of each epoch.
     """
     g = torch.Generator(device=device)
     g.manual_seed(sample_seed(seed, epoch, index))
@@ -450,6 +449,10 @@ class MicroBatch:
     ``j``-th of ``accumulation`` micro-batches in the step; ``last`` is True for the final
     one, after whose backward the loop steps the optimizer; ``loss_scale`` multiplies its
     (mean) loss. :meth:`rng` is the :func:`micro_batch_rng` context for it.
+
+    In the partial last step of ``drop_last=False`` ranks may run different numbers of
+    micro-batches (``accumulation`` differs by at most one); with DDP's ``no_sync()``
+    around all but the ``last`` one every rank still joins exactly one gradient reduction.
     """
 
     data: Any
@@ -482,28 +485,76 @@ class _Planned:
     loss_scale: float
 
 
+class _EpochBatch(list):
+    """A micro-batch's indices carrying its epoch to the process that loads it (pickles with it)."""
+
+    def __init__(self, indices: list[int], epoch: int) -> None:
+        super().__init__(indices)
+        self.epoch = epoch
+
+
+class _EpochDataset(torch.utils.data.Dataset):
+    """Wraps a dataset that has ``set_epoch`` so each loading process sees the batch's epoch.
+
+    Persistent DataLoader workers keep the dataset copy they started with; the epoch
+    therefore travels with each batch of indices, and the copy is told when it changes.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self._epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self.dataset.set_epoch(epoch)
+            self._epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, batch: list[int]) -> list:
+        epoch = getattr(batch, "epoch", None)
+        if epoch is not None:
+            self.set_epoch(epoch)
+        many = getattr(self.dataset, "__getitems__", None)
+        return many(list(batch)) if callable(many) else [self.dataset[i] for i in batch]
+
+
+def _plan(s: ElasticSampler, epoch: int, step: int, rank: int, dp: int) -> Iterator[_Planned]:
+    """Rank ``rank``'s micro-batches at ``dp`` ranks from ``step`` of ``epoch`` to the epoch's end."""
+    for t in range(step, s.steps_per_epoch):
+        ks = s.rank_micro_batches(t, rank, dp)
+        for j, k in enumerate(ks):
+            yield _Planned(epoch, t, j, len(ks), s.micro_batch_indices(epoch, t, k), s.loss_scale(t, k, dp))
+
+
 class _RankBatchSampler:
     """The DataLoader's batch sampler: this rank's micro-batches from the planned start on.
 
     The DataLoader iterates it in the main process (also with worker processes), so the
-    loader sets :attr:`start` right before each ``iter(dataloader)``.
+    loader sets :attr:`start` right before each ``iter(dataloader)``. It must not refer
+    back to the ElasticLoader: a reference cycle through a DataLoader with persistent
+    workers leaves their shutdown to the garbage collector, which waits 5 s per worker.
     """
 
-    def __init__(self, loader: ElasticLoader) -> None:
-        self._loader = loader
+    def __init__(self, sampler: ElasticSampler) -> None:
+        self._sampler = sampler
         self.start: tuple[int, int, int, int] | None = None
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.start is None:
             raise ElasticBatchError("iterate the ElasticLoader, not its DataLoader")
-        for p in self._loader._plan(*self.start):
-            yield p.indices
+        for p in _plan(self._sampler, *self.start):
+            yield _EpochBatch(p.indices, p.epoch)
 
     def __len__(self) -> int:
         if self.start is None:
             return 0
         _, step, rank, dp = self.start
-        s = self._loader.sampler
+        s = self._sampler
         return sum(len(range(rank, s.micro_batch_count(t), dp)) for t in range(step, s.steps_per_epoch))
 
 
@@ -533,7 +584,9 @@ class ElasticLoader:
     ``epochs``: iteration stops when this many epochs are done (counting from epoch 0,
     so a resumed loop runs only what is left); None iterates to the end of the current
     epoch (iterate again for the next). If the dataset has ``set_epoch(epoch)`` it is
-    called before each epoch's DataLoader iterator starts.
+    called with each epoch before the epoch's first sample is loaded, in the main process
+    and in every worker (the DataLoader then holds the dataset in a thin wrapper, which is
+    what ``torch.utils.data.get_worker_info().dataset`` returns; its ``.dataset`` is yours).
 
     The position counts *complete* global steps: it advances when the step's last
     micro-batch (``mb.last``) is handed out, so a :meth:`state_dict` taken after the
@@ -541,8 +594,9 @@ class ElasticLoader:
     replays that step from its first micro-batch.
 
     ``seed`` keys the order, the per-sample streams and the micro-batch streams;
-    ``rng_devices`` are the CUDA devices :meth:`MicroBatch.rng` forks (default: the
-    current one when CUDA is available).
+    ``drop_last`` is :class:`ElasticSampler`'s; ``rng_devices`` are the CUDA devices
+    :meth:`MicroBatch.rng` forks (default: the current one when CUDA is available).
+    The torch ``DataLoader`` is :attr:`dataloader` (iterate the ElasticLoader, not it).
     """
 
     def __init__(
@@ -576,6 +630,7 @@ class ElasticLoader:
         if epochs is not None:
             epochs = _check_positive("epochs", epochs)
         self.dataset = dataset
+        self._epoch_dataset = _EpochDataset(dataset) if callable(getattr(dataset, "set_epoch", None)) else None
         self.sampler = ElasticSampler(
             len(dataset), global_batch, micro_batch, seed=seed, shuffle=shuffle, drop_last=drop_last
         )
@@ -587,9 +642,9 @@ class ElasticLoader:
         self._generation = 0
         self._set_world(dp_rank, dp_size)
         self._worker_gen = torch.Generator()
-        self._batch_sampler = _RankBatchSampler(self)
+        self._batch_sampler = _RankBatchSampler(self.sampler)
         self.dataloader = torch.utils.data.DataLoader(
-            dataset,
+            self._epoch_dataset if self._epoch_dataset is not None else dataset,
             batch_sampler=self._batch_sampler,
             num_workers=num_workers,
             collate_fn=collate_fn,
@@ -685,7 +740,9 @@ class ElasticLoader:
         The saved ``global_batch``, ``num_samples``, ``seed``, ``shuffle`` and
         ``drop_last`` must equal this loader's (otherwise the steps would hold other
         samples): a mismatch raises :class:`ElasticBatchError` naming both values. The
-        micro-batch may differ (each step keeps its samples; they are cut differently).
+        micro-batch may differ: each step keeps its samples, cut differently, so the
+        per-sample streams are unchanged but the micro-batch streams (keyed by each
+        micro-batch's first sample) are not.
         """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ElasticBatchError(f"not an ElasticLoader state (expected format {STATE_FORMAT!r}): {str(state)[:120]}")
@@ -717,13 +774,6 @@ class ElasticLoader:
         self._generation += 1
 
     # -- iteration ------------------------------------------------------------------
-    def _plan(self, epoch: int, step: int, rank: int, dp: int) -> Iterator[_Planned]:
-        s = self.sampler
-        for t in range(step, s.steps_per_epoch):
-            ks = s.rank_micro_batches(t, rank, dp)
-            for j, k in enumerate(ks):
-                yield _Planned(epoch, t, j, len(ks), s.micro_batch_indices(epoch, t, k), s.loss_scale(t, k, dp))
-
     def _advance(self, step: int) -> None:
         self._step = step + 1
         if self._step == self.sampler.steps_per_epoch:
@@ -734,14 +784,13 @@ class ElasticLoader:
         while self.epochs is None or self._epoch < self.epochs:
             gen = self._generation
             epoch, start = self._epoch, (self._epoch, self._step, self._rank, self._dp)
-            set_epoch = getattr(self.dataset, "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(epoch)
+            if self._epoch_dataset is not None:
+                self._epoch_dataset.set_epoch(epoch)
             self._batch_sampler.start = start
             self._worker_gen.manual_seed(_hash(_TAG_WORKER, seed, *start[:3]) >> 1)
             it = iter(self.dataloader)
             try:
-                for p, data in zip(self._plan(*start), it, strict=True):
+                for p, data in zip(_plan(self.sampler, *start), it, strict=True):
                     last = p.j == p.accumulation - 1
                     if last:
                         self._advance(p.step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -288,7 +289,8 @@ def test_scaled_micro_batch_gradients_average_to_the_global_batch_mean(n, g, m, 
 
 
 # --------------------------------------------------------------------------- data loader
-def test_worker_processes_give_the_same_micro_batches_and_leave_the_rng_alone():
+@pytest.mark.parametrize("persistent", [False, True])
+def test_worker_processes_give_the_same_micro_batches_and_leave_the_rng_alone(persistent):
     def run(**kw):
         torch.manual_seed(0)
         before = torch.get_rng_state()
@@ -302,7 +304,8 @@ def test_worker_processes_give_the_same_micro_batches_and_leave_the_rng_alone():
         return out
 
     plain = run()
-    workers = run(num_workers=2, multiprocessing_context="fork", prefetch_factor=4)
+    workers = run(num_workers=2, multiprocessing_context="fork", prefetch_factor=4, persistent_workers=persistent)
+    assert not multiprocessing.active_children()  # the dropped loader shut its workers down at once
     assert len(plain) == len(workers) == 3 * 2 + 2 * 3 + 5 * 3  # 3 steps of 2, then 2 + 5 steps of 3
     for a, b in zip(plain, workers):
         assert a[:6] == b[:6] and torch.equal(a[6], b[6])
