@@ -44,12 +44,15 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from stalwart.errors import StalwartError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stalwart.ckpt.providers.base import StateProvider
 
 __all__ = [
     "ElasticBatchError",
@@ -658,6 +661,15 @@ class ElasticLoader:
         if isinstance(dp_rank, bool) or not isinstance(dp_rank, (int, np.integer)) or not 0 <= dp_rank < dp_size:
             raise ElasticBatchError(f"dp_rank must be an integer in [0, {dp_size}), got {dp_rank!r}")
         self._rank, self._dp, self._batch = int(dp_rank), int(dp_size), batch
+
+    def stalwart_provider(self, placement) -> StateProvider:
+        """For ``guard.resume(loader)``: the provider that saves and restores this loader's
+        position with every snapshot (:mod:`stalwart.elastic.provider`). Checks first that
+        every node count the launcher may re-form the job at keeps the global batch."""
+        from stalwart.elastic.provider import ElasticDataProvider, check_node_range
+
+        check_node_range(self, placement.num_nodes)
+        return ElasticDataProvider(self)
 
     def set_world(self, dp_rank: int, dp_size: int) -> None:
         """Continue as DP rank ``dp_rank`` of ``dp_size``, re-planning the accumulation.
