@@ -37,13 +37,18 @@ def boot_id() -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie - dead, not yet reaped by its parent - does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def write_owner(shm_dir: str, node_id: str | None, agent_pid: int | None, job: str | None = None) -> None:

@@ -115,7 +115,8 @@ class Job:
         for p in victims:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGKILL)
-        return [p.pid for p in victims]
+        self.killed = [p.pid for p in victims]
+        return self.killed
 
     def wait_done(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

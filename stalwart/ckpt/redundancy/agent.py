@@ -604,7 +604,8 @@ class Redundancy:
             out = []
             for s, meta in entries:
                 ok = meta is not None and self._parity_intact(s, meta)
-                out.append({"step": s.step, "sid": s.sid, "parity": ok, "geometry": meta["geometry"] if ok else None})
+                out.append({"step": s.step, "sid": s.sid, "parity": ok, "geometry": meta["geometry"] if ok else None,
+                            "holders": sorted(set(s.owners.values()))})
         finally:
             with self.keeper.cond:
                 for s, _ in entries:
@@ -626,19 +627,24 @@ class Redundancy:
         data_at: dict[tuple[int, str], set[int]] = {}
         parity_at: dict[tuple[int, str], set[int]] = {}
         geos: dict[tuple[int, str], dict] = {}
+        # the members whose nodes took part in a step (an elastic job's smaller world leaves some out:
+        # a member that never held a step has not lost it)
+        part_of: dict[tuple[int, str], set[int]] = {}
         for p, join in enumerate(session.joins):
             for e in join["slots"]:
                 key = (int(e["step"]), str(e["sid"]))
                 data_at.setdefault(key, set()).add(p)
+                holders = {self.members.index(h) for h in e.get("holders") or () if h in self.members}
+                part_of.setdefault(key, set()).update(holders or range(n))
                 if e["parity"]:
                     parity_at.setdefault(key, set()).add(p)
                     geos.setdefault(key, e["geometry"])
-        newest_full = max((key[0] for key, ps in data_at.items() if len(ps) == n), default=None)
+        newest_full = max((key[0] for key, ps in data_at.items() if ps >= part_of[key]), default=None)
         newer = sorted((key for key in data_at if newest_full is None or key[0] > newest_full), key=lambda kk: -kk[0])
         for key in newer:
             if key not in parity_at:
                 continue
-            lost = sorted(set(range(n)) - data_at[key])
+            lost = sorted(part_of[key] - data_at[key])
             geo = Geometry.from_json(geos[key])
             try:
                 plan_rebuild(geo, lost, sorted(parity_at[key]), self.members)
@@ -649,7 +655,7 @@ class Redundancy:
                     "parity": sorted(parity_at[key]), "geometry": geos[key], "donor": donors[0]}
         if newer:
             key = newer[0]
-            lost = sorted(set(range(n)) - data_at[key])
+            lost = sorted(part_of[key] - data_at[key])
             return {"op": "recover", "plan": "report",
                     "error": self._loss_message(key[0], lost, None, "no member holds parity of it")}
         return {"op": "recover", "plan": "none"}
