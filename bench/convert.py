@@ -18,10 +18,16 @@ max_shard_size=None, safe_serialization=True)`` (what ``zero_to_fp32.py
 huggingface_hub dependency) and ``python -m deepspeed.checkpoint.ds_to_universal
 --inject_missing_state`` (default worker counts).
 
+Issue 11: the ``--to hf`` path must start without importing torch (it only moves
+bytes); the benchmark checks that in the same run (``torch imported: no``) and times
+the start-up alone (``stalwart --help``, ``stalwart inspect`` of the checkpoint)
+against ``python -c "import torch"``.
+
 Run: ``python bench/convert.py`` (default ``--layers 26 --width 4096``: 436M
 params, 1.75 GB of fp32 weights, a 6.1 GB checkpoint; building it peaks at ~12 GiB
-for the two ranks, the most this 24 GiB machine holds comfortably). Numbers are
-noisy on a shared 2-core VM: compare medians and ratios, not single runs.
+for the two ranks, the most this 24 GiB machine holds comfortably);
+``--targets hf`` runs only the Hugging Face comparison. Numbers are noisy on a
+shared 2-core VM: compare medians and ratios, not single runs; spreads are min-max.
 """
 
 from __future__ import annotations
@@ -138,7 +144,9 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the converted outputs")
+    ap.add_argument("--targets", default="hf,ds-universal", help="comma-separated: hf, ds-universal")
     args = ap.parse_args()
+    targets = set(args.targets.split(","))
 
     ckpt = build_checkpoint(args.layers, args.width)
     tag = os.path.join(ckpt, "global_step1")
@@ -160,6 +168,20 @@ def main() -> int:
     }
     outputs = {"zero_to_fp32 (hf)": "z2f", "stalwart --to hf": "st_hf", "ds_to_universal": "ucp",
                "stalwart --to ds-universal": "st_ucp"}
+    rows = [r for r in (("hf", "zero_to_fp32 (hf)", "stalwart --to hf"),
+                        ("ds-universal", "ds_to_universal", "stalwart --to ds-universal")) if r[0] in targets]
+    tools = {k: v for k, v in tools.items() if any(k in r for r in rows)}
+    # the start-up alone, interleaved with the same repeats
+    tools["python -c 'import torch'"] = [PY, "-c", "import torch"]
+    tools["stalwart --help"] = [STALWART, "--help"]
+    tools["stalwart inspect"] = [STALWART, "inspect", ckpt, "--json"]
+    outputs.update({k: None for k in ("python -c 'import torch'", "stalwart --help", "stalwart inspect")})
+    if "hf" in targets:
+        shutil.rmtree(scratch, ignore_errors=True)
+        probe = subprocess.run([PY, "-c", "import sys; from stalwart.cli import main; rc = main(sys.argv[1:]);"
+                                " print('torch imported:', 'yes' if 'torch' in sys.modules else 'no'); sys.exit(rc)",
+                                "convert", ckpt, out("probe"), "--to", "hf", "-q"], capture_output=True, text=True, env=env)
+        print(f"stalwart convert --to hf: {probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else probe.stderr[-500:]}")
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in tools}
     for rep in range(args.repeats):
         for name, cmd in tools.items():
@@ -169,26 +191,37 @@ def main() -> int:
             os.sync()  # ... and no dirty pages of the previous tool being written back
             wall, peak = measure(cmd, env)
             results[name].append((wall, peak))
-            size = tree_bytes(out(outputs[name]))
+            size = tree_bytes(out(outputs[name])) if outputs[name] else 0
             print(f"  run {rep + 1}: {name:28s} {wall:7.2f} s  peak {peak / 2**20:8.0f} MiB  output {size / 1e9:.2f} GB", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
 
     med = {k: (statistics.median(w for w, _ in v), statistics.median(p for _, p in v)) for k, v in results.items()}
-    rows = [("hf", "zero_to_fp32 (hf)", "stalwart --to hf"), ("ds-universal", "ds_to_universal", "stalwart --to ds-universal")]
+
+    def spread(name: str) -> str:
+        walls = [w for w, _ in results[name]]
+        return f"{min(walls):.2f}-{max(walls):.2f}"
+
     print()
-    print(f"{'conversion':14s} {'tool':28s} {'wall s':>8s} {'peak MiB':>9s} {'speed-up':>9s} {'paired':>7s} {'mem ratio':>9s}")
+    print(f"{'conversion':14s} {'tool':28s} {'wall s':>8s} {'min-max':>13s} {'peak MiB':>9s} {'speed-up':>9s} {'paired':>7s}"
+          f" {'paired min-max':>15s} {'mem ratio':>9s}")
     summary = {}
     for target, base, ours in rows:
         bw, bp = med[base]
         ow, op = med[ours]
         # each repeat runs the baseline and stalwart back to back: the median of their
         # ratios is less sensitive to load that changes during the benchmark
-        paired = statistics.median(b[0] / o[0] for b, o in zip(results[base], results[ours]))
-        print(f"{target:14s} {base:28s} {bw:8.2f} {bp / 2**20:9.0f} {'':>9s} {'':>7s} {'':>9s}")
-        print(f"{'':14s} {ours:28s} {ow:8.2f} {op / 2**20:9.0f} {bw / ow:8.2f}x {paired:6.2f}x {op / bp:8.2f}x")
+        ratios = [b[0] / o[0] for b, o in zip(results[base], results[ours])]
+        paired = statistics.median(ratios)
+        print(f"{target:14s} {base:28s} {bw:8.2f} {spread(base):>13s} {bp / 2**20:9.0f}")
+        print(f"{'':14s} {ours:28s} {ow:8.2f} {spread(ours):>13s} {op / 2**20:9.0f} {bw / ow:8.2f}x {paired:6.2f}x"
+              f" {min(ratios):6.2f}-{max(ratios):.2f}x {op / bp:8.2f}x")
         summary[target] = {"baseline": base, "baseline_s": bw, "baseline_peak": bp, "stalwart_s": ow, "stalwart_peak": op,
                            "speedup": bw / ow, "speedup_paired": paired, "mem_ratio": op / bp,
                            "speed_target_met": min(bw / ow, paired) >= 3.0, "mem_target_met": op / bp <= 0.5}
+    print()
+    print("start-up alone (same repeats):")
+    for name in ("python -c 'import torch'", "stalwart --help", "stalwart inspect"):
+        print(f"  {name:28s} {med[name][0]:6.2f} s  ({spread(name)})  peak {med[name][1] / 2**20:6.0f} MiB")
     print()
     for target, s in summary.items():
         print(f"{target}: speed-up {s['speedup']:.2f}x of medians, {s['speedup_paired']:.2f}x median of paired runs"

@@ -18,8 +18,17 @@ receiver process. Each row reports, per sync (median of --reps):
   and zstd are single-threaded here). Measured on the unpaced runs only ("-"
   elsewhere: the deltas are the same).
 
+A third part tries it as a new user would (``--newuser``): a 0.1 M-parameter bf16
+transformer, one trainer and two rollout processes over ``DistTransport`` (gloo), one
+rollout loaded with the trainer's own initial weights and one with different ones. It
+reports the first sync's bytes per receiver against a full broadcast, and a change of
+1 % of the elements by +1.0 (values that do not compress) against the 3 bytes per
+change of 2-byte values plus 1-byte gaps.
+
     python bench/weight_sync.py                  # TCP, 64 M-param synthetic model + fine-tuning
     python bench/weight_sync.py --transport all  # also shm and torch.distributed (gloo)
+    python bench/weight_sync.py --newuser-only   # only the new-user run (about 20 s)
+    python bench/weight_sync.py --against ee3ba1d --reps 6   # encode+apply vs an earlier revision
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ if _ROOT not in sys.path:
 from stalwart.sync import (  # noqa: E402
     DistTransport,
     ShmTransport,
+    SyncStats,
     TcpTransport,
     WeightSyncReceiver,
     WeightSyncSender,
@@ -52,8 +62,9 @@ from stalwart.sync.adapters import Destination, ModelAdapter  # noqa: E402
 from stalwart.sync.baseline import Baseline  # noqa: E402
 from stalwart.sync.codec import Decoder, Encoder, words_np  # noqa: E402
 from stalwart.sync.names import NameMapper  # noqa: E402
+from stalwart.sync.sender import COMMIT_LOG_FRACTION  # noqa: E402
 from stalwart.sync.source import Source  # noqa: E402
-from stalwart.sync.stream import StreamResult, apply_bucket, encode_stream  # noqa: E402
+from stalwart.sync.stream import StreamResult, apply_bucket, encode_stream, plan_chunks  # noqa: E402
 from stalwart.sync.transports._stream import Pacer, send_all  # noqa: E402
 from stalwart.sync.transports.base import SendBuffer  # noqa: E402
 from stalwart.sync.wire import HEADER_SIZE, parse_header  # noqa: E402
@@ -94,12 +105,22 @@ class TinyLM(torch.nn.Module):
 
 
 def perturb(
-    tensors: dict[str, torch.Tensor], density: float, rng: np.random.Generator, random_bits: bool
+    tensors: dict[str, torch.Tensor],
+    density: float,
+    rng: np.random.Generator,
+    random_bits: bool,
+    plus: float = 0.0,
 ) -> None:
-    """Move ``density`` of all elements (bf16) by 1-2 ulp, or to random bits."""
+    """Move ``density`` of all elements (bf16) by 1-2 ulp, to random bits, or (``plus``) by that value."""
     for t in tensors.values():
         w = words_np(t)
         n = len(w)
+        if plus:
+            idx = np.flatnonzero(rng.random(n) < density)
+            ti = torch.from_numpy(idx)
+            flat = t.view(-1)
+            flat[ti] = flat[ti] + plus
+            continue
         if density >= 1.0:
             if random_bits:
                 w[:] = rng.integers(-32768, 32767, size=n, dtype=np.int16)
@@ -254,7 +275,10 @@ class Session:
     def full(self) -> float:
         """Wall time of a plain full-weight broadcast of the same (wire-dtype) weights."""
         src = self.sender.source  # the weights as sent (cast outside the timed part, favouring the baseline)
-        flat = [words_np(t.to(spec.dtype).contiguous()) for t, spec in zip(src.tensors, src.schema)]
+        order = [
+            src.schema.index[n] for n in self.tensors
+        ]  # the receiver's order (the sender lists small ones last)
+        flat = [words_np(src.tensors[i].to(src.schema[i].dtype).contiguous()) for i in order]
         self.conn.send(("full", self.kind))
         if self.kind == "tcp":
             c, _ = self.raw_sock.accept()
@@ -269,10 +293,8 @@ class Session:
                 dt = time.perf_counter() - t0
         elif self.kind == "dist":
             t0 = time.perf_counter()
-            for f, spec in zip(
-                flat, src.schema
-            ):  # same dtype as the receiver's tensors (gloo matches by type)
-                torch.distributed.broadcast(torch.from_numpy(f).view(spec.dtype), src=0)
+            for f, i in zip(flat, order):  # same dtype as the receiver's tensors (gloo matches by type)
+                torch.distributed.broadcast(torch.from_numpy(f).view(src.schema[i].dtype), src=0)
             torch.distributed.barrier()
             dt = time.perf_counter() - t0
         else:
@@ -330,6 +352,7 @@ class IsolatedCodec:
             self.recv[spec.name] = t
         self.dest = Destination(schema, ModelAdapter(self.recv), NameMapper())
         self.encoder = Encoder(chunk_words, compression=compression)
+        self.chunks = plan_chunks(schema, chunk_words)
         self.buf = SendBuffer(np.zeros(bucket_bytes, np.uint8))
         self.version = 0
 
@@ -346,8 +369,8 @@ class IsolatedCodec:
         res = StreamResult()
         frames = []
         it = encode_stream(
-            self.version, "delta", schema, self.source, self.baseline, self.encoder, self.cw, lambda: self.buf,
-            lambda b: None, res, None, schema.nbytes // 8,
+            self.version, "delta", schema, self.source, self.baseline, self.encoder, self.chunks, lambda: self.buf,
+            lambda b: None, res, None, int(COMMIT_LOG_FRACTION * schema.nbytes),
         )  # fmt: skip
         enc = 0.0
         while True:
@@ -362,11 +385,12 @@ class IsolatedCodec:
         enc += clock() - t
         t = clock()
         dec, touched = Decoder(), set()
+        self.dest.begin_digests()
         for f in frames:
             a = np.frombuffer(f, dtype=np.uint8)
             apply_bucket(parse_header(a[:HEADER_SIZE]), a[HEADER_SIZE:], self.dest, dec, "bucket", touched)
-        for i in range(len(schema)):
-            if self.dest.tensor_digest(i) != res.digests[i]:
+        for i, got in enumerate(self.dest.finish_digests()):
+            if got != res.digests[i]:
                 raise AssertionError(f"isolated codec: {schema[i].name} differs after apply")
         return enc, clock() - t
 
@@ -388,6 +412,7 @@ def row(
         "case": label,
         "changed": med([s.density for s in stats]),
         "wire": int(med([s.wire_bytes for s in stats])),
+        "per_change": med([s.wire_bytes / max(1, s.changed_elements) for s in stats]),
         "full": mb,
         "t_sync": med([s.total_s for s in stats]),
         "t_full": med(fulls),
@@ -403,6 +428,7 @@ def print_table(title: str, rows: list[dict], mb: int) -> None:
     print(f"\n## {title}  (model {mb / 1e6:.1f} MB as sent, medians)")
     hdr = (
         f"| {'case':<26} | {'changed':>8} | {'wire bytes':>12} | {'full bytes':>12} | {'bytes vs full':>13} "
+        f"| {'B/change':>8} "
         f"| {'sync s':>7} | {'full s':>7} | {'time vs full':>12} | {'encode GB/s':>11} | {'apply GB/s':>10} "
         f"| {'enc+apply GB/s':>14} |"
     )
@@ -419,6 +445,7 @@ def print_table(title: str, rows: list[dict], mb: int) -> None:
 
         print(
             f"| {r['case']:<26} | {100 * r['changed']:>7.2f}% | {r['wire']:>12,} | {r['full']:>12,} | {rs:>13} "
+            f"| {r['per_change']:>8.2f} "
             f"| {r['t_sync']:>7.3f} | {r['t_full']:>7.3f} | {ts:>12} | {g(r['enc'], 11)} | {g(r['app'], 10)} "
             f"| {g(r['both'], 14)} |"
         )
@@ -444,16 +471,17 @@ def synthetic(kind: str, args, rate: float | None) -> None:
     try:
         first = sess.sync()  # full sync: receiver starts with zeros
         rows.append(row("first sync (full)", sess, [first], [sess.full()], None))
-        cases = [(d, False) for d in (0.001, 0.01, 0.05, 0.2, 1.0)] + [(1.0, True)]
-        for density, rnd in cases:
+        cases = [(0.001, False, 0.0), (0.01, False, 0.0), (0.01, False, 1.0)]  # (+1.0 before the random bits)
+        cases += [(d, False, 0.0) for d in (0.05, 0.2, 1.0)] + [(1.0, True, 0.0)]
+        for density, rnd, plus in cases:
             stats, fulls, codec = [], [], []
             for _ in range(args.reps):
-                perturb(tensors, density, rng, rnd)
+                perturb(tensors, density, rng, rnd, plus)
                 if iso is not None:
                     codec.append(iso.measure())
                 stats.append(sess.sync())
                 fulls.append(sess.full())
-            label = f"{100 * density:g}% " + ("random bits" if rnd else "+-1-2 ulp")
+            label = f"{100 * density:g}% " + ("random bits" if rnd else f"+{plus:g}" if plus else "+-1-2 ulp")
             rows.append(row(label, sess, stats, fulls, codec))
             if args.verbose:
                 print(label, rows[-1]["enc_idx"], rows[-1]["enc_val"], flush=True)
@@ -506,6 +534,180 @@ def finetune(kind: str, args, rate: float | None) -> None:
     )  # fmt: skip
 
 
+# ---------------------------------------------------------------- as a new user tries it
+
+
+class NewUserLM(torch.nn.Module):
+    """About 0.1 M parameters: the model a new user tries the library with first."""
+
+    def __init__(self, vocab=128, d=64, layers=2) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        layer = torch.nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True)
+        self.body = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab)
+
+
+def newuser_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return NewUserLM().to(torch.bfloat16)
+
+
+def newuser_rollout(conn, port: int, rank: int, seed: int, syncs: int) -> None:
+    torch.set_num_threads(1)
+    store = torch.distributed.TCPStore("127.0.0.1", port, 3, False, timeout=datetime.timedelta(seconds=60))
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=3)
+    r = WeightSyncReceiver(
+        newuser_model(seed), DistTransport(src=0, timeout=120), receiver_id=f"rollout{rank}"
+    )
+    for _ in range(syncs):
+        st = r.receive()
+        conn.send((st.version, st.mode, st.bytes_received))
+    r.close()
+    torch.distributed.destroy_process_group()
+
+
+def newuser(args) -> None:
+    """Trainer (this process, rank 0) and two rollout processes over DistTransport (gloo)."""
+    syncs = 1 + args.reps
+    store = torch.distributed.TCPStore(
+        "127.0.0.1", 0, 3, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False
+    )
+    conns, procs = [], []
+    for rank, seed in ((1, 0), (2, 1)):  # rank 1: the trainer's own initial weights; rank 2: others
+        a, b = CTX.Pipe()
+        p = CTX.Process(target=newuser_rollout, args=(b, store.port, rank, seed, syncs), daemon=True)
+        p.start()
+        conns.append(a)
+        procs.append(p)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=3)
+    model = newuser_model(0)
+    nparams = sum(p.numel() for p in model.parameters())
+    sender = WeightSyncSender(model, DistTransport(src=0, timeout=120))
+    g = torch.Generator().manual_seed(7)
+    stats: list[SyncStats] = []
+    got: list[list] = []
+    try:
+        for v in range(1, syncs + 1):
+            if v > 1:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p[torch.rand(p.shape, generator=g) < 0.01] += 1.0
+            stats.append(sender.sync())
+            got.append([c.recv() for c in conns])
+    finally:
+        sender.close()
+        for p in procs:
+            p.join(60)
+        torch.distributed.destroy_process_group()
+    mb = stats[0].model_bytes
+    print(
+        f"\n## as a new user tries it: {nparams / 1e6:.2f} M-param bf16 transformer ({mb:,} bytes),"
+        f" trainer + 2 rollouts over DistTransport (gloo)"
+    )
+    print(
+        "| sync | receiver | bytes | full broadcast bytes | vs full | 3 B/change (2-byte value + 1-byte gap) | vs that |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for (_, mode, nb), who in zip(got[0], ("same initial weights", "other initial weights")):
+        print(f"| first ({mode}) | {who} | {nb:,} | {mb:,} | {nb / mb:.4f}x | - | - |")
+    first = stats[0]
+    print(
+        f"| first (total) | both | {first.wire_bytes:,} | {first.broadcast_bytes:,} |"
+        f" {first.wire_bytes / first.broadcast_bytes:.4f}x | - | - |"
+    )
+    per = [nb for row in got[1:] for (_, _, nb) in row]
+    changed = [s.changed_elements for s in stats[1:]]
+    b, c = med(per), med(changed)
+    print(
+        f"| 1 % +1.0 (median of {len(changed)}) | each | {int(b):,} | {mb:,} | {mb / b:.1f}x fewer | {3 * int(c):,}"
+        f" ({int(c):,} changed) | {b / (3 * c):.3f}x |"
+    )
+
+
+# ---------------------------------------------------------------- against an earlier version of the code
+
+# Runs in a fresh interpreter with one source tree first on sys.path, so the tree's own
+# bench/weight_sync.py (IsolatedCodec, models, perturbations) and stalwart are the ones
+# measured. Prints one JSON line: model bytes and per-sync (encode, apply) CPU seconds.
+_CODEC_DRIVER = r"""
+import json, sys
+root, case, reps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path[:0] = [root, root + "/bench"]
+import numpy as np, torch
+torch.set_num_threads(1)
+import weight_sync as ws
+out = []
+if case == "real":
+    torch.manual_seed(0)
+    model = ws.TinyLM(d=384, layers=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
+    params = dict(model.named_parameters())
+    iso = ws.IsolatedCodec(params, torch.bfloat16, "auto", 16 << 20)
+    data = torch.randint(0, 8192, (64, 4, 65), generator=torch.Generator().manual_seed(1))
+    mb = sum(p.numel() * 2 for p in params.values())
+    for i in range(reps + 1):
+        tok = data[i % 64]
+        loss = torch.nn.functional.cross_entropy(model(tok[:, :-1]).reshape(-1, 8192), tok[:, 1:].reshape(-1))
+        loss.backward(); opt.step(); opt.zero_grad()
+        out.append(iso.measure())
+else:
+    tensors = ws.make_tensors(ws.synthetic_spec(5, 1024), torch.bfloat16, 0)
+    iso = ws.IsolatedCodec(tensors, None, "auto", 16 << 20)
+    rng = np.random.default_rng(0)
+    mb = sum(t.numel() * 2 for t in tensors.values())
+    for i in range(reps + 1):
+        ws.perturb(tensors, 1.0 if case == "random" else float(case), rng, case == "random")
+        out.append(iso.measure())
+print(json.dumps({"model_bytes": mb, "syncs": out[1:]}))
+"""
+
+
+_AGAINST_LABELS = {"random": "100% random bits (64M-param bf16)", "real": "real AdamW lr 1e-6, fp32->bf16"}
+
+
+def against(rev: str, rounds: int, reps: int, which: list[str]) -> None:
+    """Encode + apply throughput of this tree and of git revision ``rev``, alternating runs."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="stalwart-against-") as old:
+        arch = subprocess.run(["git", "-C", _ROOT, "archive", rev, "stalwart", "bench"], capture_output=True)
+        if arch.returncode:
+            raise SystemExit(f"cannot read revision {rev!r}: {arch.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", old], input=arch.stdout, check=True)
+        cases = [
+            (c, _AGAINST_LABELS.get(c) or f"{100 * float(c):g}% +-1-2 ulp (64M-param bf16)") for c in which
+        ]
+        got: dict = {}
+        for _ in range(rounds):
+            for case, _label in cases:
+                for who, root in (("before", old), ("now", _ROOT)):
+                    r = subprocess.run(
+                        [sys.executable, "-c", _CODEC_DRIVER, root, case, str(reps)],
+                        capture_output=True,
+                        text=True,
+                    )
+                    if r.returncode:
+                        raise SystemExit(f"{who} ({root}) failed on {case}:\n{r.stderr[-2000:]}")
+                    res = json.loads(r.stdout.strip().splitlines()[-1])
+                    mb = res["model_bytes"]
+                    got.setdefault((case, who), []).extend(mb / (e + a) / GB for e, a in res["syncs"])
+    print(
+        f"\n## encode + apply GB/s per core, this tree against {rev} (alternating runs, {rounds} x {reps} syncs each)"
+    )
+    print("| case | before median (min-max) | now median (min-max) | now / before |")
+    print("|---|---|---|---|")
+    for case, label in cases:
+        b, n = got[(case, "before")], got[(case, "now")]
+        print(
+            f"| {label} | {med(b):.2f} ({min(b):.2f}-{max(b):.2f}) | {med(n):.2f} ({min(n):.2f}-{max(n):.2f})"
+            f" | {med(n) / med(b):.2f}x |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--transport", default="tcp", choices=["tcp", "shm", "dist", "all"])
@@ -525,6 +727,17 @@ def main() -> None:
         " full broadcast (0 = loopback, unpaced)",
     )  # fmt: skip
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--newuser-only", action="store_true", help="only the new-user DistTransport run")
+    ap.add_argument(
+        "--against", metavar="REV", help="only compare encode + apply throughput with git revision REV"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="--against: alternating rounds")
+    ap.add_argument(
+        "--cases",
+        default="0.01,0.05,real",
+        help="--against: densities, 'real' (fine-tuning), 'random' (random bits)",
+    )
+    ap.add_argument("--skip-newuser", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     kinds = ["tcp", "shm", "dist"] if args.transport == "all" else [args.transport]
@@ -534,6 +747,15 @@ def main() -> None:
         f"# weight sync benchmark: {', '.join(kinds)}; torch {torch.__version__}, {os.cpu_count()} CPUs,"
         f" 1 thread per process; load average at start {load}"
     )
+    if args.against:
+        against(args.against, args.rounds, args.reps, args.cases.split(","))
+        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+        return
+    if not args.skip_newuser:
+        newuser(args)
+    if args.newuser_only:
+        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+        return
     for kind in kinds:
         rates = [float(g) * 1e9 / 8 or None for g in args.link_gbps.split(",")] if kind == "tcp" else [None]
         for rate in rates:

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # ``stalwart.protect`` without importing the checkpoint engine for format-only users.
-    if name in ("protect", "init_distributed", "Guard"):
+    if name in ("protect", "init_distributed", "Guard", "Timeouts"):
         import stalwart.ckpt as _ckpt
 
         return getattr(_ckpt, name)

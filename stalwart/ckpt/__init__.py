@@ -6,11 +6,11 @@ users, :class:`StorageWriter` / :class:`StorageReader` (see ``dcp_storage``).
 """
 
 from stalwart.ckpt.dist import init_distributed
-from stalwart.ckpt.guard import Guard, GuardStats, Latest, Preempted, protect
+from stalwart.ckpt.guard import Guard, GuardStats, Latest, Preempted, Timeouts, protect
 from stalwart.ckpt.providers.base import StateProvider
 from stalwart.ckpt.providers.data import ResumableLoader
 
-__all__ = ["Guard", "GuardStats", "Latest", "Preempted", "ResumableLoader", "StateProvider", "init_distributed", "protect"]
+__all__ = ["Guard", "GuardStats", "Latest", "Preempted", "ResumableLoader", "StateProvider", "Timeouts", "init_distributed", "protect"]
 
 
 def __getattr__(name: str):

@@ -28,6 +28,10 @@ class Placement:
     node_rank: int
     num_nodes: int
     restart_count: int
+    keeper_slot: int = -1  # this node's position in the job's keeper group (stable across re-forms)
+    keeper_slots: int = 0  # positions in the keeper group (the launcher's maximum node count)
+    active_slots: tuple[int, ...] = ()  # the keeper slots serving trainers in this run, in node order
+    node_id: str | None = None  # the launcher's stable identity of this node (its keeper's memory)
 
     @property
     def local_ranks(self) -> list[int]:
@@ -59,17 +63,50 @@ def where_am_i() -> Placement:
     local_rank = rank % local_world
     node = _env_int("STALWART_NODE_RANK", default=rank // local_world)
     nodes = _env_int("STALWART_NUM_NODES", default=max(1, world // local_world))
-    return Placement(rank, world, local_rank, local_world, node, nodes, _env_int("TORCHELASTIC_RESTART_COUNT", default=0))
+    slot = _env_int("STALWART_KEEPER_SLOT", default=node)
+    slots = _env_int("STALWART_KEEPER_SLOTS", default=nodes)
+    active = os.environ.get("STALWART_ACTIVE_SLOTS")
+    active_slots = tuple(int(x) for x in active.split(",")) if active else tuple(range(nodes))
+    return Placement(rank, world, local_rank, local_world, node, nodes, restart_count(), slot, slots, active_slots,
+                     os.environ.get("STALWART_NODE_ID") or None)
+
+
+def restart_count() -> int:
+    """A number every worker of one (re)start of the job agrees on.
+
+    torchrun's ``TORCHELASTIC_RESTART_COUNT`` is counted per agent: after a membership
+    change the agents' workers disagree on it (and gloo then times out on stale keys).
+    Under stalwart's rendezvous the round number, the same for every node, is used."""
+    return _env_int("STALWART_RDZV_ROUND", "TORCHELASTIC_RESTART_COUNT", default=0)
+
+
+_JOB_STORE: dist.Store | None = None
 
 
 def agent_store(timeout_s: float = 60.0) -> dist.Store:
-    """A client of the launcher's TCPStore (MASTER_ADDR / MASTER_PORT)."""
+    """The job's TCPStore at MASTER_ADDR / MASTER_PORT.
+
+    torchrun's agent hosts it when it shares its rendezvous store with the workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``); otherwise worker rank 0 does, and the store
+    :func:`init_distributed` created is reused for stalwart's side groups.
+    """
+    if _JOB_STORE is not None:
+        return _JOB_STORE
     return dist.TCPStore(
         os.environ.get("MASTER_ADDR", "127.0.0.1"),
         int(os.environ["MASTER_PORT"]),
         is_master=False,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def _job_store(rank: int, world: int, timeout_s: float) -> dist.Store:
+    global _JOB_STORE
+    if _JOB_STORE is None:
+        host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true" and rank == 0
+        _JOB_STORE = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]), world,
+                                   is_master=host, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    return _JOB_STORE
 
 
 def init_distributed(backend: str = "gloo", timeout_s: float = 300.0) -> None:
@@ -82,8 +119,7 @@ def init_distributed(backend: str = "gloo", timeout_s: float = 300.0) -> None:
         return
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"attempt{restart}", agent_store(timeout_s))
+    store = dist.PrefixStore(f"attempt{restart_count()}", _job_store(rank, world, timeout_s))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
@@ -97,8 +133,7 @@ def side_group(name: str, timeout_s: float = 300.0):
         return None
     if "MASTER_PORT" not in os.environ:
         return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"stalwart/{name}/attempt{restart}", agent_store(timeout_s))
+    store = dist.PrefixStore(f"stalwart/{name}/attempt{restart_count()}", agent_store(timeout_s))
     backend_cls = dist.ProcessGroupGloo
     opts = backend_cls._Options() if hasattr(backend_cls, "_Options") else None
     rank, world = dist.get_rank(), dist.get_world_size()

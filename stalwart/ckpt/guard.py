@@ -21,6 +21,7 @@ SIGTERM (preemption) a final checkpoint is written within ``preempt_deadline_s``
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -39,11 +40,18 @@ from stalwart.ckpt.keeper_client import KeeperClient
 from stalwart.ckpt.protocol import KeeperGone
 from stalwart.ckpt.providers.base import Collected, RestoreContext, StateProvider
 from stalwart.ckpt.providers.data import DataProvider, ResumableLoader, data_targets
-from stalwart.ckpt.providers.module import ModuleProvider, is_deepspeed_engine, mesh_from_model, unwrap
+from stalwart.ckpt.providers.module import (
+    ModuleProvider,
+    fix_ddp_buckets,
+    is_deepspeed_engine,
+    mesh_from_model,
+    unwrap,
+)
 from stalwart.ckpt.providers.objects import StatefulProvider
 from stalwart.ckpt.providers.optimizer import OptimizerProvider
 from stalwart.ckpt.providers.rng import RNGProvider
 from stalwart.ckpt.redundancy import ECConfig, check_topology, missing_reads
+from stalwart.ckpt.redundancy.peer import SOURCES_FILE
 from stalwart.ckpt.snapshot import Copier, SnapshotPlan, build_plan, map_slot_file
 from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tiers
 from stalwart.errors import StalwartError
@@ -71,10 +79,45 @@ class GuardStats:
     pool_bytes: int = 0
     restored_step: int | None = None
     restored_from: str | None = None
+    restore_sources: dict = field(default_factory=dict)  # bytes this rank restored, by source (see _byte_sources)
     fallbacks: list[str] = field(default_factory=list)
     parity_bytes: int = 0  # erasure-coding parity this node's keeper holds (redundancy=)
     parity_overhead: float | None = None  # m / k
     redundancy: dict = field(default_factory=dict)  # the keeper's last erasure-coding status
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long stalwart waits for each thing that can stall; every wait is bounded.
+
+    A wait that can no longer succeed (a rank moved on without its copy, left, or died)
+    ends at once with a message naming the step and the rank; these bounds only cover
+    work that is still progressing slowly.
+    """
+
+    slot_s: float = 120.0  # a final / save_now snapshot waits for a free slot and for the other local ranks' copies
+    persist_s: float = 300.0  # exit, save_now() and wait() wait for the step to reach every tier
+    commit_s: float = 120.0  # (multi-node) a memory commit waits for the other nodes' keepers
+    restore_s: float = 300.0  # restore: agreeing with the other ranks, reading other nodes' memory
+    keeper_reply_s: float = 60.0  # a keeper request may take this long beyond its own wait, then the keeper is gone
+
+    @classmethod
+    def coerce(cls, value) -> Timeouts:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise StalwartError(f"timeouts: unknown keys {sorted(unknown)} (known: {sorted(cls.__dataclass_fields__)})")
+            t = cls(**{k: float(v) for k, v in value.items()})
+        else:
+            raise StalwartError(f"timeouts must be a Timeouts or a dict, not {type(value).__name__}")
+        bad = [k for k, v in t.__dict__.items() if not v > 0]
+        if bad:
+            raise StalwartError(f"timeouts must be positive seconds: {bad}")
+        return t
 
 
 @dataclass(frozen=True)
@@ -105,9 +148,13 @@ class Guard:
         providers: list[StateProvider] | None = None,
         redundancy=None,
         max_parity_memory: int | None = None,
+        timeouts: Timeouts | Mapping | None = None,
+        fixed_ddp_buckets: bool = False,
     ) -> None:
         if every < 1:
             raise StalwartError("every must be >= 1")
+        self.timeouts = Timeouts.coerce(timeouts)
+        self.fixed_ddp_buckets = fixed_ddp_buckets
         self.redundancy: ECConfig | None = ECConfig.coerce(redundancy, max_parity_memory)
         self.model = model
         self.optimizer = optimizer
@@ -123,10 +170,12 @@ class Guard:
         self.where = where_am_i()
         self.rank = self.where.rank
         if self.redundancy is not None:
-            check_topology(self.redundancy.k, self.redundancy.m, self.where.num_nodes)
+            check_topology(self.redundancy.k, self.redundancy.m, self.where.keeper_slots)
             if not os.environ.get("STALWART_KEEPER_GROUP"):
                 raise StalwartError("redundancy= needs the keepers' store address: set STALWART_KEEPER_GROUP=host:port")
-        self._session: str | None = None  # this run's id, agreed at restore (multi-node commit keys)
+        self._session: str | None = None  # this run's id, agreed on entry (keeper decisions, multi-node keys)
+        self._refusal: str | None = None  # why the last snapshot request was not given a slot
+        self._last_sources: dict[str, int] = {}
         self.providers: list[StateProvider] = list(providers) if providers is not None else self._default_providers(
             model, optimizer, scheduler, extra
         )
@@ -140,12 +189,14 @@ class Guard:
         self._views: dict[int, tuple] = {}  # slot -> (image, mapping, entry views, checksum tables)
         self.slot_dirs: list[str] = []
         self.client = KeeperClient(
-            self.root, self.tier_specs, rank=self.rank, local_ranks=self.where.local_ranks, node=self.where.node_rank,
-            nodes=self.where.num_nodes, slots=slots, linger_s=keeper_linger_s,
+            self.root, self.tier_specs, rank=self.rank, local_ranks=self.where.local_ranks, node=self.where.keeper_slot,
+            nodes=self.where.keeper_slots, slots=slots, linger_s=keeper_linger_s,
             group_addr=os.environ.get("STALWART_KEEPER_GROUP"), ec=self.redundancy,
+            reply_timeout_s=self.timeouts.keeper_reply_s, commit_timeout_s=self.timeouts.commit_s,
         )
         self._loader: ResumableLoader | None = None
         self._pending_data: Mapping | None = None
+        self._restored: tuple | None = None  # the restored step's tensors and context
         self._hook_handles: list = []
         self._preempted = threading.Event()
         self._preempt_done = False
@@ -191,12 +242,17 @@ class Guard:
         if self.rank == 0:
             log.info("stalwart: keeper pid %s for %s (tiers: %s)", status.get("pid"), self.root,
                      ", ".join(t.url for t in self.tier_specs))
+        if self.fixed_ddp_buckets and not fix_ddp_buckets(self.model):
+            warnings.warn("stalwart: fixed_ddp_buckets: the model is not DDP or already trained (its buckets were"
+                          " rebuilt); the bucket layout is left as it is", stacklevel=3)
         self._install_wait_hook()
         self._install_sigterm()
         self._entered = True
         try:
             if self.resume_on_enter:
                 self.restore(status)
+            else:
+                self._start_session()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -324,7 +380,7 @@ class Guard:
         reply = self._call(
             "plan", rank=self.rank, file_size=plan.file_size, sig=plan.layout_signature,
             layout=plan.layout.to_json(), topology={"framework": type(unwrap(self.model)).__name__},
-            session=self._session,
+            session=self._session, active=list(self.where.active_slots),
         )
         self.maps = []
         self._views.clear()
@@ -359,15 +415,28 @@ class Guard:
         return cached[2], cached[3]
 
     def _snapshot(self, step: int, must: bool = False) -> bool:
-        """Snapshot ``step``; with ``must`` (final / save_now) wait for a slot instead of skipping."""
+        """Snapshot ``step`` as the node's keeper decided for every local rank.
+
+        A loop snapshot may be skipped (back-pressure); a *must* snapshot (final, save_now,
+        preemption) joins or opens an attempt every rank fills, or finds one complete.
+        Returns whether this rank's state of ``step`` is (being) captured; when not,
+        ``self._refusal`` says why.
+        """
         collected = self._collect()
         plan = self._ensure_plan(collected)
-        reply = self._call("acquire", rank=self.rank, step=step, must=must, timeout=600 if must else 60)
+        wait_s = self.timeouts.slot_s if must else min(30.0, self.timeouts.slot_s)
+        reply = self._call("acquire", rank=self.rank, step=step, must=must, session=self._session, timeout=wait_s)
+        if reply.get("complete"):
+            self.last_snapshot_step = step
+            return True
         index = reply.get("slot")
         if index is None:
-            self.stats.skipped += 1
-            log.debug("snapshot of step %s skipped: %s", step, reply.get("reason"))
+            self._refusal = reply.get("reason") or "no slot"
+            if not must:
+                self.stats.skipped += 1
+            log.debug("snapshot of step %s not taken: %s", step, self._refusal)
             return False
+        attempt = int(reply.get("attempt", 0))
         mapping = self.maps[index]
         image = plan.image
         dst, tables = self._slot_views(index, image, mapping)
@@ -380,7 +449,10 @@ class Guard:
             mapping[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
             record = image.record(rank_file_name(self.rank), header)
             try:
-                self.client.call_background("done", rank=self.rank, step=step, slot=index, record=record.to_json(), objects=objects)
+                reply = self.client.call_background("done", rank=self.rank, step=step, slot=index, attempt=attempt,
+                                                    record=record.to_json(), objects=objects)
+                if reply.get("stale"):
+                    log.info("stalwart: snapshot of step %s not kept: %s", step, reply.get("reason"))
             except KeeperGone as e:  # the snapshot is lost with the keeper; the next step reconnects
                 log.warning("stalwart: snapshot of step %s lost: %s", step, e)
                 self._keeper_lost = True
@@ -403,36 +475,76 @@ class Guard:
             self._snapshot(self.step_count)
         self.stats.step_call_s += time.perf_counter() - t0
 
+    def _capture(self, step: int) -> str | None:
+        """Make sure every rank's state of ``step`` is captured in memory (a must snapshot);
+        returns None, or why it could not be."""
+        self.copier.wait()
+        if not self._snapshot(step, must=True):
+            return self._refusal
+        self.copier.wait()
+        return None
+
+    def _durable(self, step: int, timeout: float) -> str | None:
+        """Wait until ``step`` is on every tier; returns None, or why it is not."""
+        reply = self._call("wait", step=step, force=True, timeout=timeout)
+        if reply.get("done"):
+            failed = reply.get("failed") or {}
+            return "; ".join(f"{tier}: {err}" for tier, err in failed.items()) or None
+        if reply.get("error"):
+            return reply["error"]
+        return f"not on {', '.join(reply.get('pending') or ['every tier'])} after {timeout:.0f}s"
+
+    def _fall_back(self, step: int, why: str, timeout: float) -> str:
+        """``step`` cannot be made durable: persist the newest complete snapshot instead; the warning."""
+        newest = None
+        with contextlib.suppress(StalwartError):
+            newest = self._call("flush").get("step")
+            if newest is not None and self._durable(newest, timeout) is not None:
+                newest = None
+        msg = f"stalwart: rank {self.rank}: step {step} is not durable ({why}); "
+        msg += f"the newest durable step is {newest}" if newest is not None else "no newer step could be persisted"
+        self.stats.fallbacks.append(msg)
+        return msg
+
     def _final_on_preemption(self) -> None:
         deadline = time.monotonic() + self.preempt_deadline_s
-        self.copier.wait()
-        if self.last_snapshot_step != self.step_count and self._snapshot(self.step_count, must=True):
-            self.copier.wait()
-        if self.last_snapshot_step is not None:
-            self._call("wait", step=self.last_snapshot_step, force=True, timeout=max(1.0, deadline - time.monotonic()))
+        why = self._capture(self.step_count)
+        step = self.step_count if why is None else self.last_snapshot_step
+        if step is not None and self.client.plugin:
+            # the launcher's agent stops its workers to re-form the job (or is itself stopping): the
+            # node's keeper lives as long as the agent and persists the step in the background
+            with contextlib.suppress(StalwartError):
+                self._call("wait", step=step, force=True, timeout=0.0)
+        elif step is not None:
+            why = why or self._durable(step, timeout=max(1.0, deadline - time.monotonic()))
+            if why:
+                log.error("%s", self._fall_back(step, why, timeout=max(1.0, deadline - time.monotonic())))
         self._preempt_done = True
-        log.warning("stalwart: final checkpoint of step %s written after SIGTERM", self.last_snapshot_step)
+        log.warning("stalwart: final checkpoint of step %s written after SIGTERM", step)
         raise Preempted()
 
-    def save_now(self, timeout: float = 3600.0) -> int:
-        """Snapshot the current state now and wait until every tier holds it; returns the step."""
-        self.copier.wait()
-        if self.last_snapshot_step != self.step_count and not self._snapshot(self.step_count, must=True):
-            raise StalwartError("no snapshot slot became free in time (all are being persisted)")
-        self.copier.wait()
-        reply = self._call("wait", step=self.step_count, force=True, timeout=timeout)
-        if reply.get("failed"):
-            raise StalwartError(f"step {self.step_count} could not be persisted: {reply['failed']}")
-        return self.step_count
+    def save_now(self, timeout: float | None = None) -> int:
+        """Snapshot the current state now and wait until every tier holds it; returns the step.
 
-    def wait(self, timeout: float = 3600.0) -> None:
+        Every rank must call it at the same step. Raises :class:`StalwartError` naming the
+        step and the cause when it cannot be made durable (the newest complete snapshot is
+        then persisted instead)."""
+        timeout = self.timeouts.persist_s if timeout is None else timeout
+        step = self.step_count
+        why = self._capture(step) or self._durable(step, timeout)
+        if why:
+            raise StalwartError(self._fall_back(step, why, timeout))
+        return step
+
+    def wait(self, timeout: float | None = None) -> None:
         """Wait until the newest snapshot is copied and persisted to every tier it qualifies for."""
         self.copier.wait()
         if self.last_snapshot_step is None:
             return
         names = [t.name for t in self.tiers if t.qualifies(self.last_snapshot_step)]
         if names:
-            self._call("wait", step=self.last_snapshot_step, tiers=names, timeout=timeout)
+            self._call("wait", step=self.last_snapshot_step, tiers=names,
+                       timeout=self.timeouts.persist_s if timeout is None else timeout)
 
     def redundancy_status(self) -> dict | None:
         """The node keeper's erasure-coding status (``None`` without ``redundancy=``): generation,
@@ -453,6 +565,8 @@ class Guard:
         ec = self._note_redundancy(status)
         if not ec or self.redundancy is None:
             return status
+        if not status.get("memory") and not any(status.get("tiers", {}).values()) and not status.get("peers_hold"):
+            return status  # the job's first start: nothing anywhere to rebuild or restore
         deadline = time.monotonic() + self.redundancy.rebuild_wait_s
         while not ec.get("settled") and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -485,13 +599,25 @@ class Guard:
         return Latest(step, tuple(holders[step]))
 
     # ------------------------------------------------------------------ data
-    def resume(self, loader: Iterable, *, epochs: int | None = None, skip: str = "sampler") -> ResumableLoader:
-        """Wrap ``loader`` so iteration continues where the restored checkpoint left off.
+    def resume(self, loader: Iterable, *, epochs: int | None = None, skip: str = "sampler"):
+        """Continue iterating ``loader`` where the restored checkpoint left off.
 
-        The first call restores the data position (skipping batches already seen, see
-        :class:`ResumableLoader` for ``skip``); with ``epochs``, iteration runs from the
-        restored epoch up to ``epochs``.
+        An object with a ``stalwart_provider(placement)`` method (an
+        :class:`stalwart.elastic.ElasticLoader`) is bound to this job's data-parallel
+        position, given its saved position, and returned: it keeps the global batch, the
+        sample order and per-sample randomness at any world size. Any other iterable (a
+        ``DataLoader``) is wrapped in a :class:`ResumableLoader`, which skips the batches
+        already seen (see ``skip``); with ``epochs``, iteration runs from the restored epoch
+        up to ``epochs``.
         """
+        make = getattr(loader, "stalwart_provider", None)
+        if callable(make):
+            if all(getattr(p, "source", None) is not loader for p in self.providers):
+                provider = make(self.where)
+                self.providers.append(provider)
+                if self._restored is not None:
+                    provider.restore(*self._restored)
+            return loader
         if self._loader is not None and self._loader.loader is loader:
             self._loader.epochs = epochs if epochs is not None else self._loader.epochs
             return self._loader
@@ -520,14 +646,23 @@ class Guard:
                 warnings.warn(f"stalwart: cannot list tier {tier.name}: {e}", stacklevel=2)
         return sorted(set(out), key=lambda c: (-c[0], c[1]))
 
+    def _start_session(self) -> None:
+        """Agree on this run's id with the other ranks (the keeper's decisions are per run)."""
+        group = side_group("session", timeout_s=self.timeouts.restore_s)
+        try:
+            self._session = _agree_on_session(group)
+        finally:
+            _destroy(group)
+
     def restore(self, status: dict | None = None) -> int | None:
         """Restore the newest good checkpoint; returns its step (None: nothing to restore)."""
         status = self._await_redundancy(status if status is not None else self._call("status"))
-        group = side_group("restore")
+        group = side_group("restore", timeout_s=self.timeouts.restore_s)
         try:
             candidates = _agree_on_candidates(self._candidates(status), group)
             self._session = _agree_on_session(group)
             memory_dirs = {m["step"]: m["dir"] for m in status.get("memory", [])}
+            incompatible: str | None = None
             for step, order, name in candidates:
                 ok, reason, loaded = self._try_candidate(step, order, name, memory_dirs)
                 all_ok = _all_true(ok, group)
@@ -539,29 +674,38 @@ class Guard:
                     self.step_count = step
                     self.last_snapshot_step = step
                     self.stats.restored_step, self.stats.restored_from = step, name
-                    if self.rank == 0:
-                        log.warning("stalwart: restored step %s from %s", step, name)
+                    self.stats.restore_sources = dict(self._last_sources)
+                    where = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(self.stats.restore_sources.items()))
+                    log.warning("stalwart: rank %s restored step %s from %s (%s)", self.rank, step, name, where or "no bytes")
                     return step
                 why = reason if not ok else "failed on another rank"
+                if not ok and reason.startswith("LayoutError") and incompatible is None:
+                    incompatible = f"step {step} in {name}: {reason[len('LayoutError: '):]}"
                 msg = f"stalwart: step {step} in {name} cannot be restored ({why}); falling back"
                 self.stats.fallbacks.append(msg)
                 if self.rank == 0 or not ok:
                     warnings.warn(msg, stacklevel=2)
                     log.warning(msg)
+            # checkpoints exist but hold another model: starting over silently would discard them
+            if candidates and not _all_true(incompatible is None, group):
+                raise StalwartError(
+                    f"the checkpoints under {self.root} do not fit this model ({incompatible or 'on another rank'});"
+                    " use another root=, or resume=False to start over") from None
             return None
         finally:
-            if group is not None:
-                import torch.distributed as dist
-
-                with contextlib.suppress(Exception):
-                    dist.destroy_process_group(group)
+            _destroy(group)
 
     def _try_candidate(self, step: int, order: int, name: str, memory_dirs: dict):
-        path = None
+        path, views = None, []
         try:
             if order == 0 and step not in memory_dirs:
-                raise StalwartError(f"step {step} is not in node {self.where.node_rank}'s memory")
-            path = memory_dirs[step] if order == 0 else self.tiers[order - 1].fetch(step)
+                if not self._has_peers():
+                    raise StalwartError(f"step {step} is not in node {self.where.node_rank}'s memory")
+                # this node holds none of it (it joined later, or its memory is gone): all from the peers
+                path = self._peer_view(step, {})
+                views.append(path)
+            else:
+                path = memory_dirs[step] if order == 0 else self.tiers[order - 1].fetch(step)
             with Checkpoint(path) as ckpt:
                 if ckpt.step != step:
                     raise StalwartError(f"{path} holds step {ckpt.step}, not {step}")
@@ -571,38 +715,52 @@ class Guard:
                 if self._loader is None:
                     targets.append(data_targets(ctx))  # kept until resume(loader) attaches one
                 specs, groups = [], {}
-                locals_: dict[str, torch.Tensor] = {}
                 for t in targets:
                     groups.update(t.groups)
-                    for item in t.items:
-                        specs.append(item.spec)
-                        locals_[item.spec.name] = item.tensor
+                    specs.extend(item.spec for item in t.items)
                 target = Layout(self.mesh, specs, groups)
                 plan = ckpt.plan(target, self.rank)
                 remote = missing_reads(ckpt, plan) if order == 0 else {}
                 # Memory slots are overwritten by later snapshots: never alias them.
                 tensors = None if remote else ckpt.execute(plan, mmap=order != 0)
+            sources = {}
             if remote:  # other nodes' files: their keepers' memory, through this node's keeper
-                view = self._call("peer_view", step=step, reads={str(r): v for r, v in remote.items()}, rank=self.rank)["dir"]
-                try:
-                    with Checkpoint(view) as ckpt:
-                        tensors = ckpt.execute(plan)
-                finally:
-                    with contextlib.suppress(StalwartError):
-                        self._call("release_view", dir=view)
-            return True, None, (tensors, ctx, path)
+                view = self._peer_view(step, remote)
+                views.append(view)
+                with Checkpoint(view) as ckpt:
+                    tensors = ckpt.execute(plan)
+                with contextlib.suppress(OSError, ValueError), open(os.path.join(view, SOURCES_FILE)) as f:
+                    sources = json.load(f)
+            self._last_sources = _byte_sources(plan, name if order else None, sources, self.where.keeper_slot)
+            return True, None, (tensors, ctx, path if not views else None)
         except (StalwartError, OSError, ValueError, KeyError) as e:
             if order and path is not None:
                 self.tiers[order - 1].release(path)
             return False, f"{type(e).__name__}: {e}", None
+        finally:
+            for view in views:
+                with contextlib.suppress(StalwartError):
+                    self._call("release_view", dir=view)
+
+    def _has_peers(self) -> bool:
+        return self.where.keeper_slots > 1 and bool(os.environ.get("STALWART_KEEPER_GROUP"))
+
+    def _peer_view(self, step: int, reads: dict) -> str:
+        return self._call("peer_view", step=step, reads={str(r): v for r, v in reads.items()}, rank=self.rank,
+                          timeout=self.timeouts.restore_s)["dir"]
 
     def _apply(self, tensors: dict[str, torch.Tensor], ctx: RestoreContext) -> None:
+        used: set[str] = set()
         for p in self.providers:
             if isinstance(p, DataProvider):
                 continue
             names = {i.spec.name for i in p.targets(ctx).items}
+            used |= names
             p.restore({n: t for n, t in tensors.items() if n in names}, ctx)
-        self._pending_data = (tensors, ctx)
+        # for providers attached later (guard.resume of an elastic loader): the context and what
+        # nobody took (never the model's or optimizer's tensors, which would double their memory)
+        self._restored = ({n: t for n, t in tensors.items() if n not in used}, ctx)
+        self._pending_data = ({n: t for n, t in tensors.items() if n == DataProvider.tensor_name}, ctx)
         if self._loader is not None:
             for p in self.providers:
                 if isinstance(p, DataProvider):
@@ -619,16 +777,12 @@ class Guard:
             with contextlib.suppress(Exception):
                 self.copier.wait()
             if exc_type is None:
-                if self.final_checkpoint and self.plan is not None and self.last_snapshot_step != self.step_count:
-                    self._snapshot(self.step_count, must=True)
-                    self.copier.wait()
-                if self.last_snapshot_step is not None:
-                    reply = self._call("wait", step=self.last_snapshot_step, force=True, timeout=3600)
-                    if reply.get("failed"):
-                        log.error("stalwart: step %s could not be persisted to %s", self.last_snapshot_step, reply["failed"])
-            elif not isinstance(exc, Preempted) and self.last_snapshot_step is not None:
+                self._finish()
+            elif not isinstance(exc, Preempted):
                 with contextlib.suppress(Exception):  # keep the last good state: make it durable
-                    self._call("wait", step=self.last_snapshot_step, force=True, timeout=600)
+                    newest = self._call("flush").get("step")
+                    if newest is not None:
+                        self._durable(newest, self.timeouts.persist_s)
         finally:
             for h in self._hook_handles:
                 with contextlib.suppress(Exception):
@@ -638,8 +792,49 @@ class Guard:
             self._views.clear()
             self.plan = None
             self._pending_data = None
-            self.client.close(clean=clean)
+            self._restored = None
+            self.client.close(clean=clean, step=self.step_count)
             self.copier.close()
+
+    def _finish(self) -> None:
+        """Normal exit: the final step, the same on every rank, captured and on every tier.
+
+        Every rank asks the keeper for the final snapshot of its last step; the keeper's
+        recorded decisions make them all join one attempt (or find it complete). When it
+        cannot be captured or persisted (a rank left or died first, a tier failed), the
+        newest complete snapshot is persisted instead and a warning names the step and why.
+        """
+        trained = self.step_count > 0 and self.step_count != self.stats.restored_step
+        step, why = self.last_snapshot_step, None
+        if self.final_checkpoint and trained:
+            why = self._capture(self.step_count)
+            step = self.step_count
+        if step is None:
+            return
+        why = why or self._durable(step, self.timeouts.persist_s)
+        if why:
+            msg = self._fall_back(step, why, self.timeouts.persist_s)
+            log.error("%s", msg)
+            warnings.warn(msg, stacklevel=3)
+
+
+def _byte_sources(plan, tier: str | None, sources: dict, own_slot: int) -> dict[str, int]:
+    """Bytes this rank read, by where they came from: ``own memory``, ``peer memory``,
+    ``ec rebuilt`` (decoded from the redundancy group's survivors) or the tier's name."""
+    out: dict[str, int] = {}
+    for read in plan.reads:
+        if tier is not None:
+            where = tier
+        else:
+            src = sources.get(str(read.rank))
+            if src is None:
+                where = "own memory"
+            elif src.get("rebuilt"):
+                where = "ec rebuilt"
+            else:
+                where = "own memory" if src.get("node") == own_slot else "peer memory"
+        out[where] = out.get(where, 0) + (read.stop - read.start)
+    return out
 
 
 def _watch_signals(fd: int, guard_ref) -> None:
@@ -681,10 +876,18 @@ def _agree_on_candidates(mine: list[tuple[int, int, str]], group) -> list[tuple[
     return sorted(union, key=lambda c: (-c[0], c[1]))
 
 
-def _agree_on_session(group) -> str | None:
-    """A random id of this run, the same on every rank (rank 0's); None in one process."""
+def _destroy(group) -> None:
+    if group is not None:
+        import torch.distributed as dist
+
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group(group)
+
+
+def _agree_on_session(group) -> str:
+    """A random id of this run, the same on every rank (rank 0's)."""
     if group is None:
-        return None
+        return os.urandom(7).hex()
     import torch.distributed as dist
 
     mine = int.from_bytes(os.urandom(7), "little") if dist.get_rank() == 0 else 0
@@ -716,9 +919,16 @@ def protect(model: torch.nn.Module, optimizer=None, *, root: str, every: int = 1
     group's nodes loses no memory snapshot (needs ``STALWART_KEEPER_GROUP``; use
     ``slots=3`` to snapshot every step while the previous one is encoded), and
     ``max_parity_memory`` (bytes of parity per keeper). See docs/ERASURE.md.
+    ``timeouts`` (a :class:`Timeouts` or a dict of its fields) bounds every wait: a final
+    or ``save_now`` snapshot waits ``slot_s`` (120 s) for a slot, exit / ``save_now`` /
+    ``wait`` wait ``persist_s`` (300 s) for the tiers; see docs/ARCHITECTURE.md.
+    ``fixed_ddp_buckets=True`` (DDP) fixes the gradient-bucket layout before the first
+    step, so that a restarted or re-formed job is bitwise equal to an uninterrupted one with
+    three or more ranks (see :func:`~stalwart.ckpt.providers.module.fix_ddp_buckets` for
+    the overlap it costs); two ranks are bitwise equal without it.
     """
     return Guard(model, optimizer, root=root, every=every, tiers=tiers, scheduler=scheduler, extra=extra,
                  max_host_memory=max_host_memory, **kwargs)
 
 
-__all__ = ["Guard", "GuardStats", "Latest", "Preempted", "protect"]
+__all__ = ["Guard", "GuardStats", "Latest", "Preempted", "Timeouts", "protect"]

@@ -19,10 +19,20 @@ from stalwart.errors import StalwartError
 SHM_BASE = os.environ.get("STALWART_SHM_BASE", "/dev/shm")
 
 
-def shm_dir_for(root: str, node: int) -> str:
-    """The shared-memory directory of a job (identified by its root) on one node."""
+def shm_dir_for(root: str, node: int | str) -> str:
+    """The shared-memory directory of a job (identified by its root) on one node (its rank,
+    or under the launcher plugin its stable node identity)."""
     key = hashlib.sha1(f"{os.path.abspath(root)}#node{node}".encode()).hexdigest()[:16]
     return os.path.join(SHM_BASE, f"stalwart-{key}")
+
+
+def plugin_env() -> dict:
+    """What the launcher plugin told this worker about its node's keeper (empty without it)."""
+    env = os.environ
+    if not env.get("STALWART_NODE_ID"):
+        return {}
+    return {"node_id": env["STALWART_NODE_ID"], "prefix": env.get("STALWART_KEEPER_PREFIX", ""),
+            "agent_pid": env.get("STALWART_AGENT_PID"), "shared_store": env.get("STALWART_KEEPER_SHARED_STORE") == "1"}
 
 
 class KeeperClient:
@@ -42,6 +52,8 @@ class KeeperClient:
         group_addr: str | None = None,
         start_timeout_s: float = 60.0,
         ec: ECConfig | None = None,
+        reply_timeout_s: float = 60.0,
+        commit_timeout_s: float = 120.0,
     ) -> None:
         self.root = root
         self.tiers = tiers
@@ -53,12 +65,16 @@ class KeeperClient:
         self.linger_s = linger_s
         self.group_addr = group_addr
         self.start_timeout_s = start_timeout_s
+        self.reply_timeout_s = reply_timeout_s  # beyond a request's own ``timeout``: then the keeper is gone
+        self.commit_timeout_s = commit_timeout_s
         self.ec = ec  # erasure coding across the keepers (passed to a keeper this client starts)
-        self.shm_dir = shm_dir_for(root, node)
+        self.plugin = plugin_env()
+        self.shm_dir = shm_dir_for(root, self.plugin["node_id"] if self.plugin else node)
         self.sock_path = os.path.join(self.shm_dir, "keeper.sock")
         self.chan: Channel | None = None
         self.bg: Channel | None = None  # background requests (copy done): never queued behind a blocking one
         self.started_here = False
+        self.proc: subprocess.Popen | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def _try_connect(self) -> Channel | None:
@@ -67,8 +83,11 @@ class KeeperClient:
         except (FileNotFoundError, ConnectionRefusedError, OSError):
             return None
 
+    def _log_dir(self) -> str:
+        return os.path.join(self.root, ".stalwart") if "://" not in self.root else self.shm_dir
+
     def _spawn(self) -> None:
-        log_dir = os.path.join(self.root, ".stalwart") if "://" not in self.root else self.shm_dir
+        log_dir = self._log_dir()
         os.makedirs(log_dir, exist_ok=True)
         cmd = [
             sys.executable, "-m", "stalwart.ckpt.keeper",
@@ -78,10 +97,17 @@ class KeeperClient:
             "--linger", str(self.linger_s),
             "--node", str(self.node),
             "--nodes", str(self.nodes),
+            "--commit-timeout", str(self.commit_timeout_s),
             "--log-file", os.path.join(log_dir, f"keeper-node{self.node}.log"),
         ]
         if self.group_addr:
             cmd += ["--group-addr", self.group_addr]
+        if self.plugin:  # the launcher's agent owns this node: the keeper lives as long as the agent
+            cmd += ["--node-id", self.plugin["node_id"], "--group-prefix", self.plugin["prefix"]]
+            if self.plugin["agent_pid"]:
+                cmd += ["--agent-pid", self.plugin["agent_pid"]]
+            if self.plugin["shared_store"]:
+                cmd += ["--shared-store"]
         if self.ec is not None:
             cmd += ["--ec", f"{self.ec.k},{self.ec.m}", "--ec-chunk", str(self.ec.chunk), "--ec-nice", str(self.ec.nice)]
             if not self.ec.shared:
@@ -91,10 +117,12 @@ class KeeperClient:
             if self.ec.rate:
                 cmd += ["--ec-rate", str(self.ec.rate)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "CUDA_VISIBLE"))}
-        subprocess.Popen(
-            cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, close_fds=True, env=env,
-        )
+        # a keeper that dies before its log is set up (bad arguments, no store) says why here
+        with open(os.path.join(log_dir, f"keeper-node{self.node}.err"), "ab") as err:
+            self.proc = subprocess.Popen(
+                cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=err, close_fds=True, env=env,
+            )
         self.started_here = True
 
     def _start_lock_path(self) -> str:
@@ -116,6 +144,10 @@ class KeeperClient:
                 while chan is None and time.monotonic() < deadline:
                     time.sleep(0.05)
                     chan = self._try_connect()
+                    if chan is None and self.proc is not None and self.proc.poll() not in (None, 0):
+                        raise StalwartError(
+                            f"the keeper for {self.shm_dir} exited at start with status {self.proc.returncode}"
+                            f" (see {os.path.join(self._log_dir(), f'keeper-node{self.node}.err')})")
         finally:
             os.close(fd)
         return chan
@@ -133,7 +165,8 @@ class KeeperClient:
             if chan is None:
                 break
             try:
-                reply = chan.call("hello", rank=self.rank, local_ranks=self.local_ranks, pid=os.getpid())
+                reply = chan.call("hello", reply_timeout=self.reply_timeout_s, rank=self.rank,
+                                  local_ranks=self.local_ranks, pid=os.getpid())
             except KeeperGone as e:
                 last = e
                 chan.close()
@@ -146,10 +179,14 @@ class KeeperClient:
             + (f" ({last})" if last else "")
         )
 
+    def _reply_timeout(self, kwargs: dict) -> float:
+        return float(kwargs.get("timeout") or 0.0) + self.reply_timeout_s
+
     def call(self, op: str, **kwargs) -> dict:
+        """A request on the control connection; bounded by its own ``timeout`` plus ``reply_timeout_s``."""
         if self.chan is None:
             raise KeeperGone("not connected to a keeper")
-        return self.chan.call(op, **kwargs)
+        return self.chan.call(op, reply_timeout=self._reply_timeout(kwargs), **kwargs)
 
     def call_background(self, op: str, **kwargs) -> dict:
         """A request from a background thread, on its own connection."""
@@ -158,16 +195,20 @@ class KeeperClient:
             if chan is None:
                 raise KeeperGone("the keeper is not reachable")
             self.bg = chan
-        return self.bg.call(op, **kwargs)
+        try:
+            return self.bg.call(op, reply_timeout=self._reply_timeout(kwargs), **kwargs)
+        except KeeperGone:
+            self.bg = None
+            raise
 
-    def close(self, clean: bool) -> None:
+    def close(self, clean: bool, step: int | None = None) -> None:
         if self.bg is not None:
             self.bg.close()
             self.bg = None
         if self.chan is None:
             return
         with contextlib.suppress(StalwartError, OSError):
-            self.chan.call("bye", rank=self.rank, clean=clean)
+            self.chan.call("bye", reply_timeout=self.reply_timeout_s, rank=self.rank, clean=clean, step=step)
         self.chan.close()
         self.chan = None
 

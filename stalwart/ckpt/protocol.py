@@ -36,10 +36,12 @@ class Channel:
             raise KeeperGone(f"keeper connection lost while sending: {e}") from None
 
     def recv(self) -> dict | None:
-        """The next message, or None at end of stream."""
+        """The next message, or None at end of stream (:class:`TimeoutError` past the socket's timeout)."""
         while b"\n" not in self._buf:
             try:
                 chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                raise
             except OSError:
                 chunk = b""
             if not chunk:
@@ -50,10 +52,20 @@ class Channel:
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
 
-    def call(self, op: str, **kwargs) -> dict:
+    def call(self, op: str, reply_timeout: float | None = None, **kwargs) -> dict:
+        """Send ``op`` and return its reply; a keeper that does not answer within
+        ``reply_timeout`` seconds (None: wait) is treated as gone and the channel closed."""
         with self._lock:
             self.send({"op": op, **kwargs})
-            reply = self.recv()
+            try:
+                self.sock.settimeout(reply_timeout)
+                reply = self.recv()
+            except TimeoutError:
+                self.close()  # a late reply would be read as the answer to the next request
+                raise KeeperGone(f"the keeper did not answer '{op}' within {reply_timeout:.0f}s (stopped or overloaded?)") from None
+            finally:
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(None)
         if reply is None:
             raise KeeperGone(f"the keeper closed the connection during '{op}'")
         if not reply.get("ok", False):

@@ -7,7 +7,11 @@ A tier spec is a string or a dict:
 * ``"file:///lustre/run7"`` - a shared file system;
 * any fsspec URL, e.g. ``"s3://bucket/run7"`` (object stores; needs the fsspec backend);
 * ``{"url": "file:///lustre/run7", "every": 10, "keep_last": 3, "keep_every": 1000,
-  "compress": "zstd", "fsync": True, "options": {...fsspec storage options...}}``.
+  "compress": "zstd", "fsync": True, "max_rate": 200e6, "options": {...fsspec storage options...}}``.
+
+``max_rate`` caps the bytes per second the keeper writes to the tier (leave a shared file
+system's bandwidth to others); snapshots that arrive faster than the tier takes them are
+skipped for it, as for any slow tier.
 
 Each tier commits a step exactly like the format does: data files, then the
 manifest (the commit), then ``latest``; then it applies retention and rewrites its
@@ -27,6 +31,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from stalwart.ckpt.pacing import Pacer
 from stalwart.errors import StalwartError
 from stalwart.formats import checksum as ck
 from stalwart.formats.atomic import (
@@ -56,6 +61,7 @@ class TierSpec:
     keep_every: int | None = None
     compress: str | None = None
     fsync: bool = True
+    max_rate: float | None = None  # bytes/s written to this tier at most
     options: dict = field(default_factory=dict)
 
     @property
@@ -74,7 +80,7 @@ class TierSpec:
 
     def to_json(self) -> dict:
         return {"url": self.url, "every": self.every, "keep_last": self.keep_last, "keep_every": self.keep_every,
-                "compress": self.compress, "fsync": self.fsync, "options": self.options}
+                "compress": self.compress, "fsync": self.fsync, "max_rate": self.max_rate, "options": self.options}
 
 
 def parse_tier(spec: str | dict) -> TierSpec:
@@ -84,7 +90,7 @@ def parse_tier(spec: str | dict) -> TierSpec:
         spec = {"url": spec}
     if not isinstance(spec, dict) or "url" not in spec:
         raise TierError(f"a tier is a URL string or a dict with 'url'; got {spec!r}")
-    unknown = set(spec) - {"url", "every", "keep_last", "keep_every", "compress", "fsync", "options"}
+    unknown = set(spec) - {"url", "every", "keep_last", "keep_every", "compress", "fsync", "max_rate", "options"}
     if unknown:
         raise TierError(f"tier {spec['url']!r}: unknown options {sorted(unknown)}")
     t = TierSpec(
@@ -94,10 +100,13 @@ def parse_tier(spec: str | dict) -> TierSpec:
         keep_every=spec.get("keep_every"),
         compress=spec.get("compress"),
         fsync=bool(spec.get("fsync", True)),
+        max_rate=float(spec["max_rate"]) if spec.get("max_rate") is not None else None,
         options=dict(spec.get("options") or {}),
     )
     if t.every < 1:
         raise TierError(f"tier {t.url!r}: every must be >= 1")
+    if t.max_rate is not None and not t.max_rate > 0:
+        raise TierError(f"tier {t.url!r}: max_rate must be a positive number of bytes per second")
     if t.compress not in (None, "zstd"):
         raise TierError(f"tier {t.url!r}: compress must be None or 'zstd'")
     if t.keep_last is not None and int(t.keep_last) < 1:
@@ -149,9 +158,15 @@ class Tier:
         return step % self.spec.every == 0
 
     # implemented by subclasses
-    def put_files(self, step: int, src_dir: str, records: list[FileRecord]) -> list[FileRecord]:
-        """Store one node's data files of ``step``; return their records as stored."""
+    def put_files(self, step: int, src_dir: str, records: list[FileRecord], cancelled=None) -> list[FileRecord]:
+        """Store one node's data files of ``step``; return their records as stored.
+
+        ``cancelled`` (a callable) is polled between chunks; when it returns True the copy
+        stops with :class:`~stalwart.ckpt.pacing.Cancelled` and nothing of ``step`` is committed."""
         raise NotImplementedError
+
+    def discard(self, step: int) -> None:
+        """Remove an uncommitted (stopped or failed) copy of ``step``; committed steps are kept."""
 
     def commit(self, step: int, manifest: Manifest) -> None:
         """Write the manifest (the commit), then ``latest``, retention, durability record."""
@@ -175,7 +190,11 @@ class Tier:
                 "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _compress_file(src: str, dst, fsync: bool) -> tuple[int, str]:
+def _no_pace(nbytes: int) -> None:
+    pass
+
+
+def _compress_file(src: str, dst, fsync: bool, pace=_no_pace) -> tuple[int, str]:
     import zstandard
 
     digest = ck.StreamDigest()
@@ -186,6 +205,7 @@ def _compress_file(src: str, dst, fsync: bool) -> tuple[int, str]:
             nonlocal size
             digest.update(b)
             size += len(b)
+            pace(len(b))
             return dst.write(b)
 
     with open(src, "rb") as f:
@@ -200,7 +220,7 @@ DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: multiples of the l
 DIRECT_MIN = 1 << 20  # smaller files: the page cache is as fast and O_DIRECT not worth a second open
 
 
-def _copy_file(src: str, dst: str, fsync: bool) -> None:
+def _copy_file(src: str, dst: str, fsync: bool, pace=_no_pace) -> None:
     """Copy a snapshot file from shared memory to a tier directory.
 
     Large files are written with O_DIRECT straight from a mapping of the source (no
@@ -211,15 +231,15 @@ def _copy_file(src: str, dst: str, fsync: bool) -> None:
     size = os.path.getsize(src)
     if size >= DIRECT_MIN and hasattr(os, "O_DIRECT"):
         try:
-            _copy_direct(src, dst, size, fsync)
+            _copy_direct(src, dst, size, fsync, pace)
             return
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                 raise
-    _copy_sendfile(src, dst, fsync)
+    _copy_sendfile(src, dst, fsync, pace)
 
 
-def _copy_direct(src: str, dst: str, size: int, fsync: bool) -> None:
+def _copy_direct(src: str, dst: str, size: int, fsync: bool, pace=_no_pace) -> None:
     aligned = size - size % DIRECT_ALIGN
     with open(src, "rb") as fi:
         mm = mmap.mmap(fi.fileno(), size, access=mmap.ACCESS_READ)
@@ -233,6 +253,7 @@ def _copy_direct(src: str, dst: str, size: int, fsync: bool) -> None:
                 if n <= 0 or n % DIRECT_ALIGN:
                     raise OSError(errno.EINVAL, f"short O_DIRECT write ({n} bytes)")
                 offset += n
+                pace(n)
         finally:
             os.close(fd)
         fd = os.open(dst, os.O_WRONLY)
@@ -248,7 +269,7 @@ def _copy_direct(src: str, dst: str, size: int, fsync: bool) -> None:
         mm.close()
 
 
-def _copy_sendfile(src: str, dst: str, fsync: bool) -> None:
+def _copy_sendfile(src: str, dst: str, fsync: bool, pace=_no_pace) -> None:
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         size = os.fstat(fi.fileno()).st_size
         offset = 0
@@ -257,6 +278,7 @@ def _copy_sendfile(src: str, dst: str, fsync: bool) -> None:
             if sent == 0:
                 raise TierError(f"copying {src} to {dst} stopped at byte {offset} of {size}")
             offset += sent
+            pace(sent)
         if fsync:
             os.fsync(fo.fileno())
 
@@ -270,23 +292,29 @@ class PosixTier(Tier):
         self.root = url[len("local:"):] if url.startswith("local:") else url[len("file://"):] if url.startswith("file://") else url
         os.makedirs(self.root, exist_ok=True)
 
-    def put_files(self, step, src_dir, records):
+    def put_files(self, step, src_dir, records, cancelled=None):
         step_dir = os.path.join(self.root, step_dirname(step))
         os.makedirs(step_dir, exist_ok=True)
         out = []
+        pace = Pacer(self.spec.max_rate, cancelled)
         for rec in records:
             src = os.path.join(src_dir, rec.path)
             if self.spec.compress == "zstd":
                 name = rec.path + ".zst"
                 with open(os.path.join(step_dir, name), "wb") as f:
-                    size, digest = _compress_file(src, f, self.spec.fsync)
+                    size, digest = _compress_file(src, f, self.spec.fsync, pace)
                 out.append(replace(rec, path=name, compression="zstd", stored_size=size, stored_digest=digest))
             else:
-                _copy_file(src, os.path.join(step_dir, rec.path), self.spec.fsync)
+                _copy_file(src, os.path.join(step_dir, rec.path), self.spec.fsync, pace)
                 out.append(rec)
         if self.spec.fsync:
             fsync_dir(step_dir)
         return out
+
+    def discard(self, step):
+        path = os.path.join(self.root, step_dirname(step))
+        if not os.path.exists(os.path.join(path, MANIFEST_NAME)):
+            shutil.rmtree(path, ignore_errors=True)
 
     def commit(self, step, manifest):
         step_dir = os.path.join(self.root, step_dirname(step))
@@ -345,17 +373,19 @@ class FsspecTier(Tier):
     def _p(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def put_files(self, step, src_dir, records):
+    def put_files(self, step, src_dir, records, cancelled=None):
         out = []
+        pace = Pacer(self.spec.max_rate, cancelled)
         for rec in records:
             src = os.path.join(src_dir, rec.path)
             if self.spec.compress == "zstd":
                 name = rec.path + ".zst"
                 with self.fs.open(self._p(step_dirname(step), name), "wb") as f:
-                    size, digest = _compress_file(src, f, fsync=False)
+                    size, digest = _compress_file(src, f, False, pace)
                 out.append(replace(rec, path=name, compression="zstd", stored_size=size, stored_digest=digest))
             else:
                 self.fs.put_file(src, self._p(step_dirname(step), rec.path))
+                pace(os.path.getsize(src))
                 out.append(rec)
         return out
 

@@ -12,7 +12,13 @@ the target format:
 * **all-or-nothing** - everything is written into a temporary sibling of
   ``dst`` that is renamed into place at the end; a failure leaves nothing;
 * **deterministic** - the same input gives byte-identical output, whatever the
-  number of workers or their timing.
+  number of workers or their timing;
+* **nothing dropped silently** - files of the source a reader does not consume, and
+  state the target cannot hold, are named in the plan's warnings.
+
+torch is imported only when a tensor has to be built (a cast, a target that stores
+tensors through torch, a reader without byte ranges): converting to Hugging Face
+safetensors without a cast copies bytes from file to file and never imports it.
 """
 
 from __future__ import annotations
@@ -29,8 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from stalwart.errors import ConversionError, StalwartError
 from stalwart.formats.adapters.base import (
@@ -46,13 +51,18 @@ from stalwart.formats.adapters.base import (
 from stalwart.formats.atomic import fsync_dir, install_dir, temp_sibling
 from stalwart.formats.convert_options import DEFAULT_BUFFER, DEFAULT_MAX_SHARD, TARGETS
 from stalwart.formats.direct_io import page_cache_policy
-from stalwart.formats.dtypes import tensor_bytes
+from stalwart.formats.dtypes import DTYPES as _ALL_DTYPES
+from stalwart.formats.dtypes import DType, as_dtype, tensor_bytes
 
+if TYPE_CHECKING:
+    import torch
+
+_F32, _BF16, _F16, _F64 = (_ALL_DTYPES[n] for n in ("float32", "bfloat16", "float16", "float64"))
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp64": torch.float64, "float64": torch.float64,
+    "fp32": _F32, "float32": _F32, "float": _F32,
+    "bf16": _BF16, "bfloat16": _BF16,
+    "fp16": _F16, "float16": _F16, "half": _F16,
+    "fp64": _F64, "float64": _F64,
 }
 
 Progress = Callable[[int], None]
@@ -61,10 +71,15 @@ Progress = Callable[[int], None]
 # --------------------------------------------------------------------------- options
 
 
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"`` / ``torch.bfloat16`` / None -> a floating torch dtype."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
+def parse_dtype(value: str | DType | torch.dtype | None) -> DType | None:
+    """``"bf16"`` / ``torch.bfloat16`` / None -> a floating :class:`DType`."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        dt = as_dtype(value)
+        if not dt.is_floating_point:
+            raise ConversionError(f"--dtype {dt} is not a floating-point dtype")
+        return dt
     try:
         return DTYPES[str(value).lower().replace("torch.", "")]
     except KeyError:
@@ -138,6 +153,7 @@ class ConversionPlan:
     files: list[PlannedFile]
     notes: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    not_read: list[str] = field(default_factory=list)  # source files no reader consumed
 
     @property
     def tensors(self) -> list[OutTensor]:
@@ -180,34 +196,40 @@ def _raise_open_files_limit(want: int = 65536) -> None:
         pass
 
 
-def open_convert_source(path: str) -> ConvertSource:
-    """Open ``path`` in whatever format it is, as a :class:`ConvertSource`."""
-    from stalwart.formats.adapters.native import NativeConvertSource
+def open_convert_source(path: str, **options) -> ConvertSource:
+    """Open ``path`` in whatever format it is, as a :class:`ConvertSource` (``options``:
+    see :func:`~stalwart.formats.sources.open_source`)."""
     from stalwart.formats.sources import NativeSource, open_source
 
     _raise_open_files_limit()
-    src = open_source(path)
+    src = open_source(path, **options)
     if isinstance(src, ConvertSource):
+        unused = [k for k, v in options.items() if v is not None and k not in getattr(src, "used_options", ())]
+        for k in unused:
+            src.meta.warnings.append(f"--{k.replace('_', '-')} {options[k]}: not used (the {src.meta.format} reader"
+                                     " names its optimizer params itself)")
         return src
     if isinstance(src, NativeSource):
+        from stalwart.formats.adapters.native import NativeConvertSource
+
         src.close()
         return NativeConvertSource(path)
     src.close()
     raise ConversionError(f"{path}: format {src.format_name!r} cannot be converted")
 
 
-def make_target(to: str, **options) -> Target:
-    from stalwart.formats.adapters.dcp import DCPTarget
-    from stalwart.formats.adapters.ds_universal import UniversalTarget
-    from stalwart.formats.adapters.hf import HFTarget
-    from stalwart.formats.adapters.native import NativeTarget
-    from stalwart.formats.adapters.torch_save import TorchSaveTarget
+_TARGET_CLASSES = {"native": ("native", "NativeTarget"), "hf": ("hf", "HFTarget"), "dcp": ("dcp", "DCPTarget"),
+                   "ds-universal": ("ds_universal", "UniversalTarget"), "torch": ("torch_save", "TorchSaveTarget")}
 
-    table = {"native": NativeTarget, "hf": HFTarget, "dcp": DCPTarget, "ds-universal": UniversalTarget,
-             "torch": TorchSaveTarget}
-    if to not in table:
+
+def make_target(to: str, **options) -> Target:
+    """The writer of format ``to`` (only its module is imported: the native one needs torch)."""
+    import importlib
+
+    if to not in _TARGET_CLASSES:
         raise ConversionError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
-    return table[to](**options)
+    module, cls = _TARGET_CLASSES[to]
+    return getattr(importlib.import_module(f"stalwart.formats.adapters.{module}"), cls)(**options)
 
 
 # --------------------------------------------------------------------------- selection
@@ -216,7 +238,7 @@ def make_target(to: str, **options) -> Target:
 def select(
     src: ConvertSource,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     rename: Iterable[str | tuple[str, str]] | None = None,
@@ -310,6 +332,8 @@ class BufferPool:
         self._lock = threading.Lock()
 
     def acquire(self, nbytes: int) -> torch.Tensor:
+        import torch
+
         with self._lock:
             fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
             if fits:
@@ -332,15 +356,15 @@ def _read_one(src: ConvertSource, t: OutTensor, pool: BufferPool | None, raw_ok:
         if pool is not None:
             buf = pool.acquire(st.nbytes)
             fill_from_ranges(st.ranges(), tensor_bytes(buf[: st.nbytes]), src.path)
-            x = buf[: st.nbytes].view(st.dtype).view(st.shape)
-            if x.dtype == t.dtype:
+            x = buf[: st.nbytes].view(st.dtype.torch).view(st.shape)
+            if st.dtype == t.dtype:
                 return x, buf
-            y = x.to(t.dtype)
+            y = x.to(t.dtype.torch)
             pool.release(buf)
             return y, None
     x = src.read(t.source)
-    if x.dtype != t.dtype:
-        x = x.to(t.dtype)
+    if as_dtype(x.dtype) != t.dtype:
+        x = x.to(t.dtype.torch)
     if not x.is_contiguous():
         x = x.contiguous()
     return x, None
@@ -439,7 +463,7 @@ def plan_conversion(
     dst: str,
     *,
     to: str,
-    dtype: str | torch.dtype | None = None,
+    dtype: str | DType | torch.dtype | None = None,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     rename: Iterable[str | tuple[str, str]] | None = None,
@@ -449,6 +473,11 @@ def plan_conversion(
     workers: int = 2,
 ) -> tuple[ConversionPlan, Target]:
     target = make_target(to, max_shard_size=parse_size(max_shard_size), tag=tag, workers=workers)
+    if src.meta.unread_state and target.keeps_optimizer and not weights_only:
+        raise ConversionError(
+            f"{src.path}: cannot convert all of its state: {'; '.join(src.meta.unread_state)}. Pass --weights-only"
+            " (weights_only=True) to convert without it"
+        )
     state, dropped = select(src, dtype=parse_dtype(dtype), include=include, exclude=exclude, rename=rename,
                             weights_only=weights_only or not target.keeps_optimizer)
     state.created = _created(src)
@@ -456,9 +485,18 @@ def plan_conversion(
         raise ConversionError(f"{src.path}: nothing to convert (the filters left no tensor)")
     files = target.plan(state)
     notes = target.notes(state)
-    if not target.keeps_optimizer and not weights_only and src.meta.optimizer is not None:
-        notes.insert(0, f"{to}: optimizer state is not written (the format holds weights only)")
-    return ConversionPlan(src.path, src.meta.format, dst, to, state, files, notes, dropped), target
+    if not target.keeps_optimizer and not weights_only:
+        left = [what for what, present in (
+            ("optimizer state", src.meta.optimizer is not None or any(t.role == "optimizer_slot" for t in src.tensors.values())),
+            ("scheduler", src.meta.scheduler is not None), ("loss scaler", src.meta.loss_scaler is not None),
+            ("RNG state", "rng" in src.meta.extra_objects)) if present]
+        if left:
+            notes.insert(0, f"{to}: {', '.join(left)} not written (the format holds weights only)")
+    not_read = src.not_read()
+    if not_read:
+        shown = ", ".join(not_read[:8]) + (f" and {len(not_read) - 8} more" if len(not_read) > 8 else "")
+        notes.append(f"not read (not in the output): {shown}")
+    return ConversionPlan(src.path, src.meta.format, dst, to, state, files, notes, dropped, not_read), target
 
 
 def convert(
@@ -466,7 +504,7 @@ def convert(
     dst: str,
     *,
     to: str,
-    dtype: str | torch.dtype | None = None,
+    dtype: str | DType | torch.dtype | None = None,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     rename: Iterable[str | tuple[str, str]] | None = None,
@@ -480,6 +518,7 @@ def convert(
     tag: str | None = None,
     buffer_bytes: int = DEFAULT_BUFFER,
     on_plan: Callable[[ConversionPlan], object] | None = None,
+    param_order: str | None = None,
 ) -> ConversionPlan | ConversionResult:
     """Convert checkpoint ``src`` (any supported format, detected) into ``dst`` in format ``to``.
 
@@ -494,7 +533,10 @@ def convert(
     makes it all-or-nothing for the process). With ``dry_run`` nothing
     is read or written and the :class:`ConversionPlan` is returned; otherwise a
     :class:`ConversionResult`. Raises :class:`~stalwart.errors.StalwartError` subclasses
-    for bad input; a failed conversion leaves nothing at ``dst``.
+    for bad input; a failed conversion leaves nothing at ``dst``. ``param_order`` names
+    the params of optimizer state indexed by position (HF Trainer ``optimizer.pt``,
+    Accelerate ``optimizer.bin``): a file with one name per line in optimizer order, or
+    the model's ``config.json`` (the order is rebuilt with transformers).
     """
     if to not in TARGETS:
         raise ConversionError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
@@ -502,7 +544,7 @@ def convert(
         raise ConversionError(f"workers must be >= 1, got {workers}")
     _check_destination(src, dst, overwrite or dry_run)
     started = time.perf_counter()
-    with open_convert_source(src) as source:
+    with open_convert_source(src, param_order=param_order) as source:
         plan, target = plan_conversion(source, dst, to=to, dtype=dtype, include=include, exclude=exclude,
                                        rename=rename, weights_only=weights_only, max_shard_size=max_shard_size, tag=tag,
                                        workers=workers)
@@ -521,7 +563,7 @@ def _write(source: ConvertSource, dst: str, plan: ConversionPlan, target: Target
     order = target.order(plan.state)
     written = 0
 
-    def counted() -> Iterator[tuple[OutTensor, torch.Tensor]]:
+    def counted() -> Iterator[tuple[OutTensor, torch.Tensor | RawBytes]]:
         nonlocal written
         for t, data in stream_tensors(source, order, workers=workers, buffer_bytes=buffer_bytes,
                                       reuse_buffers=target.sync_writes, raw_ok=target.accepts_raw):

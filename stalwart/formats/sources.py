@@ -4,6 +4,9 @@
 :class:`TensorSource`. The native format is registered here; adapters for foreign
 formats (DeepSpeed, DCP, Hugging Face, torch.save) register themselves with
 :func:`register_source` and are tried in registration order by :func:`open_source`.
+
+Nothing here imports torch: detection and metadata are torch-free, and tensors are
+built (importing torch) only when one is read.
 """
 
 from __future__ import annotations
@@ -12,19 +15,22 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from stalwart.errors import FormatError
-from stalwart.formats.manifest import MANIFEST_NAME
-from stalwart.formats.reader import Checkpoint
+from stalwart.formats.dtypes import DType
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST_NAME = "manifest.json"  # stalwart.formats.manifest's, without importing the reader
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     role: str = "other"
 
 
@@ -59,13 +65,17 @@ class NativeSource(TensorSource):
     format_name = "stalwart"
 
     def __init__(self, path: str) -> None:
+        from stalwart.formats.reader import Checkpoint
+
         self.ckpt = Checkpoint(path)
 
     def infos(self) -> dict[str, TensorInfo]:
-        out = {n: TensorInfo(n, t.shape, t.dtype, t.role) for n, t in self.ckpt.tensors.items()}
+        from stalwart.formats.dtypes import as_dtype
+
+        out = {n: TensorInfo(n, t.shape, as_dtype(t.dtype), t.role) for n, t in self.ckpt.tensors.items()}
         for alias, owner in self.ckpt.aliases().items():
             t = self.ckpt.tensors[owner]
-            out[alias] = TensorInfo(alias, t.shape, t.dtype, t.role)
+            out[alias] = TensorInfo(alias, t.shape, as_dtype(t.dtype), t.role)
         return out
 
     def read(self, name: str) -> torch.Tensor:
@@ -81,39 +91,55 @@ class NativeSource(TensorSource):
         self.ckpt.close()
 
 
-Detector = Callable[[str], "TensorSource | None"]
+Detector = Callable[[str, dict], "TensorSource | None"]
 _DETECTORS: list[tuple[str, Detector]] = []
 
 
-def register_source(name: str, detector: Detector) -> None:
-    """Add a format: ``detector(path)`` returns a source if it recognises ``path``, else None."""
+_PRIORITY: dict[str, int] = {}
+
+
+def register_source(name: str, detector: Detector, priority: int = 100) -> None:
+    """Add a format: ``detector(path, options)`` returns a source if it recognises ``path``, else
+    None. ``options`` are the reader options given to :func:`open_source` (e.g. ``param_order``).
+    Detectors are tried by ascending ``priority`` (more specific layouts first)."""
+    _PRIORITY[name] = priority
     _DETECTORS.append((name, detector))
+    _DETECTORS.sort(key=lambda d: _PRIORITY[d[0]])
 
 
-def _detect_native(path: str) -> TensorSource | None:
-    if os.path.isdir(path) and (
-        os.path.exists(os.path.join(path, MANIFEST_NAME)) or os.path.exists(os.path.join(path, "latest"))
-    ):
+def _detect_native(path: str, options: dict) -> TensorSource | None:
+    if not os.path.isdir(path):
+        return None
+    if not os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        # a root whose 'latest' names a stalwart step (DeepSpeed writes a 'latest' too)
+        from stalwart.formats.atomic import parse_step_dirname
+
         try:
-            return NativeSource(path)
-        except FormatError:
-            if os.path.exists(os.path.join(path, MANIFEST_NAME)):
-                raise
-            return None  # a 'latest' of another format (e.g. DeepSpeed's)
-    return None
+            with open(os.path.join(path, "latest"), encoding="utf-8") as f:
+                name = f.read(4096).strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if parse_step_dirname(name) is None and not os.path.exists(os.path.join(path, name, MANIFEST_NAME)):
+            return None
+    return NativeSource(path)
 
 
-register_source("stalwart", _detect_native)
+register_source("stalwart", _detect_native, priority=0)
 
 
-def open_source(path: str) -> TensorSource:
-    """Open ``path`` with the first registered format that recognises it."""
+def open_source(path: str, **options) -> TensorSource:
+    """Open ``path`` with the first registered format that recognises it.
+
+    ``options`` go to the readers: ``param_order`` (a file naming the params in
+    optimizer order, or a model config.json) for optimizer state indexed by position.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
     _load_adapters()
+    options = {k: v for k, v in options.items() if v is not None}
     for _, detect in _DETECTORS:
-        src = detect(path)
+        src = detect(path, options)
         if src is not None:
             return src
     found = sorted(os.listdir(path))[:8] if os.path.isdir(path) else [os.path.basename(path)]

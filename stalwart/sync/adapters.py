@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -110,6 +111,15 @@ class Destination:
         self._where = self._storage(targets, {s.target for ss in segs for s in ss})
         self.nbytes = sum(s.length * s.words.element_size() for ss in self.segs for s in ss)
         self._stage: torch.Tensor | None = None
+        # the trainer's per-tensor digests of the version this receiver verified last (deltas
+        # are checked against them: a delta carries only the whole-model digest)
+        self.expected: list[bytes] | None = None
+        self.expected_version: tuple[str, int] | None = None
+        # hashing wire tensors in order as entries are applied (while their words are in cache)
+        self._ordered = [sorted(ss, key=lambda g: g.src_off) for ss in self.segs]
+        self._host_only = [bool(ss) and all(g.cpu for g in ss) for ss in self.segs]
+        self._hpos: list[int] | None = None
+        self._hd: list[StreamDigest | None] = []
 
     @staticmethod
     def _storage(targets: dict[str, torch.Tensor], names) -> dict[str, tuple]:
@@ -127,30 +137,93 @@ class Destination:
         except KeyError:
             return False
 
-    def apply(self, e: DecodedEntry) -> list[str]:
-        """Apply one decoded entry; returns the receiver tensors it touched."""
+    def apply(self, e: DecodedEntry, touched: set[str], changed: set[int] | None = None) -> None:
+        """Apply one decoded entry; adds the receiver tensors it changed to ``touched`` and the
+        wire tensors whose words it may change to ``changed``.
+
+        An entry runs from word ``start`` of tensor ``tensor_id`` on, into the following
+        tensors of the schema (each must have the entry's word size; tensors without
+        words are passed over).
+        """
         h = e.header
-        if h.tensor_id >= len(self.segs):
-            raise IndexError(f"tensor id {h.tensor_id} (schema has {len(self.segs)})")
-        spec = self.schema[h.tensor_id]
-        if h.start + h.length > spec.words or (1 << h.word_log2) != spec.word:
-            raise ValueError(
-                f"entry for {spec.name!r} covers words [{h.start}, {h.start + h.length}) of {spec.words}"
-                f" with {1 << h.word_log2}-byte words (tensor has {spec.word})"
-            )
-        touched = []
-        a, b = h.start, h.start + h.length
-        for s in self.segs[h.tensor_id]:
-            lo, hi = max(a, s.src_off), min(b, s.src_off + s.length)
-            if lo >= hi:
+        w = 1 << h.word_log2
+        t, s, pos, length = h.tensor_id, h.start, 0, h.length
+        n = len(self.segs)
+        several = False
+        while pos < length:
+            if t >= n:
+                raise IndexError(
+                    f"entry from tensor {h.tensor_id} runs past the last tensor ({n} in the schema)"
+                )
+            spec = self.schema[t]
+            if spec.words == 0 and s == 0:
+                t += 1
                 continue
-            dst_pos = s.dst_off + (lo - s.src_off)
-            if s.cpu:
-                apply_np(s.np, e, lo - a, hi - a, dst_pos)
+            if spec.word != w or s >= spec.words:
+                raise ValueError(
+                    f"entry covers word {s} of {spec.name!r} ({spec.words} words of {spec.word} bytes)"
+                    f" with {w}-byte words"
+                )
+            take = min(spec.words - s, length - pos)
+            several = several or take < length
+            segs = self.segs[t]
+            hit = not segs and (e.idx is None or bool(np.any((e.idx >= pos) & (e.idx < pos + take))))
+            for g in segs:
+                lo, hi = max(s, g.src_off), min(s + take, g.src_off + g.length)
+                if lo >= hi:
+                    continue
+                args = (e, pos + lo - s, pos + hi - s, g.dst_off + (lo - g.src_off), several)
+                if apply_np(g.np, *args) if g.cpu else apply_torch(g.words, *args):
+                    touched.add(g.target)
+                    hit = True
+            if hit and changed is not None:
+                changed.add(t)
+            if self._hpos is not None and self._host_only[t]:
+                if s >= self._hpos[t]:
+                    self._hash_upto(t, s + take)
+                else:  # out of order (never sent so): hash the whole tensor at the end
+                    self._hpos[t] = -1
+            pos += take
+            t += 1
+            s = 0
+
+    @property
+    def unmapped(self) -> list[int]:
+        """Wire tensors this receiver does not hold (ignored by its name map)."""
+        return [i for i, ss in enumerate(self.segs) if not ss and self.schema[i].words]
+
+    def begin_digests(self) -> None:
+        """Hash each wire tensor progressively as :meth:`apply` goes through it (in order), so
+        :meth:`finish_digests` reads only what no entry touched."""
+        self._hpos = [0] * len(self.segs)
+        self._hd = [None] * len(self.segs)
+
+    def _hash_upto(self, t: int, upto: int) -> None:
+        lo = self._hpos[t]
+        if lo < 0 or upto <= lo:
+            return
+        d = self._hd[t]
+        if d is None:
+            d = self._hd[t] = StreamDigest()
+        for g in self._ordered[t]:
+            a, b = max(lo, g.src_off), min(upto, g.src_off + g.length)
+            if a < b:
+                d.update(memoryview(g.np[g.dst_off + a - g.src_off : g.dst_off + b - g.src_off]).cast("B"))
+        self._hpos[t] = upto
+
+    def finish_digests(self) -> list[bytes | None]:
+        """Every wire tensor's digest as the receiver holds it (None where not mapped)."""
+        out: list[bytes | None] = []
+        for t, spec in enumerate(self.schema):
+            if self._hpos is not None and self._host_only[t] and self._hpos[t] >= 0:
+                self._hash_upto(t, spec.words)
+                d = self._hd[t] or StreamDigest()
+                out.append(bytes.fromhex(d.hexdigest()))
             else:
-                apply_torch(s.words, e, lo - a, hi - a, dst_pos)
-            touched.append(s.target)
-        return touched
+                out.append(self.tensor_digest(t))
+        self._hpos = None
+        self._hd = []
+        return out
 
     def tensor_digest(self, i: int) -> bytes | None:
         """XXH3-128 of wire tensor ``i`` as the receiver holds it (None if not mapped)."""
@@ -158,7 +231,7 @@ class Destination:
         if not ss:
             return None
         d = StreamDigest()
-        for s in sorted(ss, key=lambda s: s.src_off):
+        for s in self._ordered[i]:
             if s.cpu:
                 d.update(memoryview(s.np[s.dst_off : s.dst_off + s.length]).cast("B"))
             else:

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 
+import numpy as np
 from torch import nn
 
 from stalwart.sync.adapters import Destination, ModelAdapter
@@ -36,19 +37,21 @@ from stalwart.sync.stats import ReceiveStats
 from stalwart.sync.stream import apply_bucket
 from stalwart.sync.transports.base import Transport
 from stalwart.sync.wire import (
+    DIGEST_SIZE,
     HEADER_SIZE,
+    Begin,
     Frame,
     Kind,
     bin_digest,
     json_bytes,
     pack_header,
-    parse_json,
+    pack_need,
+    parse_begin,
+    parse_end,
     verify_payload,
 )
 
 log = logging.getLogger("stalwart.sync")
-
-_DIGEST = 16
 
 
 class _Outcome:
@@ -90,6 +93,7 @@ class WeightSyncReceiver:
         self.stale = False
         self.stale_cause: str | None = None
         self._dests: OrderedDict[str, Destination] = OrderedDict()
+        self._held: Destination | None = None  # the plan of the version this receiver holds
         self._decoder = Decoder()
         self._pending: Frame | None = None
         self._in_update_dirty = False
@@ -187,9 +191,14 @@ class WeightSyncReceiver:
                 "cause": self.stale_cause,
                 "pid": os.getpid(),
                 "nonce": uuid.uuid4().hex[:8],
+                "unmapped": self._unmapped(),
             }
         )
         return pack_header(Kind.HELLO, self.version or 0, 0, 0, payload) + payload
+
+    def _unmapped(self) -> list[int] | None:
+        """Tensors of the held version's schema this receiver does not hold (it cannot hash them)."""
+        return self._held.unmapped if self._held is not None else None
 
     def _mark_stale(self, cause: str) -> None:
         self.stale = True
@@ -209,32 +218,37 @@ class WeightSyncReceiver:
                 "receiver_id": self.receiver_id,
                 "apply_s": round(apply_s, 6),
                 "verify_s": round(verify_s, 6),
+                "unmapped": self._unmapped(),
             }
         )
         self.link.send(pack_header(Kind.ACK, v, 0, 0, payload) + payload)
 
-    def _destination(self, info: dict, what: str) -> tuple[Destination | None, str | None, bool]:
-        dg = str(info.get("schema_digest"))
+    def _destination(self, info: Begin, what: str) -> tuple[Destination | None, str | None, bool]:
+        dg = info.schema_digest
         dest = self._dests.get(dg)
         if dest is not None and not dest.is_current(self.adapter):
             log.warning(
                 "receiver %s: model tensors were reallocated; re-resolving the weight map", self.receiver_id
             )
             try:
-                dest = self._dests[dg] = Destination(dest.schema, self.adapter, self.mapper)
+                fresh = Destination(dest.schema, self.adapter, self.mapper)
             except SchemaError as e:
                 del self._dests[dg]
                 return None, str(e), True
+            fresh.expected, fresh.expected_version = dest.expected, dest.expected_version
+            if self._held is dest:
+                self._held = fresh
+            dest = self._dests[dg] = fresh
         if dest is not None:
             self._dests.move_to_end(dg)
             return dest, None, False
-        if "schema" not in info:
+        if info.schema is None:
             return (
                 None,
                 f"{what}: unknown tensor list {dg[:12]}… (delta for a model this receiver has not seen)",
                 False,
             )
-        schema = Schema.from_json(info["schema"], what)
+        schema = Schema.from_json(info.schema, what)
         if schema.digest != dg:
             return None, f"{what}: tensor list does not match its digest", False
         try:
@@ -251,32 +265,46 @@ class WeightSyncReceiver:
         v = hdr.version
         what = f"version {v}"
         verify_payload(hdr, begin.payload, f"BEGIN of {what}")
-        info = parse_json(begin.payload, f"BEGIN of {what}")
+        info = parse_begin(begin.payload, f"BEGIN of {what}")
         self.link.release(begin)
-        mode = info.get("mode")
-        session = info.get("session")
+        mode = info.mode
+        session = info.session
         cause: str | None = None
         fatal = False
         dest: Destination | None = None
-        if mode not in ("delta", "full"):
-            cause = f"{what}: unknown mode {mode!r}"
-        elif mode == "delta" and self.stale:
-            cause = f"{what}: delta from v{info.get('base_version')} but this receiver is stale ({self.stale_cause})"
-        elif mode == "delta" and (self.version != info.get("base_version") or self.session != session):
-            cause = (
-                f"{what}: delta from v{info.get('base_version')} but this receiver holds v{self.version}"
-                + ("" if self.session == session else " from another sender session")
+        if mode == "delta" and self.stale:
+            cause = f"{what}: delta from v{info.base_version} but this receiver is stale ({self.stale_cause})"
+        elif mode == "delta" and (self.version != info.base_version or self.session != session):
+            cause = f"{what}: delta from v{info.base_version} but this receiver holds v{self.version}" + (
+                "" if self.session == session else " from another sender session"
             )
         elif session == self.session and self.version is not None and v < self.version:
             cause = f"{what}: older than the v{self.version} this receiver holds"
         if cause is None:
             dest, cause, fatal = self._destination(info, what)
+        if cause is None and mode == "delta" and dest.expected_version != (session, info.base_version):
+            cause = f"{what}: this receiver holds no digests of v{info.base_version} to check a delta against"
+        if cause is None and len(dest.schema) != info.tensors:
+            cause = f"{what}: BEGIN announces {info.tensors} tensors, the tensor list has {len(dest.schema)}"
+        if dest is not None:
+            dest.begin_digests()
         t_apply = 0.0
+        if mode == "full":  # say which tensors differ from the trainer's; only those are sent
+            t = time.perf_counter()
+            need = np.zeros(info.tensors, dtype=np.bool_)
+            if cause is None:
+                for i in range(info.tensors):
+                    got = dest.tensor_digest(i)
+                    need[i] = got is not None and got != info.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+            payload = pack_need(need)
+            self.link.send(pack_header(Kind.NEED, v, 0, 0, payload) + payload)
+            t_apply += time.perf_counter() - t
         t_verify = 0.0
         expected = 0
         changed = 0
         nbytes = HEADER_SIZE + hdr.payload_len
         touched: set[str] = set()
+        covered: set[int] = set()  # wire tensors the update may have changed
         began = False
         dirty = False
         self._in_update_dirty = False
@@ -300,21 +328,13 @@ class WeightSyncReceiver:
                             began = True
                         try:
                             changed += apply_bucket(
-                                fr.header,
-                                fr.payload,
-                                dest,
-                                self._decoder,
-                                f"{what} bucket {expected}",
-                                touched,
-                            )
+                                fr.header, fr.payload, dest, self._decoder, f"{what} bucket {expected}", touched,
+                                covered,
+                            )  # fmt: skip
                             dirty = True
                         except IntegrityError as e:  # checked before anything of this bucket is applied
                             cause = str(e)
-                        except (
-                            ProtocolError,
-                            ValueError,
-                            IndexError,
-                        ) as e:  # entries before the bad one are applied
+                        except (ProtocolError, ValueError, IndexError) as e:  # earlier entries are applied
                             cause = f"{what} bucket {expected}: cannot apply ({e})"
                             dirty = True
                         self._in_update_dirty = dirty
@@ -331,6 +351,7 @@ class WeightSyncReceiver:
             else:
                 self.link.release(fr)
                 cause = cause or f"{what}: unexpected {fr.header.describe()} inside the update"
+        trainer: list[bytes] | None = None
         if end is not None:
             try:
                 verify_payload(end.header, end.payload, f"END of {what}")
@@ -338,11 +359,14 @@ class WeightSyncReceiver:
                     cause = f"{what}: END says {end.header.count} buckets, {expected} arrived"
                 if cause is None:
                     t = time.perf_counter()
+                    if not began and mode == "full":
+                        self.adapter.begin_update(v, mode)  # nothing to apply: every tensor was held already
+                        began = True
                     dest.synchronize()
-                    cause, mismatch = self._verify(dest, bytes(end.payload), what)
+                    cause, mismatch, trainer = self._verify(dest, info, bytes(end.payload), covered, what)
                     dirty = dirty or mismatch
                     t_verify = time.perf_counter() - t
-            except IntegrityError as e:
+            except (IntegrityError, ProtocolError) as e:
                 cause = cause or str(e)
             finally:
                 self.link.release(end)
@@ -374,27 +398,62 @@ class WeightSyncReceiver:
         self.session = session
         self.stale = False
         self.stale_cause = None
+        dest.expected, dest.expected_version = trainer, (session, v)
+        self._held = dest
         self._ack(v, True, None, t_apply, t_verify)
         st = ReceiveStats(v, mode, changed, nbytes, expected, t_apply, t_verify)
         return _Outcome(True, st)
 
-    def _verify(self, dest: Destination, end_payload: bytes, what: str) -> tuple[str | None, bool]:
-        """(cause, weights differ) after checking every tensor against the END frame's digests."""
+    def _verify(
+        self, dest: Destination, info: Begin, end_payload: bytes, covered: set[int], what: str
+    ) -> tuple[str | None, bool, list[bytes] | None]:
+        """(cause, weights differ, the trainer's per-tensor digests) after checking every tensor.
+
+        A full sync's BEGIN carries every tensor's digest. A delta's END carries only the
+        whole-model digest (and digests of covered tensors this receiver does not hold):
+        tensors the update did not change keep the digests of the version held before, the
+        others are hashed here, and the whole list must hash to the trainer's whole-model
+        digest.
+        """
         n = len(dest.schema)
-        if len(end_payload) != _DIGEST * (n + 1):
-            return f"{what}: END holds {len(end_payload)} digest bytes for {n} tensors", False
-        model_digest, per = end_payload[:_DIGEST], end_payload[_DIGEST:]
-        if bin_digest(per) != model_digest:
-            return f"{what}: END's whole-model digest does not match its tensor digests", False
-        bad = []
-        for i in range(n):
-            got = dest.tensor_digest(i)
-            if got is not None and got != per[i * _DIGEST : (i + 1) * _DIGEST]:
-                bad.append(dest.schema[i].name)
+        model, extra = parse_end(end_payload, n, f"END of {what}")
+        mine = dest.finish_digests()
+        if info.mode == "full":
+            trainer = [info.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] for i in range(n)]
+            if bin_digest(b"".join(trainer)) != model:
+                return f"{what}: END's whole-model digest does not match BEGIN's tensor digests", False, None
+            bad = [dest.schema[i].name for i in range(n) if mine[i] is not None and mine[i] != trainer[i]]
+        else:
+            before = dest.expected
+            trainer = []
+            for i in range(n):
+                if i not in covered:
+                    trainer.append(before[i])
+                elif i in extra:
+                    trainer.append(extra[i])
+                elif mine[i] is not None:
+                    trainer.append(mine[i])
+                else:
+                    return (
+                        f"{what}: END lacks the digest of {dest.schema[i].name!r}, which this receiver ignores",
+                        False,
+                        None,
+                    )
+            bad = [dest.schema[i].name for i in range(n) if mine[i] is not None and mine[i] != trainer[i]]
+            if not bad and bin_digest(b"".join(trainer)) != model:
+                names = [dest.schema[i].name for i in sorted(covered)]
+                more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+                return (
+                    f"{what}: weights differ from the trainer's after applying it (whole-model digest; among the"
+                    f" {len(names)} tensors it changed: {', '.join(names[:5])}{more})",
+                    True,
+                    None,
+                )
         if bad:
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             return (
                 f"{what}: weights differ from the trainer's after applying it: {', '.join(bad[:5])}{more}",
                 True,
+                None,
             )
-        return None, False
+        return None, False, trainer

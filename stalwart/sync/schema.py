@@ -45,6 +45,12 @@ class TensorSpec:
         return {"name": self.name, "dtype": dtype_name(self.dtype), "shape": list(self.shape)}
 
 
+def small_words(chunk_words: int) -> int:
+    """Tensors of at most this many words are *small*: the sender lists them last, side by side,
+    so they share entries (see :func:`stalwart.sync.stream.plan_chunks`)."""
+    return max(1, chunk_words // 8)
+
+
 class Schema:
     """Ordered wire tensors; tensor ids on the wire are indices into this list."""
 

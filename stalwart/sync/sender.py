@@ -4,7 +4,10 @@ One ``sync()``:
 
 1. waits until ``num_receivers`` receivers are connected;
 2. receivers that hold the baseline version get a *delta* stream, all others (new,
-   restarted, stale) a *full* stream; each stream is BEGIN, BUCKET..., END;
+   restarted, stale) a *full* stream; each stream is BEGIN, BUCKET..., END. A full
+   BEGIN carries every tensor's digest and each receiver answers which tensors it
+   lacks (NEED), so weights a receiver already holds (loaded from the same checkpoint,
+   or kept through a trainer restart or a failed update) are not sent again;
 3. an encoder thread fills bounded buckets into the transport's send buffers while
    the calling thread sends the previous one (double buffering);
 4. each receiver applies, checks the whole-model digest and acknowledges; a receiver
@@ -27,22 +30,34 @@ import time
 import uuid
 from collections import Counter
 
+import numpy as np
 import torch
 
-from stalwart.formats.checksum import digest
 from stalwart.sync.baseline import Baseline
-from stalwart.sync.codec import ENTRY_SIZE, Encoder
-from stalwart.sync.errors import SyncError, TransportError
+from stalwart.sync.codec import ENTRY_OVERHEAD, Encoder
+from stalwart.sync.errors import ProtocolError, SyncError, TransportError
 from stalwart.sync.schema import Schema
 from stalwart.sync.source import ModelLike, Source
 from stalwart.sync.stats import SyncStats
-from stalwart.sync.stream import StreamResult, encode_stream
+from stalwart.sync.stream import Chunk, StreamResult, digest_all, encode_stream, plan_chunks
 from stalwart.sync.transports.base import Peer, Transport
-from stalwart.sync.wire import HEADER_SIZE, Kind, json_bytes, pack_header, parse_json, verify_payload
+from stalwart.sync.wire import (
+    HEADER_SIZE,
+    Begin,
+    Kind,
+    bin_digest,
+    pack_begin,
+    pack_end,
+    pack_header,
+    parse_json,
+    parse_need,
+    verify_payload,
+)
 
 log = logging.getLogger("stalwart.sync")
 
 _DONE = object()
+COMMIT_LOG_FRACTION = 0.25  # default: sparse bf16 changes up to 5 % density are logged, not re-read
 
 
 class _Failure:
@@ -74,7 +89,8 @@ class WeightSyncSender:
         max_resyncs: full resyncs per receiver within one ``sync()`` before giving up.
         start_version: versions continue after this (pass the last one on a restart).
         commit_log_fraction: memory (as a fraction of the model's wire bytes) for keeping
-            sparse changes until the baseline commit, instead of re-reading their chunks.
+            sparse changes (8-byte index + new word each) for the baseline, instead of
+            re-reading their chunks at the commit.
     """
 
     def __init__(
@@ -96,7 +112,7 @@ class WeightSyncSender:
         reconnect_timeout: float = 60.0,
         max_resyncs: int = 3,
         start_version: int = 0,
-        commit_log_fraction: float = 0.125,
+        commit_log_fraction: float = COMMIT_LOG_FRACTION,
     ) -> None:
         self.commit_log_fraction = float(commit_log_fraction)
         if baseline not in ("host", "device"):
@@ -106,7 +122,7 @@ class WeightSyncSender:
         self.transport = transport
         self.bucket_bytes = int(bucket_bytes)
         self.chunk_words = max(
-            1, min(int(chunk_words), (self.bucket_bytes - HEADER_SIZE - ENTRY_SIZE - 8) // 8)
+            1, min(int(chunk_words), (self.bucket_bytes - HEADER_SIZE - ENTRY_OVERHEAD) // 8)
         )
         self.baseline_where = baseline
         self.pin_baseline = pin_baseline
@@ -124,6 +140,9 @@ class WeightSyncSender:
         self.link = transport.open_sender(frame_bytes=self.bucket_bytes, buffers=2)
         self.num_receivers = num_receivers
         self._closed = False
+        self._chunks: tuple[Schema, list[Chunk]] | None = None
+        self._digests: list[bytes] | None = None  # per-tensor digests of the version being synced
+        self._full_words = 0
 
     # -- public ------------------------------------------------------------------------
 
@@ -157,6 +176,8 @@ class WeightSyncSender:
             self.baseline = None
         self.version += 1
         v = self.version
+        self._digests = None
+        self._full_words = 0
         st = SyncStats(version=v, tensors=len(schema), total_elements=schema.numel, model_bytes=schema.nbytes)
         need = self.num_receivers
         if need is None:
@@ -253,11 +274,12 @@ class WeightSyncSender:
                 if any(p not in acked for p in now):
                     break
         if not delta_ran:
-            st.changed_elements = st.total_elements  # nothing to diff against: every element was sent
+            st.changed_elements = self._full_words  # no baseline to diff against: the words full syncs sent
         t_c = time.perf_counter()
         self._commit(v, schema, dirty)
         st.commit_s = time.perf_counter() - t_c
         st.receivers = len(acked)
+        self._digests = None
         st.total_s = time.perf_counter() - t0
         log.debug("weight sync %s", st.summary())
         return st
@@ -310,6 +332,7 @@ class WeightSyncSender:
             session=ack.get("session"),
             stale=bool(ack.get("stale")),
             cause=ack.get("cause"),
+            unmapped=ack.get("unmapped"),
         )
         if ack.get("ok") and fr.header.version == v and ack.get("version") == v:
             return True, None
@@ -328,21 +351,114 @@ class WeightSyncSender:
 
     # -- streams ---------------------------------------------------------------------------
 
+    def _plan(self, schema: Schema) -> list[Chunk]:
+        if self._chunks is None or self._chunks[0] is not schema:
+            device_baseline = self.baseline_where == "device"
+            tensors = self.source.tensors
+
+            def key(i: int):  # small tensors share chunks on the host; a device baseline keeps them apart
+                return i if device_baseline and tensors[i].device.type != "cpu" else None
+
+            self._chunks = (schema, plan_chunks(schema, self.chunk_words, key))
+        return self._chunks[1]
+
     def _stream(self, v: int, mode: str, peers: list[Peer], schema: Schema, st: SyncStats):
         """Send one update stream to ``peers``; returns (peers that got END, changed chunks or None)."""
-        begin = {
-            "mode": mode,
-            "base_version": self.baseline.version if mode == "delta" else None,
-            "session": self.session,
-            "schema_digest": schema.digest,
-            "tensors": len(schema),
-        }
-        payload = json_bytes(begin)
+        begin = Begin(
+            mode, self.baseline.version if mode == "delta" else None, self.session, schema.digest, len(schema)
+        )
+        chunks = self._plan(schema)
         if mode == "full":
-            payload = payload[:-1] + b',"schema":' + schema.json_text.encode("utf-8") + b"}"
+            if self._digests is None:
+                t = time.perf_counter()
+                self._digests = digest_all(schema, self.source, self.chunk_words)
+                st.encode_s += time.perf_counter() - t
+            begin.digests = b"".join(self._digests)
+        payload = pack_begin(begin, schema.json_text)
         live = self._send_small(Kind.BEGIN, v, 0, payload, peers, st, v)
-        stream_bytes = HEADER_SIZE + len(payload)
+        sent = {p: HEADER_SIZE + len(payload) for p in live}
+        bucket_peers = live
+        if mode == "full":
+            live, need = self._collect_needs(live, v, schema, st)
+            bucket_peers = [p for p in live if need[p].any()]
+            union = np.zeros(len(schema), dtype=np.bool_)
+            for p in bucket_peers:
+                union |= need[p]
+            st.full_tensors = max(st.full_tensors, int(union.sum()))
+            if not union.all():
+                chunks = plan_chunks(schema, self.chunk_words, only=union) if union.any() else []
         res = StreamResult()
+        self._send_buckets(v, mode, chunks, bucket_peers, schema, st, res, sent)
+        live = [p for p in live if sent[p] is not None]
+        st.buckets += res.buckets
+        if mode == "full":
+            self._full_words = max(self._full_words, res.changed)
+        st.index_encodings.update(res.idx_kinds)
+        st.value_encodings.update(res.val_kinds)
+        dirty = None
+        if mode == "delta":
+            st.changed_elements = res.changed
+            if res.complete:
+                dirty = (res.dirty, res.log)
+                self._digests = res.digests
+        if not live:
+            return [], dirty
+        if mode == "delta":  # receivers hash what they hold; they need digests only of tensors they ignore
+            blind: set[int] = set()
+            for p in live:
+                blind.update(int(i) for i in p.hello.get("unmapped") or ())
+            extra = [(i, self._digests[i]) for i in sorted(blind) if i < len(schema) and res.covered[i]]
+        else:
+            extra = []
+        end_payload = pack_end(bin_digest(b"".join(self._digests)), extra)
+        got = [p for p in live if p in bucket_peers]
+        rest = [p for p in live if p not in bucket_peers]  # needed nothing: sent no bucket
+        live = self._send_small(Kind.END, v, res.buckets, end_payload, got, st, v) if got else []
+        live += self._send_small(Kind.END, v, 0, end_payload, rest, st, v) if rest else []
+        for p in live:
+            st.update_bytes = max(st.update_bytes, sent[p] + HEADER_SIZE + len(end_payload))
+        return live, dirty
+
+    def _collect_needs(self, peers: list[Peer], v: int, schema: Schema, st: SyncStats):
+        """Each receiver's answer to a full BEGIN: which tensors it lacks."""
+        live, need = [], {}
+        t = time.perf_counter()
+        for p in peers:
+            try:
+                fr = self.link.recv_reply(p, self.ack_timeout)
+                verify_payload(fr.header, fr.payload, f"NEED from {p.name}")
+                if fr.header.kind != Kind.NEED or fr.header.version != v:
+                    raise ProtocolError(f"{p.name}: expected NEED of v{v}, got {fr.header.describe()}")
+                need[p] = parse_need(fr.payload, len(schema), f"NEED from {p.name}")
+                live.append(p)
+                log.info(
+                    "weight sync v%d: %s lacks %d of %d tensors (the others match the trainer's digests)",
+                    v, p.name, int(need[p].sum()), len(schema),
+                )  # fmt: skip
+            except TransportError as e:
+                st.causes.append(f"{p.name}: lost ({e})")
+                log.warning("weight sync v%d: %s lost before answering a full sync: %s", v, p.name, e)
+                self.link.drop(p, str(e))
+            except Exception as e:
+                st.causes.append(f"{p.name}: bad NEED ({e})")
+                log.warning("weight sync v%d: bad NEED from %s: %s; dropping it", v, p.name, e)
+                self.link.drop(p, f"bad NEED: {e}")
+        st.ack_s += time.perf_counter() - t
+        return live, need
+
+    def _send_buckets(
+        self, v: int, mode: str, chunks: list[Chunk], peers: list[Peer], schema: Schema, st: SyncStats,
+        res: StreamResult, sent: dict,
+    ) -> list[Peer]:  # fmt: skip
+        """Encode ``chunks`` on a worker thread and send each bucket to ``peers`` as it is ready.
+
+        Adds each bucket's bytes to ``sent[peer]``; a peer that drops gets ``sent[peer] = None``.
+        Returns the peers still connected.
+        """
+        live = list(peers)
+        if not chunks and mode == "full":
+            res.complete = True
+            return live
         q: queue.Queue = queue.Queue(maxsize=2)
         cancel = threading.Event()
 
@@ -350,7 +466,7 @@ class WeightSyncSender:
             try:
                 acquire = lambda: self.link.acquire(self.ack_timeout)  # noqa: E731
                 it = encode_stream(
-                    v, mode, schema, self.source, self.baseline, self.encoder, self.chunk_words, acquire, self.link.release,
+                    v, mode, schema, self.source, self.baseline, self.encoder, chunks, acquire, self.link.release,
                     res, cancel, self._log_budget(schema),
                 )  # fmt: skip
                 for item in it:
@@ -378,8 +494,12 @@ class WeightSyncSender:
                 failed = self.link.send_buffer(buf, nbytes, live)
                 st.send_s += time.perf_counter() - t
                 st.wire_bytes += nbytes * (len(live) - len(failed))
-                stream_bytes += nbytes
+                for p in live:
+                    if p not in failed:
+                        sent[p] += nbytes
                 if failed:
+                    for p in failed:
+                        sent[p] = None
                     live = self._lost(failed, v, st, live)
                     if not live:
                         cancel.set()
@@ -398,21 +518,7 @@ class WeightSyncSender:
             cancel.set()
             raise SyncError(f"version {v}: encoding failed: {failure}") from failure
         st.encode_s += res.encode_s
-        st.buckets += res.buckets
-        st.index_encodings.update(res.idx_kinds)
-        st.value_encodings.update(res.val_kinds)
-        if mode == "delta":
-            st.changed_elements = res.changed
-        dirty = (res.dirty, res.log) if res.complete else None
-        if not live:
-            return [], dirty
-        tensor_digests = b"".join(res.digests)
-        end_payload = bytes.fromhex(digest(tensor_digests)) + tensor_digests
-        live = self._send_small(Kind.END, v, res.buckets, end_payload, live, st, v)
-        stream_bytes += HEADER_SIZE + len(end_payload)
-        if mode == "delta":
-            st.update_bytes = stream_bytes
-        return live, dirty
+        return live
 
     def _send_small(
         self, kind: Kind, v: int, count: int, payload: bytes, peers: list[Peer], st: SyncStats, ver: int

@@ -10,7 +10,7 @@ from torch import nn
 
 from stalwart.sync.codec import torch_word_dtype, word_size, words_torch
 from stalwart.sync.errors import SyncError
-from stalwart.sync.schema import Schema, TensorSpec
+from stalwart.sync.schema import Schema, TensorSpec, small_words
 
 ModelLike = nn.Module | Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
 
@@ -62,6 +62,8 @@ class Source:
         self.schema: Schema | None = None
         self._cast: dict[tuple, torch.Tensor] = {}
         self._host: torch.Tensor | None = None
+        self._flat: list[torch.Tensor] = []  # each tensor flattened (a view)
+        self._words: list[np.ndarray | None] = []  # host tensors sent as they are: their words (a view)
 
     def wire_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
@@ -78,10 +80,57 @@ class Source:
                 raise SyncError(f"trainer tensor {n!r} is not contiguous; weight sync reads tensors in place")
             specs.append(TensorSpec(n, self.wire_dtype(t), tuple(t.shape)))
             tensors.append(t)
+        # small tensors last, by word size, so they share chunks (and entries) with each other
+        small = small_words(self.chunk_words)
+        order = sorted(
+            range(len(specs)),
+            key=lambda j: (specs[j].words <= small, specs[j].word if specs[j].words <= small else 0),
+        )
+        specs = [specs[j] for j in order]
+        tensors = [tensors[j] for j in order]
         if self.schema is None or [s for s in self.schema] != specs:
             self.schema = Schema(specs)
         self.tensors = tensors
+        self._flat = [t.reshape(-1) for t in tensors]
+        self._words = [
+            words_torch(t).numpy() if t.device.type == "cpu" and spec.dtype == t.dtype else None
+            for t, spec in zip(tensors, specs)
+        ]
         return self.schema
+
+    def casts(self, i: int) -> bool:
+        """Whether tensor ``i`` is sent in another dtype than it has (reading it costs a cast)."""
+        return self.schema[i].dtype != self.tensors[i].dtype
+
+    def read_blocks(self, i: int, start: int, n: int) -> tuple[np.ndarray, Callable[[int, int], None] | None]:
+        """Words ``[start, start + n)`` of tensor ``i`` on the host, filled block by block.
+
+        Returns the words and ``fill(lo, hi)``, which must be called for every block (in
+        order) before its words are read; None when the words are there already (a host
+        tensor sent as it is). Casting block by block keeps each block in cache for what
+        reads it next.
+        """
+        words = self._words[i]
+        if words is not None:
+            return words[start : start + n], None
+        t = self.tensors[i]
+        spec = self.schema[i]
+        if t.device.type != "cpu":
+            return self.read(i, start, n)[1], None
+        stage = self._stage(t.device, spec.dtype)
+        src = self._flat[i]
+
+        def fill(lo: int, hi: int) -> None:
+            stage[lo:hi].copy_(src[start + lo : start + hi])
+
+        return words_torch(stage)[:n].numpy(), fill
+
+    def _stage(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        stage = self._cast.get(key)
+        if stage is None:
+            stage = self._cast[key] = torch.empty(self.chunk_words, dtype=dtype, device=device)
+        return stage
 
     def read(
         self, i: int, start: int, n: int, need_host: bool = True
@@ -90,11 +139,8 @@ class Source:
         t = self.tensors[i]
         spec = self.schema[i]
         if spec.dtype != t.dtype:  # cast (element == word for every castable dtype)
-            key = (t.device, spec.dtype)
-            stage = self._cast.get(key)
-            if stage is None:
-                stage = self._cast[key] = torch.empty(self.chunk_words, dtype=spec.dtype, device=t.device)
-            stage[:n].copy_(t.reshape(-1)[start : start + n])
+            stage = self._stage(t.device, spec.dtype)
+            stage[:n].copy_(self._flat[i][start : start + n])
             dev = words_torch(stage)[:n]
         else:
             dev = words_torch(t)[start : start + n]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -32,15 +33,32 @@ def torchrun(script: str, *args: str, nproc: int = 2, max_restarts: int = 0, tim
 
 
 def run_group(cmd: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
-    """Run a command in its own process group; on timeout kill the whole group (no orphans)."""
+    """Run a command in its own process group; on timeout kill it and every descendant
+    (torchrun starts its workers in sessions of their own: killing the group misses them)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (keepers run in their own session and are
+    not descendants once detached; they exit when their trainers are gone)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def shm_base() -> str:

@@ -23,7 +23,10 @@ SINGLE = os.path.join(WORKERS, "single_train.py")
 
 
 def train(root, *args, timeout=120, expect=0, env=None):
-    res = run_group([sys.executable, SINGLE, "--root", str(root), *map(str, args)], timeout, {**os.environ, **(env or {})})
+    # one intra-op thread, as the torchrun tests use: results then cannot depend on how many threads a
+    # BLAS call got on a busy machine (a reference run once differed in its last bits under heavy load)
+    res = run_group([sys.executable, SINGLE, "--root", str(root), *map(str, args)], timeout,
+                    {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if expect is not None:
         assert res.returncode == expect, (res.returncode, res.stderr[-3000:])
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]

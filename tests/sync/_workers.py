@@ -231,3 +231,74 @@ def wait_for(events, pred, timeout: float, seen: list):
             raise AssertionError(f"child {ev[1]} failed:\n{ev[2]}")
         if pred(ev):
             return ev
+
+
+# ---------------------------------------------------------------- as a new user tries it
+# A 0.1M-parameter bf16 transformer, one trainer and two rollout processes over DistTransport:
+# one rollout starts from the trainer's own initial weights (the usual case: both load the
+# same checkpoint), the other from different ones. The trainer then moves 1 % of the elements
+# by +1.0 (values that do not compress) and syncs again.
+
+
+def newuser_model(seed: int) -> TinyLM:
+    return make_model(seed, torch.bfloat16)
+
+
+def newuser_trainer(cfg: dict, events) -> None:
+    torch.set_num_threads(1)
+    out = cfg["out"]
+    _setup_logging(os.path.join(out, "trainer.log"))
+    try:
+        from stalwart.sync import DistTransport, WeightSyncSender
+
+        _init_dist(cfg, 0, events)
+        model = newuser_model(0)
+        sender = WeightSyncSender(model, DistTransport(cfg["group"], src=0, timeout=60))
+        g = torch.Generator().manual_seed(7)
+        for v in (1, 2):
+            if v == 2:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p[torch.rand(p.shape, generator=g) < 0.01] += 1.0
+            _save(os.path.join(out, f"trainer_v{v}.safetensors"), wire_state(model, None))
+            st = sender.sync()
+            events.put(("synced", v, {
+                "changed": st.changed_elements, "model_bytes": st.model_bytes, "wire_bytes": st.wire_bytes,
+                "update_bytes": st.update_bytes, "broadcast_bytes": st.broadcast_bytes, "full_syncs": st.full_syncs,
+                "full_tensors": st.full_tensors, "tensors": st.tensors, "receivers": st.receivers,
+            }))  # fmt: skip
+        sender.close()
+        events.put(("trainer_done", 2))
+    except Exception:
+        events.put(("error", "trainer", traceback.format_exc()))
+        raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def newuser_receiver(cfg: dict, rid: str, events, rank: int, seed: int) -> None:
+    torch.set_num_threads(1)
+    out = cfg["out"]
+    _setup_logging(os.path.join(out, f"{rid}.log"))
+    try:
+        from stalwart.sync import DistTransport, WeightSyncReceiver
+
+        _init_dist(cfg, rank)
+        model = newuser_model(seed)
+        r = WeightSyncReceiver(model, DistTransport(cfg["group"], src=0, timeout=60), receiver_id=rid)
+        for _ in (1, 2):
+            st = r.receive()
+            _save(os.path.join(out, f"{rid}_v{st.version}.safetensors"), wire_state(model, None))
+            events.put(("recv", rid, st.version, {"mode": st.mode, "bytes": st.bytes_received}))
+        r.close()
+    except Exception:
+        events.put(("error", rid, traceback.format_exc()))
+        raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

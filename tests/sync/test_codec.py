@@ -12,24 +12,26 @@ from hypothesis import strategies as st
 
 from stalwart.sync.bucket import BucketWriter
 from stalwart.sync.codec import (
-    ENTRY_SIZE,
+    ENTRY_OVERHEAD,
     IDX_BITMAP,
     IDX_DENSE,
-    IDX_VARINT,
+    IDX_GAPS8,
+    IDX_GAPS16,
     VAL_RAW,
     VAL_XOR_ZSTD,
     Decoder,
     Encoder,
     apply_np,
     apply_torch,
-    gaps_of,
-    indices_from_gaps,
+    leb128_get,
+    leb128_put,
     max_entry_bytes,
-    varint_decode,
-    varint_encode_into,
-    varint_lengths,
+    plan_gap_codes,
+    read_entry_header,
+    read_gap_codes,
     word_size,
     words_np,
+    write_gap_codes,
 )
 from stalwart.sync.errors import IntegrityError, ProtocolError
 from stalwart.sync.wire import HEADER_SIZE, parse_header, verify_payload
@@ -78,12 +80,17 @@ def mutate(base: torch.Tensor, density: float, rng: np.random.Generator, special
 
 
 def roundtrip(
-    base: torch.Tensor, new: torch.Tensor, chunk: int, compression: str = "auto", use_torch: bool = False
+    base: torch.Tensor,
+    new: torch.Tensor,
+    chunk: int,
+    compression: str = "auto",
+    use_torch: bool = False,
+    encoder: Encoder | None = None,
 ):
     """Encode base->new in chunks into one bucket, decode, apply to a copy of base; return (result, plans)."""
     w = word_size(base.dtype)
     bw, nw = words_np(base), words_np(new)
-    enc = Encoder(chunk, compression=compression)
+    enc = encoder or Encoder(chunk, compression=compression)
     buf = np.zeros(
         HEADER_SIZE + sum(max_entry_bytes(min(chunk, len(bw) - s), w) for s in range(0, len(bw), chunk)) + 64,
         np.uint8,
@@ -168,7 +175,7 @@ def test_signed_zero_and_nan_payloads_are_changes():
 
 @pytest.mark.parametrize(
     ("density", "want"),
-    [(0.002, IDX_VARINT), (0.04, IDX_VARINT), (0.3, IDX_BITMAP), (0.8, IDX_BITMAP), (1.0, IDX_DENSE)],
+    [(0.002, IDX_GAPS16), (0.04, IDX_GAPS8), (0.3, IDX_BITMAP), (0.8, IDX_BITMAP), (1.0, IDX_DENSE)],
 )
 def test_index_encoding_follows_density(density, want):
     rng = np.random.default_rng(0)
@@ -178,11 +185,15 @@ def test_index_encoding_follows_density(density, want):
     k = int(density * len(nw))
     idx = rng.choice(len(nw), k, replace=False)
     nw[idx] += 1  # one ulp, like a small optimizer step
-    _, plans = roundtrip(base, new, 1 << 20, "off")
+    enc = Encoder(1 << 20, compression="off")
+    enc.compress_indices = False
+    _, plans = roundtrip(base, new, 1 << 20, encoder=enc)
     assert [p.idx_enc for p in plans] == [want]
     p = plans[0]
-    if want == IDX_VARINT:  # gaps below 2**14 take at most two bytes, below 2**7 one
-        assert p.idx_nbytes <= 2 * k and (density < 0.01 or p.idx_nbytes < 1.2 * k)
+    if want == IDX_GAPS8:  # one byte per gap below 255, exceptions rare at this density
+        assert k <= p.idx_nbytes < 1.05 * k
+    if want == IDX_GAPS16:
+        assert 2 * k <= p.idx_nbytes < 2.05 * k
     if want == IDX_BITMAP:
         assert p.idx_nbytes == (len(nw) + 7) // 8
 
@@ -196,7 +207,7 @@ def test_dense_never_exceeds_1_02x(dtype):
         _, plans = roundtrip(base, new, 1 << 20, "auto")
         total = sum(p.nbytes for p in plans) + HEADER_SIZE
         dense = n * base.element_size()
-        assert total <= dense + ENTRY_SIZE + 7 + HEADER_SIZE  # fixed overhead only
+        assert total <= dense + ENTRY_OVERHEAD + HEADER_SIZE  # fixed overhead only
         assert n < 10_000 or total <= 1.02 * dense
         assert plans[0].idx_enc == IDX_DENSE and plans[0].val_enc == VAL_RAW
 
@@ -217,42 +228,83 @@ def test_xor_zstd_chosen_for_small_changes():
         st.lists(st.integers(0, 2**62), max_size=300), st.lists(st.integers(0, 2**14 - 1), max_size=300)
     )
 )
-def test_varint_roundtrip(gaps):
-    g = np.array(gaps, dtype=np.int64)
-    nb = varint_lengths(g)
-    out = np.zeros(int(nb.sum()) + 1, np.uint8)
-    m = varint_encode_into(g, nb, out)
-    assert m == int(nb.sum())
-    assert np.array_equal(varint_decode(out[:m], len(g), "t"), g)
+def test_leb128_roundtrip(values):
+    buf = bytearray()
+    for v in values:
+        leb128_put(buf, v)
+    raw = bytes(buf)
+    pos, got = 0, []
+    for _ in values:
+        v, pos = leb128_get(raw, pos, len(raw), "t")
+        got.append(v)
+    assert got == values and pos == len(raw)
+    if values:  # the last number cut short
+        last = bytearray()
+        leb128_put(last, values[-1])
+        with pytest.raises(ProtocolError, match="truncated"):
+            leb128_get(bytes(last[:-1]), 0, len(last) - 1, "t")
 
 
-def test_varint_gaps_roundtrip_indices():
-    idx = np.array([0, 1, 5, 200, 201, 70000, 1 << 33], dtype=np.int64)
-    assert np.array_equal(indices_from_gaps(gaps_of(idx)), idx)
+@SETTINGS
+@given(
+    gaps=st.lists(
+        st.one_of(st.integers(1, 300), st.integers(1, 70_000), st.integers(1, 2**33)), max_size=400
+    ),
+    first=st.integers(0, 70_000),
+)
+def test_gap_codes_roundtrip(gaps, first):
+    idx = np.cumsum(np.array([first, *gaps], dtype=np.int64))
+    g = plan_gap_codes(idx)
+    out = np.zeros(g.nbytes + 3, np.uint8)
+    assert write_gap_codes(g, out[1:]) == g.nbytes  # odd offset: 16-bit codes unaligned
+    assert np.array_equal(read_gap_codes(out[1 : 1 + g.nbytes], g.enc, len(idx), int(idx[-1]) + 1, "t"), idx)
+    with pytest.raises(ProtocolError, match=r"(outside a|in a) range"):
+        read_gap_codes(out[1 : 1 + g.nbytes], g.enc, len(idx), int(idx[-1]), "t")
+
+
+def _entry(flags: int, fields, body: bytes) -> np.ndarray:
+    hdr = bytearray([flags])
+    for x in fields:
+        leb128_put(hdr, x)
+    return np.frombuffer(bytes(hdr) + body, dtype=np.uint8)
 
 
 def test_decoder_rejects_garbage_without_crashing():
     base = (torch.randn(5000)).to(torch.bfloat16)
     new = base.clone()
     words_np(new)[::50] += 1
-    enc = Encoder(8192)
+    enc = Encoder(8192, compression="off")
     plan = enc.plan_delta(words_np(new), words_np(base))
+    assert plan.idx_enc == IDX_GAPS8 and plan.val_enc == VAL_RAW
     buf = np.zeros(HEADER_SIZE + plan.nbytes, np.uint8)
     w = BucketWriter(buf)
     w.add(plan, 0, 0, 2)
     n = w.finish(1, 0)
     payload = buf[HEADER_SIZE:n].copy()
-    # wrong counts, truncated sections and trailing bytes are protocol errors, not crashes
-    bad = payload.copy()
-    bad[20] ^= 0xFF  # count field
-    with pytest.raises(ProtocolError):
-        list(Decoder().entries(bad, 1, "b"))
+    h, p = read_entry_header(payload, 0, len(payload), "b")
+    assert (h.tensor_id, h.start, h.length, h.count) == (0, 0, 5000, 100)
+    body = payload[p:].tobytes()
+    fields = [h.tensor_id, h.start, h.length, h.count, h.idx_nbytes, h.val_nbytes]
+    flags = int(payload[0])
+    assert list(Decoder().entries(_entry(flags, fields, body), 1, "b"))  # the rebuilt entry is valid
+    # wrong counts, truncated sections, trailing bytes, unknown flags: protocol errors, not crashes
+    for bad_fields in (
+        [0, 0, 5000, 101, *fields[4:]],
+        [0, 0, 5000, 99, *fields[4:]],
+        [0, 0, 4000, *fields[3:]],
+    ):
+        with pytest.raises(ProtocolError):
+            list(Decoder().entries(_entry(flags, bad_fields, body), 1, "b"))
     with pytest.raises(ProtocolError):
         list(Decoder().entries(payload[:-9], 1, "b"))
     with pytest.raises(ProtocolError):
         list(Decoder().entries(np.concatenate([payload, np.zeros(8, np.uint8)]), 1, "b"))
+    with pytest.raises(ProtocolError, match="unknown entry encoding"):
+        list(Decoder().entries(_entry(flags | 0x80, fields, body), 1, "b"))
+    with pytest.raises(ProtocolError, match="truncated"):
+        list(Decoder().entries(payload[:3], 1, "b"))
     bad = payload.copy()
-    bad[ENTRY_SIZE + 3] ^= 0x40  # inside the varint stream
+    bad[p + 50] = 0xFF  # an escaped gap code without its exception: indices run past the range
     with pytest.raises(ProtocolError):
         list(Decoder().entries(bad, 1, "b"))
     # a flipped value bit is caught by the bucket checksum before anything is decoded

@@ -364,3 +364,51 @@ def test_receiver_weights_changed_behind_its_back(tcp, caplog, how):
     assert st.resyncs == 1 and rs.results[0].attempts == 2
     assert "weights differ from the trainer's after applying it: 0.weight" in caplog.text
     assert all(bits_equal(a, b) for a, b in zip(trainer.state_dict().values(), rollout.state_dict().values()))
+
+
+def test_full_sync_sends_only_the_tensors_a_receiver_lacks(tcp):
+    """Receivers that already hold (some of) the trainer's weights get only the others: a rollout
+    loaded from the same checkpoint costs digests, not a second copy of the model."""
+    import copy
+
+    torch.manual_seed(6)
+    trainer = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).to(torch.bfloat16)
+    same = copy.deepcopy(trainer)
+    one_off = copy.deepcopy(trainer)
+    with torch.no_grad():
+        one_off[1].weight[3, 3] += 1
+    sender = WeightSyncSender(trainer, TcpTransport("127.0.0.1", 0), num_receivers=2)
+    tcp.append(sender)
+    rcvs = [WeightSyncReceiver(m, TcpTransport("127.0.0.1", sender.transport.port)) for m in (same, one_off)]
+    tcp.extend(rcvs)
+    rs = Receivers(rcvs)
+    st = rs.run(sender.sync)
+    assert st.full_syncs == 2 and st.full_tensors == 1 and st.changed_elements == 64 * 64
+    assert rs.results[0].bytes_received < 2000  # digests of 4 tensors, no weights
+    assert 64 * 64 * 2 < rs.results[1].bytes_received < 64 * 64 * 2 + 2000  # 1.weight only
+    assert st.wire_bytes < 0.6 * st.model_bytes  # a full broadcast would send 2x the model
+    for m in (same, one_off):
+        assert all(bits_equal(a, b) for a, b in zip(trainer.state_dict().values(), m.state_dict().values()))
+
+
+def test_delta_verifies_tensors_the_receiver_ignores(tcp):
+    """A delta carries only the whole-model digest, plus digests of changed tensors some receiver
+    does not hold, so a receiver with Ignore rules still verifies every version."""
+    torch.manual_seed(7)
+    trainer = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    sender = WeightSyncSender(trainer, TcpTransport("127.0.0.1", 0), num_receivers=1)
+    tcp.append(sender)
+    rollout = {k: torch.zeros_like(v) for k, v in trainer.state_dict().items() if k != "0.bias"}
+    rcv = WeightSyncReceiver(
+        rollout, TcpTransport("127.0.0.1", sender.transport.port), name_map=NameMapper(Ignore(r"^0\.bias$"))
+    )
+    tcp.append(rcv)
+    rs = Receivers([rcv])
+    rs.run(sender.sync)
+    for step in range(3):
+        with torch.no_grad():
+            trainer[0].bias[step] += 1  # ignored by the receiver
+            trainer[1].weight[step, 0] += 1
+        st = rs.run(sender.sync)
+        assert st.resyncs == 0 and rs.results[0].mode == "delta" and rs.results[0].attempts == 1
+        assert bits_equal(rollout["1.weight"], trainer[1].weight.detach())

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ._faults import FrameProxy
-from ._workers import receiver_main, trainer_main, wait_for
+from ._workers import newuser_receiver, newuser_trainer, receiver_main, trainer_main, wait_for
 
 CTX = mp.get_context("spawn")
 
@@ -215,3 +215,46 @@ def test_training_bitwise(tmp_path, procs, transport, dtype, lr):
     synced = {e[1]: e[2] for e in seen if e[0] == "synced"}
     assert all(synced[v]["full_syncs"] == 0 and synced[v]["resyncs"] == 0 for v in (2, 3))
     assert 0 < synced[3]["changed"] <= synced[3]["total"]
+
+
+def test_new_user_dist_first_sync_and_sparse_bytes(tmp_path, procs):
+    """A new user's first run: 0.1M-param bf16 transformer, trainer + 2 rollouts over DistTransport.
+
+    The first sync sends each receiver only what it lacks: digests only to the rollout that
+    loaded the trainer's own weights, every weight once (<= 1.02x the model) to the one that
+    did not. Moving 1 % of the elements by +1.0 then costs within 1.10x of the 2-byte values +
+    1-byte gaps it carries.
+    """
+    out = str(tmp_path)
+    cfg = {"out": out, "world": 3, "dist_timeout": 60}
+    events, seen = CTX.Queue(), []
+    procs(newuser_trainer, cfg, events)
+    cfg["store_port"] = wait_for(events, lambda e: e[0] == "store_port", 60, seen)[1]
+    procs(newuser_receiver, cfg, "same", events, 1, 0)  # the trainer's initial weights (seed 0)
+    procs(newuser_receiver, cfg, "other", events, 2, 1)  # different initial weights
+    wait_for(events, lambda e: e[0] == "trainer_done", 120, seen)
+    recv = {(e[1], e[2]): e[3] for e in seen if e[0] == "recv"}
+    for rid in ("same", "other"):
+        for v in (1, 2):
+            if (rid, v) not in recv:
+                wait_for(
+                    events, lambda e, rid=rid, v=v: e[0] == "recv" and e[1] == rid and e[2] == v, 60, seen
+                )
+            assert_same(out, rid, v)
+    recv = {(e[1], e[2]): e[3] for e in seen if e[0] == "recv"}
+    synced = {e[1]: e[2] for e in seen if e[0] == "synced"}
+    model = synced[1]["model_bytes"]
+    assert model > 150_000 and synced[1]["receivers"] == 2 and synced[1]["full_syncs"] == 2
+    # first sync: nothing resent to the rollout that holds the weights, one copy to the other
+    assert recv[("same", 1)]["bytes"] < 0.01 * model
+    assert 0.9 * model < recv[("other", 1)]["bytes"] <= 1.02 * model  # (equal LayerNorm inits are not resent)
+    assert synced[1]["update_bytes"] <= 1.02 * model
+    assert synced[1]["wire_bytes"] <= 1.02 * model + 0.01 * model  # vs 2x model for a full broadcast
+    assert 0 < synced[1]["full_tensors"] < synced[1]["tensors"]
+    # 1 % of the elements +1.0: within 1.10x of 3 bytes per change, frames and digests included
+    ideal = 3 * synced[2]["changed"]
+    assert 0.008 < synced[2]["changed"] / (model / 2) < 0.012  # 1 % of the bf16 elements
+    for rid in ("same", "other"):
+        assert recv[(rid, 2)]["mode"] == "delta" and recv[(rid, 2)]["bytes"] <= 1.10 * ideal
+    assert synced[2]["update_bytes"] <= 1.10 * ideal
+    assert synced[2]["wire_bytes"] <= 2 * 1.10 * ideal

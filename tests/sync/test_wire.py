@@ -49,3 +49,33 @@ def test_schema_json_roundtrip_and_digest():
     assert s[2].words == 4 and s[1].words == 1 and s.nbytes == 24 + 1 + 32
     with pytest.raises(ProtocolError):
         Schema.from_json([{"name": "a", "dtype": "nope", "shape": [1]}])
+
+
+def test_begin_need_end_roundtrip_and_malformed_payloads():
+    import numpy as np
+
+    from stalwart.sync.wire import Begin, pack_begin, pack_end, pack_need, parse_begin, parse_end, parse_need
+
+    s = Schema([TensorSpec("a", torch.bfloat16, (3, 4)), TensorSpec("b", torch.float32, (2,))])
+    digests = bytes(range(32))
+    full = Begin("full", None, "0123456789abcdef", s.digest, 2, digests=digests)
+    b = parse_begin(pack_begin(full, s.json_text), "t")
+    assert (b.mode, b.base_version, b.session, b.schema_digest, b.tensors, b.digests) == (
+        "full", None, "0123456789abcdef", s.digest, 2, digests,
+    )  # fmt: skip
+    assert Schema.from_json(b.schema).digest == s.digest
+    delta = pack_begin(Begin("delta", 7, "0123456789abcdef", s.digest, 2))
+    assert len(delta) == 40 and parse_begin(delta, "t").base_version == 7
+    for bad in (delta[:39], delta + b"x", pack_begin(full, s.json_text)[:-1], b"\x09" + delta[1:]):
+        with pytest.raises(ProtocolError):
+            parse_begin(bad, "t")
+    need = np.array([True, False, False, True, True, False, False, False, True])
+    assert np.array_equal(parse_need(pack_need(need), 9, "t"), need)
+    with pytest.raises(ProtocolError, match="does not cover"):
+        parse_need(pack_need(need), 8, "t")
+    model, extra = parse_end(pack_end(b"m" * 16, [(1, b"d" * 16)]), 2, "t")
+    assert model == b"m" * 16 and extra == {1: b"d" * 16}
+    with pytest.raises(ProtocolError, match="tensor 5 of 2"):
+        parse_end(pack_end(b"m" * 16, [(5, b"d" * 16)]), 2, "t")
+    with pytest.raises(ProtocolError):
+        parse_end(pack_end(b"m" * 16, [(1, b"d" * 16)])[:-1], 2, "t")

@@ -26,6 +26,27 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 _DTENSOR: tuple[type, ...] | None = None
 
 
+def fix_ddp_buckets(model) -> bool:
+    """Give a DDP model its final gradient-bucket layout now, before the first backward.
+
+    DDP reduces the first iteration in buckets of reverse parameter order, then rebuilds
+    them from the order gradients became ready. A restarted job's first iteration therefore
+    reduces in a different layout than the uninterrupted job's same step, and with three or
+    more ranks ring all-reduce then sums in a different order: results differ in the last
+    bits. Fixing the layout (parameter order, for every iteration of every run) makes
+    restarts bitwise reproducible at any world size, at the price of the overlap of
+    communication with backward that ready-order buckets give on large GPU models.
+    Collective over the DDP group (every rank calls it); returns False, doing nothing, for
+    non-DDP models or when the buckets were already rebuilt (training already ran).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel) or getattr(model, "reducer", None) is None:
+        return False
+    model.reducer._push_all_rebuilt_params()
+    return bool(model.reducer._rebuild_buckets())
+
+
 def _is_dtensor(t) -> bool:
     global _DTENSOR
     if _DTENSOR is None:  # imported once: this runs for every tensor at every snapshot

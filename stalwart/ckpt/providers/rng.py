@@ -2,7 +2,11 @@
 
 Captured eagerly at ``guard.step()`` (dropout advances the streams during forward),
 stored per rank (a tensor with a leading world dim), restored exactly when the
-topology is unchanged.
+topology is unchanged. When it changed (an elastic job on fewer or more ranks), the
+streams are restored only if every saved rank held the same state - the usual case
+when every rank is seeded alike and sample-tied randomness comes from per-sample
+streams (:mod:`stalwart.elastic.data`) - and otherwise left as they are, with a warning:
+there is no right row for a rank that did not exist.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import random
 import struct
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from stalwart.ckpt.providers.base import PerRankBlobProvider
+from stalwart.ckpt.providers.base import Collected, Item, PerRankBlobProvider, RestoreContext
+from stalwart.formats.layout import Replicated, TensorSpec
 
 _PY = struct.Struct("<i625Id?")  # version, 624 state words + position, gauss, has_gauss
 _NP = struct.Struct("<624Iiid")  # key, pos, has_gauss, cached_gaussian
@@ -70,3 +76,21 @@ class RNGProvider(PerRankBlobProvider):
 
     def unpack(self, blob: bytes) -> None:
         unpack_rng(blob)
+
+    def targets(self, ctx: RestoreContext) -> Collected:
+        saved = ctx.saved.get(self.tensor_name)
+        if saved is None or ctx.same_topology:
+            return super().targets(ctx)
+        whole = TensorSpec(self.tensor_name, saved.shape, torch.uint8, Replicated(), role="other")
+        return Collected(items=[Item(whole, torch.empty(saved.shape, dtype=torch.uint8), lazy=False)])
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], ctx: RestoreContext) -> None:
+        rows = tensors.get(self.tensor_name)
+        if rows is None or ctx.same_topology or rows.dim() != 2:
+            return super().restore(tensors, ctx)
+        if bool((rows == rows[0]).all()):
+            self.unpack(rows[0].numpy().tobytes())
+            return
+        warnings.warn(f"the world changed ({rows.shape[0]} ranks saved) and the ranks' RNG states differed: the RNG"
+                      " state is not restored (use per-sample streams, stalwart.elastic.sample_generator, for"
+                      " randomness that must not depend on the world size)", stacklevel=2)

@@ -8,23 +8,33 @@ scaler, step, client state). Names follow the native convention: params and
 buffers by their plain FQN, optimizer slots as ``optim.<fqn>.<slot>``.
 
 Tensors are read one at a time (:meth:`ConvertSource.read`) and readers must be
-thread-safe: the converter reads several at once.
+thread-safe: the converter reads several at once. Dtypes are
+:class:`~stalwart.formats.dtypes.DType` s and nothing here imports torch until a
+tensor is built, so tools that only move bytes never import it.
+
+Nothing is dropped silently: a reader records every file it reads
+(:meth:`ConvertSource.consume`); :meth:`ConvertSource.not_read` lists the files in
+the source directory that no reader consumed, and the converter reports them.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from stalwart.errors import FormatError
 from stalwart.formats.adapters.safe_load import pread_into
-from stalwart.formats.dtypes import itemsize, tensor_bytes
+from stalwart.formats.dtypes import DTYPES, DType, as_dtype, itemsize, tensor_bytes
 from stalwart.formats.sources import TensorInfo, TensorSource
 
-Reader = Callable[[], torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+Reader = Callable[[], "torch.Tensor"]
 Ranges = Callable[[], list[tuple[int, int, int]]]
 
 
@@ -39,7 +49,7 @@ class SourceTensor:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     role: str  # param | buffer | optimizer_slot | other
     reader: Reader = field(repr=False)
     param: str | None = None  # optimizer slots: the param they belong to
@@ -50,6 +60,9 @@ class SourceTensor:
     # the converter read into buffers it reuses, or copy file to file in the kernel.
     ranges: Ranges | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        self.dtype = as_dtype(self.dtype)
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -59,6 +72,49 @@ class SourceTensor:
         return self.numel * itemsize(self.dtype)
 
 
+class Scalar:
+    """A 0-d value (an optimizer's ``step``) held as its dtype and little-endian bytes, so
+    scalars can be compared and carried without building a tensor."""
+
+    _FORMATS = {"int64": "<q", "int32": "<i", "float64": "<d", "float32": "<f", "bool": "<?", "float16": "<e"}
+
+    def __init__(self, dtype: DType, raw: bytes) -> None:
+        self.dtype, self.raw = as_dtype(dtype), bytes(raw)
+        if len(self.raw) != self.dtype.itemsize:
+            raise FormatError(f"a {self.dtype} scalar needs {self.dtype.itemsize} bytes, got {len(self.raw)}")
+
+    @classmethod
+    def of(cls, value) -> Scalar:
+        """From a Python bool / int / float (stored as torch would: bool, int64, float64)."""
+        if isinstance(value, bool):
+            return cls(DTYPES["bool"], struct.pack("<?", value))
+        if isinstance(value, int):
+            return cls(DTYPES["int64"], struct.pack("<q", value))
+        if isinstance(value, float):
+            return cls(DTYPES["float64"], struct.pack("<d", value))
+        raise FormatError(f"unsupported scalar {type(value).__name__}")
+
+    def value(self):
+        """The Python value (for messages); bytes in hex for dtypes struct cannot decode."""
+        fmt = self._FORMATS.get(self.dtype.name)
+        if fmt is None:
+            if self.dtype.name == "bfloat16":
+                return struct.unpack("<f", b"\0\0" + self.raw)[0]
+            return self.raw.hex()
+        return struct.unpack(fmt, self.raw)[0]
+
+    def tensor(self) -> torch.Tensor:
+        import torch
+
+        return torch.frombuffer(bytearray(self.raw), dtype=self.dtype.torch).reshape(()).clone()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Scalar) and self.dtype == other.dtype and self.raw == other.raw
+
+    def __hash__(self) -> int:
+        return hash((self.dtype, self.raw))
+
+
 class RawBytes:
     """A tensor that was not read: its bytes' places in the source files (see ``SourceTensor.ranges``).
 
@@ -66,14 +122,16 @@ class RawBytes:
     into their output (no intermediate tensor); others call :meth:`read`.
     """
 
-    def __init__(self, ranges: list[tuple[int, int, int]], dtype: torch.dtype, shape: tuple[int, ...], where: str) -> None:
-        self.ranges, self.dtype, self.shape, self.where = ranges, dtype, tuple(shape), where
+    def __init__(self, ranges: list[tuple[int, int, int]], dtype: DType, shape: tuple[int, ...], where: str) -> None:
+        self.ranges, self.dtype, self.shape, self.where = ranges, as_dtype(dtype), tuple(shape), where
         self.nbytes = sum(n for _, _, n in ranges)
         if self.nbytes != math.prod(self.shape) * itemsize(dtype):
             raise FormatError(f"{where}: byte ranges hold {self.nbytes} bytes, {dtype}{list(shape)} needs more")
 
     def read(self) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype)
+        import torch
+
+        out = torch.empty(self.shape, dtype=self.dtype.torch)
         fill_from_ranges(self.ranges, tensor_bytes(out), self.where)
         return out
 
@@ -101,6 +159,9 @@ class SourceMeta:
     info: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     extra_objects: dict = field(default_factory=dict)
+    # State the reader found but could not read (e.g. optimizer state it cannot name): a
+    # conversion that would write such state fails instead of dropping it silently.
+    unread_state: list[str] = field(default_factory=list)
 
 
 class ConvertSource(TensorSource):
@@ -114,6 +175,7 @@ class ConvertSource(TensorSource):
         self.aliases: dict[str, str] = {}  # alias -> owner (owner is in tensors)
         self.meta = SourceMeta(self.default_format)
         self._closers: list[Callable[[], None]] = []
+        self.consumed: set[str] = set()  # real paths of the files a reader used
 
     # building ---------------------------------------------------------------
     def add(self, t: SourceTensor) -> None:
@@ -123,6 +185,56 @@ class ConvertSource(TensorSource):
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)
+
+    def consume(self, *paths: str) -> None:
+        """Record files (or whole directories) this reader takes in."""
+        for p in paths:
+            self.consumed.add(os.path.realpath(p))
+
+    def not_read(self) -> list[str]:
+        """Files under the source directory that no reader consumed (relative paths).
+
+        A directory none of whose files was consumed is listed once (``global_step1/``);
+        hidden files and directories (``.cache``, ``.git``) are skipped; a consumed
+        directory covers everything below it.
+        """
+        root = self.path
+        if not os.path.isdir(root):
+            return []
+        consumed = self.consumed
+        prefixes = {os.path.dirname(p) for p in consumed}
+        touched: set[str] = set()  # directories holding something consumed, and their parents
+        for d in prefixes | consumed:
+            while d and d not in touched:
+                touched.add(d)
+                parent = os.path.dirname(d)
+                if parent == d:
+                    break
+                d = parent
+        out: list[str] = []
+
+        def walk(real_dir: str, rel: str) -> None:
+            try:
+                entries = sorted(os.scandir(real_dir), key=lambda e: e.name)
+            except OSError:
+                return
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                full = os.path.realpath(e.path)
+                relp = os.path.join(rel, e.name) if rel else e.name
+                if full in consumed:
+                    continue
+                if e.is_dir():
+                    if full in touched:
+                        walk(full, relp)
+                    else:
+                        out.append(relp + "/")
+                else:
+                    out.append(relp)
+
+        walk(os.path.realpath(root), "")
+        return out
 
     # TensorSource --------------------------------------------------------------
     @property
@@ -143,7 +255,7 @@ class ConvertSource(TensorSource):
         if t is None:
             raise FormatError(f"{self.path}: no tensor named {name!r}")
         out = t.reader()
-        if tuple(out.shape) != t.shape or out.dtype != t.dtype:
+        if tuple(out.shape) != t.shape or as_dtype(out.dtype) != t.dtype:
             raise FormatError(
                 f"{self.path}: tensor {name!r} read as {out.dtype}{list(out.shape)}, expected {t.dtype}{list(t.shape)}"
             )
@@ -183,12 +295,15 @@ class OutTensor:
     name: str
     source: str  # name in the source
     shape: tuple[int, ...]
-    dtype: torch.dtype  # output dtype
-    src_dtype: torch.dtype
+    dtype: DType  # output dtype
+    src_dtype: DType
     role: str
     param: str | None = None
     slot: str | None = None
     requires_grad: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.dtype, self.src_dtype = as_dtype(self.dtype), as_dtype(self.src_dtype)
 
     @property
     def numel(self) -> int:
@@ -309,6 +424,7 @@ __all__ = [
     "OutTensor",
     "PlannedFile",
     "RawBytes",
+    "Scalar",
     "SourceMeta",
     "SourceTensor",
     "Target",

@@ -30,8 +30,7 @@ import math
 import os
 import pickle
 import threading
-
-import torch
+from typing import TYPE_CHECKING
 
 from stalwart.errors import ConversionError, FormatError
 from stalwart.formats.adapters.base import (
@@ -47,6 +46,9 @@ from stalwart.formats.adapters.safe_load import LazyFile, jsonable, load_dcp_met
 from stalwart.formats.adapters.torch_save import optimizer_groups
 from stalwart.formats.direct_io import DirectWriter
 from stalwart.formats.sources import register_source
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA = ".metadata"
 MODEL_KEYS = ("model", "module", "state_dict", "model_state_dict")
@@ -65,6 +67,7 @@ class DCPSource(ConvertSource):
         super().__init__(path)
         self.meta.format = "dcp"
         self.md = load_dcp_metadata(os.path.join(path, METADATA))
+        self.consume(os.path.join(path, METADATA))
         if not hasattr(self.md, "state_dict_metadata") or not hasattr(self.md, "storage_data"):
             raise FormatError(f"{path}/{METADATA}: not DCP metadata")
         self._fds: dict[str, int] = {}
@@ -95,6 +98,7 @@ class DCPSource(ConvertSource):
                     raise FormatError(f"{self.path}: storage path {rel!r} points outside the checkpoint")
                 try:
                     fd = self._fds[rel] = os.open(full, os.O_RDONLY)
+                    self.consume(full)
                 except FileNotFoundError:
                     raise FormatError(f"{self.path}: data file {rel} named by the metadata is missing") from None
             return fd
@@ -119,7 +123,7 @@ class DCPSource(ConvertSource):
                     self.on_close(sf.close)
         return out
 
-    def _read_chunk(self, index, info, dtype: torch.dtype, sizes: tuple[int, ...]) -> torch.Tensor:
+    def _read_chunk(self, index, info, dtype, sizes: tuple[int, ...]) -> torch.Tensor:
         sf = self._safetensors_offsets.get(info.relative_path)
         if sf is not None:
             if index.fqn not in sf.entries:
@@ -132,7 +136,7 @@ class DCPSource(ConvertSource):
             if not hasattr(ref, "read"):
                 raise FormatError(f"{self.path}: entry {index.fqn!r} does not hold a tensor")
             t = ref.read()
-        if tuple(t.shape) != tuple(sizes) or t.dtype != dtype:
+        if tuple(t.shape) != tuple(sizes) or str(t.dtype) != str(dtype):
             raise FormatError(f"{self.path}: chunk of {index.fqn!r} holds {t.dtype}{list(t.shape)}, metadata says {dtype}{list(sizes)}")
         return t
 
@@ -142,6 +146,8 @@ class DCPSource(ConvertSource):
         chunks = {tuple(int(x) for x in (idx.offset or ())): (idx, info) for idx, info in self._chunks.get(fqn, [])}
 
         def read() -> torch.Tensor:
+            import torch
+
             out = torch.empty(shape, dtype=dtype)
             covered = 0
             for ch in md.chunks:
@@ -288,13 +294,13 @@ class DCPSource(ConvertSource):
             self.meta.topology = extra["topology"]
 
 
-def _detect(path: str) -> DCPSource | None:
+def _detect(path: str, options: dict) -> DCPSource | None:
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA)):
         return DCPSource(path)
     return None
 
 
-register_source("dcp", _detect)
+register_source("dcp", _detect, priority=30)
 
 
 # --------------------------------------------------------------------------- writing
@@ -302,7 +308,9 @@ register_source("dcp", _detect)
 
 def _skeleton(state: OutState) -> dict:
     """The state dict DCP sees, with meta tensors standing for the real ones."""
-    meta_t = {t.name: torch.empty(t.shape, dtype=t.dtype, device="meta") for t in state.tensors}
+    import torch
+
+    meta_t = {t.name: torch.empty(t.shape, dtype=t.dtype.torch, device="meta") for t in state.tensors}
     model: dict = {}
     aliases = state.aliases_of()
     for t in state.model():
@@ -357,6 +365,7 @@ class DCPTarget(Target):
         return ['dcp: load with dcp.load({"model": model.state_dict(), "optim": ...}); keys follow get_state_dict']
 
     def write(self, out: str, state: OutState, stream, *, fsync: bool = True) -> None:
+        import torch
         from torch.distributed.checkpoint._nested_dict import flatten_state_dict
         from torch.distributed.checkpoint.filesystem import _StorageInfo
         from torch.distributed.checkpoint.metadata import (
@@ -396,7 +405,7 @@ class DCPTarget(Target):
                 nd = len(ot.shape)
                 for key in key_of[ot.name]:
                     sd_md[key] = TensorStorageMetadata(
-                        properties=TensorProperties(dtype=ot.dtype),
+                        properties=TensorProperties(dtype=ot.dtype.torch),
                         size=torch.Size(ot.shape),
                         chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * nd), sizes=torch.Size(ot.shape))],
                     )

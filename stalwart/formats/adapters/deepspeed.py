@@ -31,19 +31,23 @@ import math
 import os
 import re
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from stalwart.errors import ConversionError, FormatError
 from stalwart.formats.adapters.base import (
     ConvertSource,
+    Scalar,
     SourceTensor,
     infer_optimizer_class,
     match_by_shape,
     slot_name,
 )
-from stalwart.formats.adapters.safe_load import LazyFile, TensorRef, jsonable
+from stalwart.formats.adapters.safe_load import LazyFile, TensorRef, jsonable, pread_into
+from stalwart.formats.dtypes import DTYPES, DType
 from stalwart.formats.sources import register_source
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
@@ -115,14 +119,16 @@ class _Gather:
     """Reads a tensor concatenated from flat pieces (ref, src start, count, dst start) of
     saved tensors; also says where those bytes lie in the files (``ranges``)."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, pieces: list[tuple[TensorRef, int, int, int]]) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: DType, pieces: list[tuple[TensorRef, int, int, int]]) -> None:
         self.shape, self.dtype, self.pieces = tuple(shape), dtype, pieces
         for ref, _, _, _ in pieces:
             if ref.dtype != dtype:
                 raise FormatError(f"{ref.where}: a fragment is {ref.dtype}, the tensor it belongs to {dtype}")
 
     def __call__(self) -> torch.Tensor:
-        out = torch.empty(math.prod(self.shape), dtype=self.dtype)
+        import torch
+
+        out = torch.empty(math.prod(self.shape), dtype=self.dtype.torch)
         for ref, start, count, dst in self.pieces:
             ref.read_flat(start, count, out=out[dst : dst + count])
         return out.view(self.shape)
@@ -131,29 +137,26 @@ class _Gather:
         return [ref.byte_range(start, count) for ref, start, count, _ in sorted(self.pieces, key=lambda p: p[3])]
 
 
-def _gather(shape: tuple[int, ...], dtype: torch.dtype, pieces: list[tuple[TensorRef, int, int, int]]) -> _Gather:
+def _gather(shape: tuple[int, ...], dtype: DType, pieces: list[tuple[TensorRef, int, int, int]]) -> _Gather:
     return _Gather(shape, dtype, pieces)
 
 
-def _scalar_value(v) -> torch.Tensor:
+def _scalar_value(v) -> Scalar:
+    """A scalar optimizer slot (``step``) without building a tensor."""
     if isinstance(v, TensorRef):
-        return v.read()
-    if isinstance(v, bool):
-        return torch.tensor(v)
-    if isinstance(v, int):
-        return torch.tensor(v, dtype=torch.int64)
-    if isinstance(v, float):
-        return torch.tensor(v, dtype=torch.float64)
-    raise FormatError(f"unsupported scalar optimizer state {type(v).__name__}")
+        if v.numel != 1:
+            raise FormatError(f"{v.where}: scalar optimizer state with {v.numel} elements")
+        fd, off, n = v.byte_range(0, 1) if v.is_contiguous() else (None, 0, 0)
+        if fd is None:
+            raise FormatError(f"{v.where}: non-contiguous scalar optimizer state")
+        raw = bytearray(n)
+        pread_into(fd, memoryview(raw), off, v.where)
+        return Scalar(v.dtype, raw)
+    return Scalar.of(v)
 
 
-def _const_reader(value: torch.Tensor) -> Callable:
-    return lambda: value.clone()
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8) if a.numel() else a,
-                                                                      b.reshape(-1).view(torch.uint8) if b.numel() else b)
+def _const_reader(value: Scalar) -> Callable:
+    return value.tensor
 
 
 def _hparams(groups: list[dict], names: list[list[str]], where: str) -> list[dict]:
@@ -195,6 +198,7 @@ class DeepSpeedSource(ConvertSource):
         f = self._files.get(name)
         if f is None:
             f = self._files[name] = LazyFile(os.path.join(self.tag_dir, name))
+            self.consume(f.path)
         if not isinstance(f.obj, dict):
             raise FormatError(f"{f.path}: expected a dict, found {type(f.obj).__name__}")
         return f.obj
@@ -313,7 +317,7 @@ class DeepSpeedSource(ConvertSource):
         self.shared = shared
         self.trainable: list[str] = []
         self.groups: list[list[str]] = []
-        self._pending: dict[str, tuple[tuple[int, ...], torch.dtype, Callable]] = {}
+        self._pending: dict[str, tuple[tuple[int, ...], DType, Callable]] = {}
         self._slot_pending: dict[str, list[SourceTensor]] = {}
         if self.kind in ("zero1", "zero2", "bf16_optimizer"):
             self._build_zero12()
@@ -330,19 +334,19 @@ class DeepSpeedSource(ConvertSource):
             raise FormatError(f"{self.tag_dir}/{self.model_files[0]}: no param_shapes (needed for ZeRO)")
         return [dict((str(k), tuple(int(x) for x in v)) for k, v in g.items()) for g in shapes]
 
-    def _group_scalars(self, states: list[dict], what: str) -> dict[str, torch.Tensor]:
+    def _group_scalars(self, states: list[dict], what: str) -> dict[str, Scalar]:
         """Scalar slots of one group (``step``), checked to agree across ranks."""
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, Scalar] = {}
         for r, st in enumerate(states):
             for slot, v in st.items():
                 if isinstance(v, TensorRef) and v.shape != ():
                     continue
                 if isinstance(v, (TensorRef, bool, int, float)):
                     val = _scalar_value(v)
-                    if slot in out and not _same(out[slot], val):
+                    if slot in out and out[slot] != val:
                         raise FormatError(
-                            f"{self.tag_dir}: mixed steps: {what} slot {slot!r} is {out[slot].item()} on rank 0"
-                            f" but {val.item()} on rank {r} (files from different saves?)"
+                            f"{self.tag_dir}: mixed steps: {what} slot {slot!r} is {out[slot].value()} on rank 0"
+                            f" but {val.value()} on rank {r} (files from different saves?)"
                         )
                     out.setdefault(slot, val)
         return out
@@ -503,7 +507,7 @@ class DeepSpeedSource(ConvertSource):
     def _frozen_from_fragments(self, *, zero3: bool) -> None:
         fshapes = self.ms0.get("frozen_param_shapes") or {}
         self.frozen_shapes = {str(k): tuple(int(x) for x in v) for k, v in fshapes.items()}
-        self.frozen_readers: dict[str, tuple[torch.dtype, Callable]] = {}
+        self.frozen_readers: dict[str, tuple[DType, Callable]] = {}
         if not self.frozen_shapes:
             return
         if zero3:
@@ -519,7 +523,7 @@ class DeepSpeedSource(ConvertSource):
                         raise FormatError(f"{self.tag_dir}: frozen param {name!r} has no fragment on rank {r}")
                     if n:
                         pieces.append((ref, 0, n, r * c))
-                dtype = pieces[0][0].dtype if pieces else torch.float32
+                dtype = pieces[0][0].dtype if pieces else DTYPES["float32"]
                 self.frozen_readers[name] = (dtype, _gather(shape, dtype, pieces))
         else:
             frags = self.ms0.get("frozen_param_fragments") or {}
@@ -706,13 +710,33 @@ class DeepSpeedSource(ConvertSource):
             m.warnings.append(f"client state not representable as JSON, dropped: {dropped[:8]}")
 
 
-def _detect(path: str) -> DeepSpeedSource | None:
+def _detect(path: str, options: dict) -> DeepSpeedSource | None:
     tag = find_tag_dir(path) if os.path.isdir(path) else None
     if tag is None:
         return None
-    return DeepSpeedSource(tag, root=path)
+    src = DeepSpeedSource(tag, root=path)
+    # the pointers that led to the tag directory are read too; DeepSpeed's own
+    # conversion script (zero_to_fp32.py, zero_to_torch.py: copied next to its tags) is a
+    # tool, not state
+    d = tag
+    while os.path.realpath(d) != os.path.realpath(path) and d != os.path.dirname(d):
+        d = os.path.dirname(d)
+        for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py"):
+            if os.path.isfile(os.path.join(d, name)):
+                src.consume(os.path.join(d, name))
+    # a Trainer checkpoint-N/ written with DeepSpeed: Trainer's own files sit next to the tag
+    trainer_dir = os.path.dirname(os.path.normpath(tag))
+    if HF_DIR_RE.match(os.path.basename(trainer_dir)):
+        from stalwart.formats.adapters.hf_training import read_side_state
+
+        try:
+            read_side_state(src, trainer_dir, set(os.listdir(trainer_dir)))
+        except BaseException:
+            src.close()
+            raise
+    return src
 
 
-register_source("deepspeed", _detect)
+register_source("deepspeed", _detect, priority=20)
 
 __all__ = ["DeepSpeedSource", "find_tag_dir"]

@@ -33,8 +33,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-
-import torch
+from typing import TYPE_CHECKING
 
 from stalwart.errors import ConversionError, FormatError
 from stalwart.formats.adapters.base import (
@@ -56,6 +55,9 @@ from stalwart.formats.adapters.safe_load import (
 )
 from stalwart.formats.adapters.torch_save import StreamingTorchSave, TensorStub, optimizer_groups, save_small
 from stalwart.formats.sources import register_source
+
+if TYPE_CHECKING:
+    import torch
 
 UCP_VERSION = 0.4
 DEFAULT_DS_VERSION = "0.19.8"
@@ -96,12 +98,14 @@ class UniversalSource(ConvertSource):
             raise FormatError(f"{tag_dir}: universal checkpoint without a model-states file")
         lf = LazyFile(os.path.join(tag_dir, ms_name))
         self.on_close(lf.close)
+        self.consume(lf.path)
         self.ms = lf.obj if isinstance(lf.obj, dict) else {}
         opt_path = os.path.join(self.zero, "optimizer_state.pt")
         self.osd: dict = {}
         if os.path.isfile(opt_path):
             olf = LazyFile(opt_path)
             self.on_close(olf.close)
+            self.consume(opt_path)
             self.osd = olf.obj if isinstance(olf.obj, dict) else {}
         try:
             self._build()
@@ -114,6 +118,7 @@ class UniversalSource(ConvertSource):
         path = os.path.join(self.zero, name, f"{key}.pt")
         lf = LazyFile(path)
         self.on_close(lf.close)
+        self.consume(path)
         obj = lf.obj
         ref = obj.get("param") if isinstance(obj, dict) else obj
         if not isinstance(ref, TensorRef):
@@ -249,12 +254,16 @@ class _viewer:
         return [self.ref.byte_range()]
 
 
-def _detect(path: str) -> UniversalSource | None:
+def _detect(path: str, options: dict) -> UniversalSource | None:
     tag = find_ucp_dir(path)
-    return UniversalSource(tag, root=path) if tag else None
+    if not tag:
+        return None
+    src = UniversalSource(tag, root=path)
+    src.consume(os.path.join(path, "latest_universal"), os.path.join(tag, MODEL_STATES[1]))
+    return src
 
 
-register_source("ds-universal", _detect)
+register_source("ds-universal", _detect, priority=10)
 
 
 # --------------------------------------------------------------------------- writing
@@ -371,6 +380,8 @@ class UniversalTarget(Target):
         return out
 
     def write(self, out: str, state: OutState, stream, *, fsync: bool = True) -> None:
+        import torch
+
         tag = self._tag(state)
         tag_dir = os.path.join(out, tag)
         zero = os.path.join(tag_dir, "zero")
@@ -422,6 +433,8 @@ class UniversalTarget(Target):
                 os.fsync(f.fileno())
 
     def _model_states(self, state: OutState, groups: list[dict], module: list, version: str) -> dict:
+        import torch
+
         m = state.meta
         shapes = {t.name: t.shape for t in state.model()}
         mod = OrderedDict((t.name, TensorStub(str(i), t.dtype, t.shape)) for i, t in enumerate(module))

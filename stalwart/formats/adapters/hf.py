@@ -21,8 +21,7 @@ import json
 import math
 import os
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from stalwart.errors import ConversionError, FormatError
 from stalwart.formats.adapters.base import (
@@ -35,8 +34,11 @@ from stalwart.formats.adapters.base import (
 )
 from stalwart.formats.adapters.safe_load import LazyFile, TensorRef, is_zip_file, pread_into
 from stalwart.formats.direct_io import DirectWriter
-from stalwart.formats.dtypes import dtype_from_safetensors, itemsize, safetensors_code, tensor_bytes
+from stalwart.formats.dtypes import DType, dtype_from_code, itemsize, safetensors_code, tensor_bytes
 from stalwart.formats.sources import register_source
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER = 100 * 1024 * 1024
 INDEX_NAMES = ("model.safetensors.index.json",)
@@ -79,11 +81,11 @@ class SafetensorsFile:
         meta = header.pop("__metadata__", None) or {}
         self.metadata: dict[str, str] = meta if isinstance(meta, dict) else {}
         self.data_start = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self.entries: dict[str, tuple[DType, tuple[int, ...], int, int]] = {}
         end_max = 0
         for name, info in header.items():
             try:
-                dtype = dtype_from_safetensors(info["dtype"])
+                dtype = dtype_from_code(info["dtype"])
                 shape = tuple(int(x) for x in info["shape"])
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
@@ -103,7 +105,9 @@ class SafetensorsFile:
         dtype, shape, offset, nbytes = self.entries[name]
 
         def read() -> torch.Tensor:
-            out = torch.empty(shape, dtype=dtype)
+            import torch
+
+            out = torch.empty(shape, dtype=dtype.torch)
             if nbytes:
                 pread_into(self.fd, tensor_bytes(out), offset, self.path)
             return out
@@ -143,13 +147,13 @@ def _shard_files(path: str) -> tuple[str, list[str], dict[str, str] | None] | No
         if idx in names:
             wmap = _read_index(os.path.join(path, idx))
             files = sorted(set(wmap.values()))
-            return "safetensors", [os.path.join(path, f) for f in files], wmap
+            return "safetensors", [os.path.join(path, idx), *(os.path.join(path, f) for f in files)], wmap
     st = [n for n in names if n.endswith(".safetensors")]
     if st:
         return "safetensors", [os.path.join(path, n) for n in st], None
     if BIN_INDEX in names:
         wmap = _read_index(os.path.join(path, BIN_INDEX))
-        return "bin", [os.path.join(path, f) for f in sorted(set(wmap.values()))], wmap
+        return "bin", [os.path.join(path, BIN_INDEX), *(os.path.join(path, f) for f in sorted(set(wmap.values())))], wmap
     bins = [n for n in names if re.match(r"^pytorch_model(-\d+-of-\d+)?\.bin$", n)]
     if bins:
         return "bin", [os.path.join(path, n) for n in bins], None
@@ -176,6 +180,8 @@ class HFSource(ConvertSource):
     def __init__(self, path: str, kind: str, files: list[str], weight_map: dict[str, str] | None) -> None:
         super().__init__(path)
         self.meta.format = "hf-safetensors" if kind == "safetensors" else "hf-bin"
+        self.consume(*files)
+        files = [f for f in files if not f.endswith(".index.json")]
         if kind == "safetensors":
             self._read_safetensors(files, weight_map)
         else:
@@ -236,8 +242,10 @@ class HFSource(ConvertSource):
 
         def reader(name):
             def read():
+                import torch
+
                 ps = pieces[name]
-                out = torch.empty(shapes[name], dtype=ps[0][2])
+                out = torch.empty(shapes[name], dtype=ps[0][2].torch)
                 covered = 0
                 for sf, n, _, shape, offs in ps:
                     part = sf.reader(n)()
@@ -306,7 +314,8 @@ def _ref_ranges(ref: TensorRef):
     return lambda: [ref.byte_range()]
 
 
-def _detect(path: str) -> HFSource | None:
+def open_hf(path: str) -> HFSource | None:
+    """The Hugging Face weights at ``path`` (a file or a directory), or None if there are none."""
     found = _shard_files(path)
     if found is None:
         if os.path.isfile(path) and path.endswith(".bin") and is_zip_file(path):
@@ -316,7 +325,11 @@ def _detect(path: str) -> HFSource | None:
     return HFSource(path, kind, files, wmap)
 
 
-register_source("hf", _detect)
+def _detect(path: str, options: dict) -> HFSource | None:
+    return open_hf(path)
+
+
+register_source("hf", _detect, priority=50)
 
 
 # --------------------------------------------------------------------------- writing
@@ -343,7 +356,7 @@ def shard_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def safetensors_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict]:
+def safetensors_header(entries: list[tuple[str, DType, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict]:
     """Header bytes (length prefix included, space padded to 8) and each entry's data offset.
 
     Entries are laid out as safetensors' own writer does: by element size
@@ -370,7 +383,7 @@ class SafetensorsStreamWriter:
     """Writes a safetensors file sequentially: the header (known up front), then every
     tensor in file order (element size descending, then name), past the page cache."""
 
-    def __init__(self, path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> None:
+    def __init__(self, path: str, entries: list[tuple[str, DType, tuple[int, ...]]], metadata: dict[str, str]) -> None:
         self.path = path
         head, self.offsets = safetensors_header(entries, metadata)
         self.data_start = len(head)
@@ -487,4 +500,4 @@ class HFTarget(Target):
                     os.fsync(f.fileno())
 
 
-__all__ = ["HFSource", "HFTarget", "SafetensorsFile", "SafetensorsStreamWriter", "safetensors_header", "shard_plan"]
+__all__ = ["HFSource", "HFTarget", "SafetensorsFile", "SafetensorsStreamWriter", "open_hf", "safetensors_header", "shard_plan"]

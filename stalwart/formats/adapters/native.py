@@ -34,6 +34,10 @@ class NativeConvertSource(ConvertSource):
         super().__init__(path)
         self.ckpt = Checkpoint(path)
         self.on_close(self.ckpt.close)
+        self.consume(os.path.join(self.ckpt.path, MANIFEST_NAME), *(os.path.join(self.ckpt.path, f.path)
+                                                                   for f in self.ckpt.manifest.files))
+        if os.path.isdir(path) and os.path.realpath(path) != os.path.realpath(self.ckpt.path):
+            self.consume(os.path.join(path, "latest"))
         objects = dict(self.ckpt.objects)
         frozen = set(objects.get("frozen_params") or [])
         for name, spec in self.ckpt.tensors.items():
@@ -87,7 +91,7 @@ class NativeTarget(Target):
     def _specs(self, state: OutState) -> list[TensorSpec]:
         aliases = state.aliases_of()
         return [
-            TensorSpec(t.name, t.shape, t.dtype, Replicated(), None, t.role if t.role in ("param", "buffer", "optimizer_slot") else "other",
+            TensorSpec(t.name, t.shape, t.dtype.torch, Replicated(), None, t.role if t.role in ("param", "buffer", "optimizer_slot") else "other",
                        t.param, t.slot, tuple(aliases.get(t.name, ())))
             for t in state.tensors
         ]

@@ -3,7 +3,9 @@
 Pickle runs whatever callable a file names, so stalwart never unpickles with an
 open ``find_class``. Every global a file may name is on one explicit allow-list:
 
-* torch's tensor/storage rebuild helpers, ``torch.Size``, dtypes, ``torch.device``;
+* torch's tensor/storage rebuild helpers, ``torch.Size``, dtypes, ``torch.device``
+  (the lazy reader resolves them to stand-ins: a tuple, :class:`~stalwart.formats.dtypes.DType`,
+  a string, so reading a file's structure never imports torch);
 * plain containers and values (``collections.OrderedDict``, ``set``, ``slice``,
   ``_codecs.encode`` for bytes, ``copyreg._reconstructor``);
 * numpy arrays and scalars (client state often holds them);
@@ -41,15 +43,17 @@ import os
 import pickle
 import re
 import struct
+import sys
 import threading
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stalwart.errors import FormatError
-from stalwart.formats.dtypes import itemsize, tensor_bytes
+from stalwart.formats.dtypes import DTYPES, DType, as_dtype, itemsize, tensor_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 # --------------------------------------------------------------------------- stand-ins
 
@@ -140,9 +144,22 @@ _BUILTINS = {
     "_codecs.encode": _codecs.encode,
     "copyreg._reconstructor": copyreg._reconstructor,
     "argparse.Namespace": argparse.Namespace,
-    "torch.Size": torch.Size,
-    "torch.device": torch.device,
 }
+
+
+def _size(dims=()) -> tuple:
+    """``torch.Size`` as the lazy reader sees it: a tuple of ints."""
+    return tuple(int(d) for d in dims)
+
+
+def _device(kind, index=None) -> str:
+    """``torch.device`` as the lazy reader sees it: its string (``"cuda:0"``)."""
+    kind = str(kind)
+    return kind if index is None or ":" in kind else f"{kind}:{int(index)}"
+
+
+_BUILTINS["torch.Size"] = _size
+_BUILTINS["torch.device"] = _device
 
 
 def _numpy_globals() -> dict[str, Any]:
@@ -183,12 +200,19 @@ def _numpy_dtype_class(module: str, name: str):
     return None
 
 
-def _torch_dtype(module: str, name: str):
+def _torch_dtype(module: str, name: str) -> DType | None:
     if module == "torch":
-        obj = getattr(torch, name, None)
-        if isinstance(obj, torch.dtype):
-            return obj
+        return DTYPES.get(name)
     return None
+
+
+# torch's legacy typed-storage class names (torch.save still pickles them) -> element dtype
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128", "UntypedStorage": "uint8",
+}
 
 
 def allowed_names() -> list[str]:
@@ -233,6 +257,8 @@ def _refuse(module: str, name: str, where: str) -> FormatError:
 
 def torch_load(path: str, *, mmap: bool = True) -> Any:
     """``torch.load(weights_only=True)`` with DeepSpeed's classes replaced by stand-ins."""
+    import torch
+
     allowed: list = [(cls, name) for name, cls in STAND_INS.items()]
     allowed.append(argparse.Namespace)
     where = path
@@ -359,7 +385,7 @@ class Archive:
 class _StorageRef:
     archive: Archive
     key: str
-    dtype: torch.dtype
+    dtype: DType
     numel: int
 
     @property
@@ -375,7 +401,7 @@ class TensorRef:
     storage_offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     requires_grad: bool = False
     is_param: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -424,11 +450,13 @@ class TensorRef:
 
     def read_flat(self, start: int = 0, count: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Flat elements ``[start, start+count)`` (1-D), read into ``out`` when given."""
+        import torch
+
         count = self.numel - start if count is None else count
         fd, off, nbytes = self.byte_range(start, count)
         if out is None:
-            out = torch.empty(count, dtype=self.dtype)
-        elif out.numel() != count or out.dtype != self.dtype or not out.is_contiguous():
+            out = torch.empty(count, dtype=self.dtype.torch)
+        elif out.numel() != count or as_dtype(out.dtype) != self.dtype or not out.is_contiguous():
             raise ValueError("read_flat: out has the wrong size, dtype or layout")
         if nbytes:
             pread_into(fd, tensor_bytes(out), off, self.where)
@@ -436,15 +464,17 @@ class TensorRef:
 
     def read(self) -> torch.Tensor:
         """The whole tensor (a fresh contiguous CPU tensor)."""
+        import torch
+
         if self.is_contiguous():
             return self.read_flat().view(self.shape)
         if self.numel == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
+            return torch.empty(self.shape, dtype=self.dtype.torch)
         lo = self.storage_offset
         hi = lo + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1
         if min(self.stride, default=0) < 0 or hi > self.storage.numel:
             raise FormatError(f"{self.where}: tensor view runs outside its storage (corrupt file)")
-        span = torch.empty(hi - lo, dtype=self.dtype)
+        span = torch.empty(hi - lo, dtype=self.dtype.torch)
         pread_into(self.storage.archive.fd, tensor_bytes(span), self._file_offset(lo), self.where)
         return span.as_strided(self.shape, self.stride).contiguous()
 
@@ -473,7 +503,7 @@ def _lazy_rebuild_v1(storage, storage_offset, size, stride):
 
 
 def _lazy_rebuild_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
-    if not isinstance(storage, _StorageRef) or not isinstance(dtype, torch.dtype):
+    if not isinstance(storage, _StorageRef) or not isinstance(dtype, DType):
         raise FormatError("malformed pickle: bad _rebuild_tensor_v3 arguments")
     typed = _StorageRef(storage.archive, storage.key, dtype, storage.nbytes // itemsize(dtype))
     return TensorRef(typed, int(storage_offset), tuple(int(x) for x in size), tuple(int(x) for x in stride), dtype,
@@ -487,8 +517,21 @@ def _lazy_parameter(data, requires_grad, backward_hooks, state=None):
     return data
 
 
+class _TensorType:
+    """What ``torch.Tensor`` / ``torch.nn.Parameter`` resolve to while reading lazily."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_TENSOR_TYPES = {name: _TensorType(name) for name in ("torch.Tensor", "torch.nn.parameter.Parameter")}
+
+
 def _lazy_from_type(func, new_type, args, state):
-    if new_type not in (torch.Tensor, torch.nn.Parameter):
+    if not isinstance(new_type, _TensorType):
         raise FormatError(f"tensor subclass {new_type!r} is not on stalwart's allow-list")
     return func(*args)
 
@@ -496,7 +539,7 @@ def _lazy_from_type(func, new_type, args, state):
 class _StorageType:
     """What ``torch.FloatStorage`` & co. resolve to while unpickling: just a dtype."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: DType) -> None:
         self.dtype = dtype
 
 
@@ -508,9 +551,8 @@ _LAZY_TORCH = {
     "torch._utils._rebuild_parameter_with_state": _lazy_parameter,
     "torch._tensor._rebuild_from_type_v2": _lazy_from_type,
     "torch._tensor._rebuild_from_type": _lazy_from_type,
-    "torch.Tensor": torch.Tensor,
-    "torch.nn.parameter.Parameter": torch.nn.Parameter,
-    "torch.storage.UntypedStorage": _StorageType(torch.uint8),
+    **_TENSOR_TYPES,
+    "torch.storage.UntypedStorage": _StorageType(DTYPES["uint8"]),
 }
 
 
@@ -534,17 +576,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
         for table in (self.extra, _LAZY_TORCH if self.archive is not None else {}, _BUILTINS, STAND_INS):
             if key in table:
                 return table[key]
-        np_globals = _numpy_globals()
-        if key in np_globals:
-            return np_globals[key]
-        obj = _torch_dtype(module, name) or _numpy_dtype_class(module, name)
+        obj = _torch_dtype(module, name)
         if obj is not None:
             return obj
-        if self.archive is not None and module == "torch" and name.endswith("Storage"):
-            try:
-                return _StorageType(torch.storage._get_dtype_from_pickle_storage_type(name))
-            except (KeyError, AttributeError):
-                pass
+        if self.archive is not None and module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(DTYPES[_STORAGE_DTYPES[name]])
+        np_globals = _numpy_globals() if module.startswith("numpy") else {}
+        if key in np_globals:
+            return np_globals[key]
+        obj = _numpy_dtype_class(module, name)
+        if obj is not None:
+            return obj
         raise _refuse(module, name, self.where)
 
     def persistent_load(self, pid):
@@ -632,6 +674,8 @@ def materialize(obj: Any) -> Any:
 
 
 def _dcp_metadata_globals() -> dict[str, Any]:
+    """DCP's metadata classes, and real torch values (dtypes, sizes) for them to hold."""
+    import torch
     from torch.distributed.checkpoint import filesystem, metadata
 
     out: dict[str, Any] = {}
@@ -644,6 +688,11 @@ def _dcp_metadata_globals() -> dict[str, Any]:
     out["torch.distributed.checkpoint.filesystem._StorageInfo"] = filesystem._StorageInfo
     for name in ("strided", "sparse_coo", "contiguous_format", "channels_last", "preserve_format"):
         out[f"torch.{name}"] = getattr(torch, name)
+    for name in DTYPES:
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            out[f"torch.{name}"] = getattr(torch, name)
+    out["torch.Size"] = torch.Size
+    out["torch.device"] = torch.device
     out["torch.serialization._get_layout"] = _get_layout
     import pathlib
 
@@ -655,6 +704,8 @@ def _dcp_metadata_globals() -> dict[str, Any]:
 
 def _get_layout(name: str) -> torch.layout:
     """``torch.layout`` objects pickle as ``torch.serialization._get_layout("torch.strided")``."""
+    import torch
+
     obj = getattr(torch, str(name).replace("torch.", ""), None)
     if not isinstance(obj, torch.layout):
         raise FormatError(f"unknown torch layout {name!r}")
@@ -701,9 +752,12 @@ def to_jsonable(obj: Any, path: str = "", dropped: list[str] | None = None) -> A
         return to_jsonable(obj.to_json(), path, dropped)
     if isinstance(obj, argparse.Namespace):
         return to_jsonable(vars(obj), path, dropped)
-    if isinstance(obj, torch.Size):
+    if isinstance(obj, DType):
+        return obj.name
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Size):
         return list(obj)
-    if isinstance(obj, torch.dtype):
+    if torch is not None and isinstance(obj, torch.dtype):
         return str(obj).replace("torch.", "")
     if isinstance(obj, dict):
         out = {}

@@ -31,14 +31,15 @@ import io
 import math
 import os
 import pickle
-
-import torch
+import sys
+from typing import TYPE_CHECKING
 
 from stalwart.errors import ConversionError, FormatError
 from stalwart.formats.adapters.base import (
     ConvertSource,
     OutState,
     PlannedFile,
+    Scalar,
     SourceTensor,
     Target,
     infer_optimizer_class,
@@ -54,7 +55,11 @@ from stalwart.formats.adapters.safe_load import (
     torch_load,
 )
 from stalwart.formats.direct_io import DirectWriter
+from stalwart.formats.dtypes import DType, as_dtype
 from stalwart.formats.sources import register_source
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_KEYS = ("model", "state_dict", "model_state_dict", "module")
 OPTIM_KEYS = ("optimizer", "optim", "optimizer_state_dict")
@@ -66,17 +71,24 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 # --------------------------------------------------------------------------- reading
 
 
+def _is_torch_tensor(v) -> bool:
+    torch = sys.modules.get("torch")  # a torch tensor exists only if torch was imported
+    return torch is not None and isinstance(v, torch.Tensor)
+
+
 def _is_tensor(v) -> bool:
-    return isinstance(v, (TensorRef, torch.Tensor))
+    return isinstance(v, TensorRef) or _is_torch_tensor(v)
 
 
-def _info(v) -> tuple[torch.dtype, tuple[int, ...]]:
-    return v.dtype, tuple(v.shape)
+def _info(v) -> tuple[DType, tuple[int, ...]]:
+    return as_dtype(v.dtype), tuple(v.shape)
 
 
 def _reader(v):
     if isinstance(v, TensorRef):
         return v.read
+    if isinstance(v, Scalar):
+        return v.tensor
     t = v.detach().contiguous()
     return lambda: t.clone()
 
@@ -108,8 +120,11 @@ class TorchSaveSource(ConvertSource):
 
     default_format = "torch"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, param_order: str | None = None) -> None:
         super().__init__(path)
+        self.consume(path)
+        self.param_order = param_order
+        self.used_options = {"param_order"}
         if is_zip_file(path):
             lf = LazyFile(path)
             self.on_close(lf.close)
@@ -200,12 +215,15 @@ class TorchSaveSource(ConvertSource):
         groups = osd["param_groups"]
         state = osd["state"]
         ids = [p for g in groups for p in g.get("params", [])]
-        named = [n for g in groups for n in (g.get("param_names") or [])]
-        if ids and all(isinstance(p, str) for p in ids):
-            names = [str(p) for p in ids]
-        elif len(named) == len(ids) and named:
-            names = [str(n) for n in named]
-        else:
+        names = optimizer_param_names(osd)
+        if names is None and self.param_order is not None:
+            from stalwart.formats.adapters.param_order import model_param_order, read_param_order
+
+            names, config = read_param_order(self.param_order)
+            if config is not None:
+                names = model_param_order(config)[0]
+            self.meta.warnings.append(f"optimizer params named from --param-order {self.param_order}")
+        if names is None:
             cands = [(n, t.shape) for n, t in self.tensors.items() if t.role == "param"]
             wanted = []
             for p in ids:
@@ -219,37 +237,66 @@ class TorchSaveSource(ConvertSource):
                 )
             names = matched
             self.meta.warnings.append("optimizer params matched to model tensors by order and shape (no param_names)")
-        missing = [n for n in names if n not in self.tensors]
-        if missing:
-            raise FormatError(f"{self.path}: optimizer state names params {missing[:5]} that the model state lacks")
-        name_of = dict(zip(ids, names))
-        slots = set()
-        for pid, name in name_of.items():
-            p = self.tensors[name]
-            for slot, v in (state.get(pid) or {}).items():
-                slots.add(slot)
-                if _is_tensor(v):
-                    dtype, shape = _info(v)
-                    self.add(SourceTensor(slot_name(name, slot), shape, dtype, "optimizer_slot", _reader(v), name, slot,
-                                          ranges=_ranges(v)))
-                elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                    t = torch.tensor(v, dtype=torch.int64 if isinstance(v, int) else torch.float64)
-                    self.add(SourceTensor(slot_name(name, slot), (), t.dtype, "optimizer_slot", _reader(t), name, slot))
-                else:
-                    raise ConversionError(f"{self.path}: optimizer state {slot!r} of {name!r} is a {type(v).__name__}")
-            if p.requires_grad is None:
-                p.requires_grad = True
-        out_groups = []
-        k = 0
-        for g in groups:
-            hp, dropped = jsonable({key: v for key, v in g.items() if key not in ("params", "param_names")})
-            if dropped:
-                raise FormatError(f"{self.path}: optimizer param group holds non-JSON values at {dropped}")
-            n = len(g.get("params", []))
-            out_groups.append({"params": names[k : k + n], **(hp or {})})
-            k += n
-        self.meta.optimizer = {"class": infer_optimizer_class(slots, out_groups[0] if out_groups else {}),
-                               "class_inferred": True, "param_groups": out_groups}
+        add_optimizer_state(self, osd, names, self.path)
+
+
+def optimizer_param_names(osd: dict) -> list[str] | None:
+    """The param names of a torch optimizer state dict, when it records them (FQN keys, or
+    ``param_names``, which torch >= 2.6 saves for optimizers built from named params)."""
+    ids = [p for g in osd["param_groups"] for p in g.get("params", [])]
+    named = [n for g in osd["param_groups"] for n in (g.get("param_names") or [])]
+    if ids and all(isinstance(p, str) for p in ids):
+        return [str(p) for p in ids]
+    if named and len(named) == len(ids):
+        return [str(n) for n in named]
+    return None
+
+
+def add_optimizer_state(src: ConvertSource, osd: dict, names: list[str], where: str) -> None:
+    """Add the slots of torch optimizer state dict ``osd`` to ``src`` as ``optim.<name>.<slot>``
+    and its param groups (by name) to ``src.meta.optimizer``; ``names`` are the params in
+    the order of the groups' ``params`` lists. Every slot's shape is checked against its param."""
+    groups = osd["param_groups"]
+    state = osd["state"]
+    ids = [p for g in groups for p in g.get("params", [])]
+    if len(names) != len(ids):
+        raise ConversionError(f"{where}: the optimizer holds {len(ids)} params, {len(names)} names were given for them")
+    missing = [n for n in names if n not in src.tensors]
+    if missing:
+        raise FormatError(f"{where}: optimizer state names params {missing[:5]} that the model state lacks")
+    name_of = dict(zip(ids, names))
+    slots = set()
+    for pid, name in name_of.items():
+        p = src.tensors[name]
+        for slot, v in (state.get(pid) or {}).items():
+            slots.add(slot)
+            if _is_tensor(v):
+                dtype, shape = _info(v)
+                if shape not in ((), p.shape) and math.prod(shape) != math.prod(p.shape):
+                    raise ConversionError(
+                        f"{where}: optimizer slot {slot!r} of param {pid} has shape {list(shape)}, but the param it is"
+                        f" mapped to, {name!r}, has shape {list(p.shape)}: the param order is wrong"
+                    )
+                src.add(SourceTensor(slot_name(name, slot), shape, dtype, "optimizer_slot", _reader(v), name, slot,
+                                     ranges=_ranges(v)))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                t = Scalar.of(v)
+                src.add(SourceTensor(slot_name(name, slot), (), t.dtype, "optimizer_slot", _reader(t), name, slot))
+            else:
+                raise ConversionError(f"{where}: optimizer state {slot!r} of {name!r} is a {type(v).__name__}")
+        if p.requires_grad is None:
+            p.requires_grad = True
+    out_groups = []
+    k = 0
+    for g in groups:
+        hp, dropped = jsonable({key: v for key, v in g.items() if key not in ("params", "param_names")})
+        if dropped:
+            raise FormatError(f"{where}: optimizer param group holds non-JSON values at {dropped}")
+        n = len(g.get("params", []))
+        out_groups.append({"params": names[k : k + n], **(hp or {})})
+        k += n
+    src.meta.optimizer = {"class": infer_optimizer_class(slots, out_groups[0] if out_groups else {}),
+                          "class_inferred": True, "param_groups": out_groups}
 
 
 def _is_torch_file(path: str) -> bool:
@@ -265,13 +312,13 @@ def _is_torch_file(path: str) -> bool:
     return head[:2] == b"\x80\x02"  # legacy torch.save: a protocol-2 pickle of the magic number
 
 
-def _detect(path: str) -> TorchSaveSource | None:
+def _detect(path: str, options: dict) -> TorchSaveSource | None:
     if _is_torch_file(path):
-        return TorchSaveSource(path)
+        return TorchSaveSource(path, options.get("param_order"))
     return None
 
 
-register_source("torch", _detect)
+register_source("torch", _detect, priority=60)
 
 
 # --------------------------------------------------------------------------- writing
@@ -285,12 +332,15 @@ class _StorageStub:
 class TensorStub:
     """Stands for a tensor in a pickle written before its bytes (see :class:`StreamingTorchSave`)."""
 
-    def __init__(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(self, key: str, dtype: torch.dtype | DType, shape: tuple[int, ...]) -> None:
+        dtype = as_dtype(dtype).torch
         self.storage = _StorageStub(key, dtype, math.prod(shape))
         self.shape = tuple(shape)
         self.dtype = dtype
 
     def __reduce_ex__(self, proto):
+        import torch
+
         stride = []
         acc = 1
         for n in reversed(self.shape):
@@ -312,6 +362,8 @@ class _Pickler(pickle._Pickler):
         self.storages: dict[str, _StorageStub] = {}
 
     def persistent_id(self, obj):
+        import torch
+
         if isinstance(obj, _StorageStub):
             self.storages.setdefault(obj.key, obj)
             if obj.dtype in torch.storage._new_dtypes():
@@ -355,11 +407,13 @@ class StreamingTorchSave:
     DIRECT_MIN = 4 * 1024 * 1024
 
     def __init__(self, path: str, obj) -> None:
+        import torch
+
         self.path = path
         data, self.storages = dumps(obj)
         self.order = sorted(self.storages, key=int)
         self.next = 0
-        size = sum(s.numel * torch.empty((), dtype=s.dtype).element_size() for s in self.storages.values())
+        size = sum(s.numel * s.dtype.itemsize for s in self.storages.values())
         self.file = DirectWriter(path) if size >= self.DIRECT_MIN else _PlainFile(path)
         try:
             self.zip = torch.serialization._open_zipfile_writer(self.file)
@@ -376,6 +430,8 @@ class StreamingTorchSave:
             raise
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
+        import torch
+
         if self.next >= len(self.order) or self.order[self.next] != key:
             raise FormatError(f"{self.path}: tensor record {key} written out of order")
         stub = self.storages[key]
@@ -439,7 +495,7 @@ class _PlainFile:
 
 def _stub_tree(o, tensors: list[torch.Tensor]):
     """``o`` with every tensor replaced by a stub (the tensors appended to ``tensors``)."""
-    if isinstance(o, torch.Tensor):
+    if _is_torch_tensor(o):
         tensors.append(o.detach().contiguous())
         return TensorStub(str(len(tensors) - 1), o.dtype, tuple(o.shape))
     if isinstance(o, collections.OrderedDict):
@@ -571,4 +627,13 @@ class TorchSaveTarget(Target):
             raise
 
 
-__all__ = ["StreamingTorchSave", "TensorStub", "TorchSaveSource", "TorchSaveTarget", "dumps", "save_small"]
+__all__ = [
+    "StreamingTorchSave",
+    "TensorStub",
+    "TorchSaveSource",
+    "TorchSaveTarget",
+    "add_optimizer_state",
+    "dumps",
+    "optimizer_param_names",
+    "save_small",
+]

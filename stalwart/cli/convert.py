@@ -1,10 +1,14 @@
-"""``stalwart convert``: argument parsing and presentation; the work is in :mod:`.convert`."""
+"""``stalwart convert``: argument parsing and presentation; the work is in :mod:`stalwart.formats.convert`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from stalwart.cli.output import EXIT_OK, byte_progress, console, dtype_str, human_bytes
+
+ORDER = 40
 
 DESCRIPTION = """\
 Convert a checkpoint from one format to another, streaming (peak memory stays near
@@ -22,6 +26,11 @@ Formats read (detected from SRC):
                 safetensors variant), any sharding
   hf            model.safetensors, sharded model-*.safetensors + index, DCP's HF storage
                 layout, pytorch_model*.bin (+ index)
+  hf-trainer    a Trainer checkpoint-N/ without DeepSpeed: weights, optimizer.pt, scheduler.pt,
+                rng_state*.pth, scaler.pt, trainer_state.json (optimizer params named from
+                param_names, --param-order, or config.json with transformers installed)
+  accelerate    an Accelerate save_state() directory: weights, optimizer.bin, scheduler.bin,
+                random_states_*.pkl, scaler.pt, sampler / custom objects
   torch         one torch.save file: a state dict, or {model, optimizer, step, ...}
 Pickled files are read with an allow-list (torch.load(weights_only=True) semantics plus
 stand-ins for DeepSpeed's pickled classes); nothing else is ever unpickled.
@@ -45,15 +54,19 @@ examples:
   stalwart convert run/checkpoint-500 ckpt/ --to native      # HF Trainer + DeepSpeed output
   stalwart convert dcp_ckpt/ model.pt --to torch --weights-only --rename '^model\\.='
   stalwart convert ckpt/ out/ --to hf --exclude 'lm_head' --max-shard-size 2GB --dry-run
+  stalwart convert acc_state/ ckpt/ --to native --param-order model/config.json   # Accelerate
 
 Filters are regexes searched (re.search) in the source's param/buffer names; optimizer
 slots follow their param. --rename rules apply re.sub in the order given.
+Nothing is dropped silently: files in SRC no reader consumes are listed in the notes, and
+state that cannot be read (optimizer state without param names) fails a conversion that
+would write it, unless --weights-only.
 Exit status: 0 converted (or planned), 2 bad input or usage (one-line error, nothing written).
 """
 
 
-def add_convert_command(subparsers) -> argparse.ArgumentParser:
-    """Register ``convert`` on the ``stalwart`` command's sub-parsers."""
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``convert`` to the ``stalwart`` command's sub-parsers."""
     from stalwart.formats.convert_options import DEFAULT_MAX_SHARD, TARGETS
 
     p = subparsers.add_parser(
@@ -73,6 +86,10 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rename", metavar="PATTERN=REPL", action="append",
                    help="rename tensors with re.sub, e.g. '^module\\.=' strips 'module.' (repeatable, in order)")
     p.add_argument("--weights-only", action="store_true", help="drop optimizer state (slots, param groups, scheduler)")
+    p.add_argument("--param-order", metavar="FILE",
+                   help="names of the params in optimizer order, for optimizer state indexed by position (HF Trainer"
+                        " optimizer.pt, Accelerate optimizer.bin): a text file with one name per line, or the model's"
+                        " config.json (the order is rebuilt with transformers)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD, metavar="SIZE",
                    help=f"largest Hugging Face shard, e.g. 5GB (10^9), 2GiB, 500MB (default: {DEFAULT_MAX_SHARD})")
     p.add_argument("--tag", help="tag directory name for --to ds-universal (default: global_step<N>_universal)")
@@ -98,8 +115,8 @@ def _plan_json(plan) -> dict:
         "target": plan.target,
         "step": plan.state.meta.step,
         "tensors": [
-            {"name": t.name, "source": t.source, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-             "source_dtype": str(t.src_dtype).replace("torch.", ""), "role": t.role, "bytes": t.nbytes}
+            {"name": t.name, "source": t.source, "shape": list(t.shape), "dtype": dtype_str(t.dtype),
+             "source_dtype": dtype_str(t.src_dtype), "role": t.role, "bytes": t.nbytes}
             for t in plan.tensors
         ],
         "aliases": plan.state.aliases,
@@ -113,9 +130,7 @@ def _plan_json(plan) -> dict:
 def _print_plan(plan, show_all: bool) -> None:
     from rich.table import Table
 
-    from stalwart.cli import _console, human_bytes
-
-    con = _console()
+    con = console()
     m = plan.state.meta
     con.print(f"[bold]plan[/]: {plan.source} ({plan.source_format}) -> {plan.destination} ({plan.target})", markup=True)
     con.print(f"step {m.step if m.step is not None else '-'}; {len(plan.tensors)} tensors, {human_bytes(plan.total_bytes)}",
@@ -125,9 +140,9 @@ def _print_plan(plan, show_all: bool) -> None:
         table.add_column(col, **kw)
     rows = plan.tensors if show_all else plan.tensors[:40]
     for t in rows:
-        dt = str(t.dtype).replace("torch.", "")
+        dt = dtype_str(t.dtype)
         if t.src_dtype != t.dtype:
-            dt = f"{str(t.src_dtype).replace('torch.', '')} -> {dt}"
+            dt = f"{dtype_str(t.src_dtype)} -> {dt}"
         name = t.name if t.name == t.source else f"{t.source} -> {t.name}"
         table.add_row(name, str(tuple(t.shape)), dt, t.role, human_bytes(t.nbytes))
     con.print(table)
@@ -149,7 +164,6 @@ def _print_plan(plan, show_all: bool) -> None:
 
 
 def cmd_convert(args) -> int:
-    from stalwart.cli import EXIT_OK, _console, byte_progress, human_bytes
     from stalwart.formats.convert import convert, parse_size
 
     holder: dict = {}
@@ -171,6 +185,7 @@ def cmd_convert(args) -> int:
             rename=args.rename, weights_only=args.weights_only, max_shard_size=args.max_shard_size,
             dry_run=args.dry_run, workers=args.workers, progress=progress, overwrite=args.overwrite,
             fsync=args.fsync, tag=args.tag, on_plan=on_plan, buffer_bytes=parse_size(args.buffer_size),
+            param_order=args.param_order,
         )
     finally:
         if "bar" in holder:
@@ -186,7 +201,7 @@ def cmd_convert(args) -> int:
         print(json.dumps({**_plan_json(plan), "seconds": round(result.seconds, 3), "bytes_written": result.bytes_written},
                          indent=1))
         return EXIT_OK
-    con = _console(stderr=False)
+    con = console()
     rate = result.bytes_written / result.seconds if result.seconds > 0 else 0.0
     con.print(
         f"converted {plan.source} ({plan.source_format}) -> {plan.destination} ({plan.target}): {len(plan.tensors)} tensors,"
@@ -198,4 +213,4 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
-__all__ = ["add_convert_command", "cmd_convert"]
+__all__ = ["cmd_convert", "register"]

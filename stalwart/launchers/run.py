@@ -1,0 +1,103 @@
+"""``stalwart run``: torchrun with stalwart's defaults.
+
+Every torchrun option works as in torchrun; ``stalwart run`` only changes defaults the
+user did not set (see :data:`DEFAULTS` and ``stalwart run --help``).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Sequence
+
+#: (option, value, why) - applied when the option is absent from the command line.
+DEFAULTS: list[tuple[str, str, str]] = [
+    ("--rdzv-backend", "stalwart",
+     "torch's dynamic rendezvous plus stable node identities, a keeper per node that outlives worker restarts, "
+     "stand-in keepers for lost nodes and fast re-forms (torchrun: static, or c10d)"),
+    ("--monitor-interval", "0.1", "a failed worker is noticed within 0.1 s (torchrun 2.13: the same; older releases 5 s)"),
+    ("--max-restarts", "10", "node losses and worker failures are recovered up to 10 times per agent (torchrun: 0)"),
+]
+
+HELP = """\
+usage: stalwart run [torchrun options] TRAINING_SCRIPT [script args]
+
+Launch a training script like torchrun does, with stalwart's defaults for elastic,
+fast recovery. Every torchrun option is accepted and wins over these defaults:
+
+{defaults}
+
+Single node without --rdzv-endpoint: a free local port is chosen (127.0.0.1:PORT) and
+--nnodes defaults to 1. Several nodes: give the same --rdzv-endpoint=HOST:PORT and
+--nnodes=MIN:MAX to every node's `stalwart run`. The rendezvous defaults stalwart
+changes (--rdzv-conf key=value overrides each): last_call_timeout=1 (torchrun 30 s),
+keep_alive_interval=1 (5 s), keep_alive_max_attempt=3, close_timeout=10 (30 s).
+
+What happens on a failure, the consistency guarantees and their limits: docs/ELASTIC.md.
+torchrun's own options follow.
+"""
+
+
+def _given(argv: Sequence[str], option: str) -> bool:
+    alt = "--" + option[2:].replace("-", "_")  # torchrun accepts --rdzv_backend as well as --rdzv-backend
+    return any(a in (option, alt) or a.startswith((option + "=", alt + "=")) for a in argv)
+
+
+def _script_index(argv: Sequence[str]) -> int:
+    """Index of the training script: the first argument that is not an option or an option's value."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    takes_value = {opt for action in parser._actions if action.nargs != 0 and action.option_strings
+                   for opt in action.option_strings}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("-"):
+            return i
+        if a == "--":
+            return i + 1
+        if "=" not in a and a in takes_value:
+            i += 1
+        i += 1
+    return len(argv)
+
+
+def build_argv(argv: Sequence[str]) -> list[str]:
+    """torchrun's argument list: the user's options, stalwart's defaults for the missing ones, the script."""
+    cut = _script_index(argv)
+    options, rest = list(argv[:cut]), list(argv[cut:])
+    for option, value, _ in DEFAULTS:
+        if not _given(options, option):
+            options.append(f"{option}={value}")
+    if not _given(options, "--rdzv-endpoint") and not _given(options, "--standalone"):
+        if not _given(options, "--nnodes"):
+            options.append("--nnodes=1")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            options.append(f"--rdzv-endpoint=127.0.0.1:{s.getsockname()[1]}")
+    return options + rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = _script_index(argv)
+    if any(a in ("-h", "--help") for a in argv[:cut]) or not argv[cut:]:
+        width = max(len(o) for o, _, _ in DEFAULTS) + len("=stalwart")
+        lines = "\n".join(f"  {f'{o}={v}':<{width}}  {why}" for o, v, why in DEFAULTS)
+        print(HELP.format(defaults=lines))
+        from torch.distributed.run import get_args_parser
+
+        parser = get_args_parser()
+        parser.prog = "stalwart run"
+        parser.print_help()
+        return 0 if argv[:cut] else 2
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(build_argv(argv))
+    except ChildFailedError as e:  # torchrun already printed which worker failed and why
+        print(f"stalwart run: the job failed ({len(e.failures)} worker failure(s) reported above)", file=sys.stderr)
+        return 1
+    return 0

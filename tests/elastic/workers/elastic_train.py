@@ -1,0 +1,171 @@
+"""An elastic training job for the launcher tests: the same training at any world size.
+
+Run under ``torchrun --rdzv-backend=stalwart`` (one process per simulated node). Each
+rank appends one JSON line per global step to ``OUT/log-<pid>.jsonl``: the samples it
+processed, their per-sample random draws and its share of the step's loss; rank 0 also
+writes the global loss and keeps ``OUT/progress`` (the last step done) for the test to
+time its faults. Every process records where its node's agent and keeper are
+(``OUT/node-<slot>.json``) so the test can kill a whole node, and what its restore read
+(``OUT/restore-<pid>.json``). At the end rank 0 writes the final weights.
+
+``--framework ddp`` (DDP, fixed bucket layout), ``fsdp2`` (fully_shard) or ``deepspeed``
+(a ZeRO-2 engine whose gradient accumulation is the loader's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import stalwart
+from stalwart.ckpt import init_distributed
+from stalwart.elastic import ElasticLoader, sample_generator
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                                        torch.nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Noisy(torch.utils.data.Dataset):
+    """Inputs plus per-sample noise from the sample's own stream (an augmentation)."""
+
+    def __init__(self, n: int, width: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, width, generator=g)
+        self.y = torch.randn(n, width, generator=g)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        noise = torch.randn(1, generator=sample_generator(self.seed, self.epoch, i))
+        return self.x[i] + 0.01 * noise, self.y[i], noise, i
+
+
+def atomic_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--framework", default="ddp", choices=["ddp", "fsdp2", "deepspeed"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--global-batch", type=int, default=12)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step (lets the test time its faults)")
+    ap.add_argument("--redundancy", default="3,1")
+    args = ap.parse_args()
+
+    init_distributed("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    net = Net(args.width)
+    seed = 7
+    data = Noisy(args.steps * args.global_batch, args.width, seed)
+    loader = ElasticLoader(data, args.global_batch, args.micro_batch, dp_rank=rank, dp_size=world, seed=seed, epochs=1)
+    engine = None
+    if args.framework == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(net)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    elif args.framework == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in net.body:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        model = fully_shard(net)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    else:
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": loader.accumulation,
+                  "train_batch_size": args.global_batch, "zero_optimization": {"stage": 2}, "gradient_clipping": 1.0,
+                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}}}
+        engine, opt, _, _ = deepspeed.initialize(model=net, config=config, model_parameters=net.parameters())
+        model = engine
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5) if engine is None else None
+    k, m = (int(x) for x in args.redundancy.split(","))
+    slot = int(os.environ.get("STALWART_KEEPER_SLOT", rank))
+    rdzv_round = int(os.environ.get("STALWART_RDZV_ROUND", 0))
+    log_path = os.path.join(args.out, f"log-{os.getpid()}.jsonl")
+    t0 = time.monotonic()
+    with stalwart.protect(model if engine is None else engine, None if engine is not None else opt, root=args.root,
+                          every=1, scheduler=sched, redundancy=(k, m), slots=3, fixed_ddp_buckets=args.framework == "ddp",
+                          tiers=["memory", {"url": f"file://{os.path.join(args.root, 'disk')}", "every": 1000}]) as guard:
+        atomic_json(os.path.join(args.out, f"node-{slot}.json"), {"agent_pid": int(os.environ.get("STALWART_AGENT_PID", 0)),
+                                                                  "keeper_pid": guard.client.keeper_pid(), "pid": os.getpid()})
+        atomic_json(os.path.join(args.out, f"restore-{os.getpid()}.json"), {
+            "rank": rank, "world": world, "round": rdzv_round, "step": guard.step_count, "restored_from": guard.stats.restored_from,
+            "sources": guard.stats.restore_sources, "fallbacks": guard.stats.fallbacks, "enter_s": time.monotonic() - t0})
+        samples, draws, local_loss = [], [], 0.0
+        for mb in guard.resume(loader):
+            x, y, noise, idx = mb.data
+            sync = contextlib.nullcontext() if (mb.last or args.framework != "ddp") else model.no_sync()
+            with sync, mb.rng():
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                if engine is not None:
+                    engine.backward(loss)
+                else:
+                    (loss * mb.loss_scale).backward()
+            samples += idx.tolist()
+            draws += noise.reshape(-1).tolist()
+            local_loss += loss.item() * mb.loss_scale
+            if engine is not None:
+                engine.step()
+            if not mb.last:
+                continue
+            if engine is None:
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            guard.step()
+            total = torch.tensor([local_loss], dtype=torch.float64)
+            dist.all_reduce(total)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": guard.step_count, "round": rdzv_round, "rank": rank, "world": world,
+                                    "samples": samples,
+                                    "draws": draws, "loss": total.item() / world}) + "\n")
+            samples, draws, local_loss = [], [], 0.0
+            if rank == 0:
+                atomic_json(os.path.join(args.out, "progress"), {"step": guard.step_count, "world": world})
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+        if args.framework == "fsdp2":
+            state = {n: p.full_tensor() for n, p in model.named_parameters()}
+        else:
+            state = {n: p.detach().clone() for n, p in (engine.module if engine is not None else model.module).named_parameters()}
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({n: t.contiguous() for n, t in state.items()}, os.path.join(args.out, "final.safetensors"))
+            atomic_json(os.path.join(args.out, "done"), {"step": guard.step_count, "world": world})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
