@@ -82,7 +82,11 @@ def build_argv(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = _script_index(argv)
-    if any(a in ("-h", "--help") for a in argv[:cut]) or not argv[cut:]:
+    if not any(a in ("-h", "--help") for a in argv[:cut]) and not argv[cut:]:
+        print("stalwart run: error: no training script given (usage: stalwart run [torchrun options] TRAINING_SCRIPT"
+              " [script args]; see stalwart run --help)", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in argv[:cut]):
         width = max(len(o) for o, _, _ in DEFAULTS) + len("=stalwart")
         lines = "\n".join(f"  {f'{o}={v}':<{width}}  {why}" for o, v, why in DEFAULTS)
         print(HELP.format(defaults=lines))
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = get_args_parser()
         parser.prog = "stalwart run"
         parser.print_help()
-        return 0 if argv[:cut] else 2
+        return 0
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
