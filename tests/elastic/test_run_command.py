@@ -49,3 +49,16 @@ def test_the_example_runs_on_one_node(tmp_path):
     while [d for d in os.listdir(shm) if d.startswith("stalwart-")] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [d for d in os.listdir(shm) if d.startswith("stalwart-")], os.listdir(shm)
+
+
+def test_workers_are_forked_from_the_warm_agent_unless_told_otherwise(tmp_path, monkeypatch):
+    from stalwart.launchers.run import build_argv
+
+    monkeypatch.chdir(tmp_path)
+    argv = build_argv(["--nproc-per-node=2", "train.py", "--lr", "1"])
+    assert "--run-path" in argv and "--start-method=fork" in argv
+    assert argv[-3:] == [str(tmp_path / "train.py"), "--lr", "1"]  # runpy needs an absolute path
+    for opt in (["--start-method=spawn"], ["--start_method", "forkserver"], ["-m"], ["--no-python"]):
+        argv = build_argv([*opt, "train.py"])
+        assert "--run-path" not in argv and argv[-1] == "train.py", argv
+    assert "--run-path" not in build_argv(["./launch.sh"])
