@@ -99,6 +99,8 @@ def main() -> None:
             guard.step()
             if rank == 0 and guard.step_count % 20 == 0:
                 print(f"step {guard.step_count}  world {world}  loss {loss.item():.4f}", flush=True)
+        if rank == 0:
+            print(f"done: {guard.step_count} steps, world size {world}", flush=True)
     dist.destroy_process_group()
 
 

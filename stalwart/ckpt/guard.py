@@ -197,6 +197,7 @@ class Guard:
         self._loader: ResumableLoader | None = None
         self._pending_data: Mapping | None = None
         self._restored: tuple | None = None  # the restored step's tensors and context
+        self._memory_loss: str | None = None  # why memory could not rebuild the newest step (erasure coding)
         self._hook_handles: list = []
         self._preempted = threading.Event()
         self._preempt_done = False
@@ -578,6 +579,7 @@ class Guard:
             self.stats.fallbacks.append(msg)
             warnings.warn(msg, stacklevel=3)
         if ec.get("recovery_error"):
+            self._memory_loss = ec["recovery_error"]
             msg = f"stalwart: memory snapshot not rebuilt: {ec['recovery_error']}; falling back"
             self.stats.fallbacks.append(msg)
             warnings.warn(msg, stacklevel=3)
@@ -677,6 +679,13 @@ class Guard:
                     self.stats.restore_sources = dict(self._last_sources)
                     where = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(self.stats.restore_sources.items()))
                     log.warning("stalwart: rank %s restored step %s from %s (%s)", self.rank, step, name, where or "no bytes")
+                    if self._memory_loss and name != "memory":
+                        # name what was lost and what the job continues from, in one line
+                        msg = f"stalwart: {self._memory_loss}; continuing from step {step} in {name}"
+                        self.stats.fallbacks.append(msg)
+                        if self.rank == 0:
+                            warnings.warn(msg, stacklevel=2)
+                            log.warning(msg)
                     return step
                 why = reason if not ok else "failed on another rank"
                 if not ok and reason.startswith("LayoutError") and incompatible is None:

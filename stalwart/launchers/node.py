@@ -55,8 +55,7 @@ class NodeServices:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        for path in reclaim_orphans(_shm_base()):
-            log.warning("stalwart: reclaimed %s left by a node that is gone", path)
+        reclaim_orphans(_shm_base())  # logs what it reclaims
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"

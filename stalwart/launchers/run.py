@@ -6,6 +6,7 @@ user did not set (see :data:`DEFAULTS` and ``stalwart run --help``).
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,14 @@ DEFAULTS: list[tuple[str, str, str]] = [
     ("--monitor-interval", "0.1", "a failed worker is noticed within 0.1 s (torchrun 2.13: the same; older releases 5 s)"),
     ("--max-restarts", "10", "node losses and worker failures are recovered up to 10 times per agent (torchrun: 0)"),
 ]
+
+#: worker start: the options that choose how torchrun starts a worker; any of them given turns the warm start off
+START_OPTIONS = ("--run-path", "--no-python", "--module", "-m", "--start-method")
+WARM_START = ("--run-path --start-method=fork",
+              "workers are forked from the agent, which has already imported torch, torch.distributed and stalwart,"
+              " and run the script with runpy: a restarted worker skips the interpreter start and those imports"
+              " (seconds per recovery). Give --start-method=spawn (or -m, --no-python) for torchrun's fresh"
+              " interpreters, e.g. when the agent's environment must not leak into workers")
 
 HELP = """\
 usage: stalwart run [torchrun options] TRAINING_SCRIPT [script args]
@@ -76,27 +85,51 @@ def build_argv(argv: Sequence[str]) -> list[str]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             options.append(f"--rdzv-endpoint=127.0.0.1:{s.getsockname()[1]}")
+    if rest and rest[0].endswith(".py") and not any(_given(options, o) for o in START_OPTIONS):
+        options += ["--run-path", "--start-method=fork"]
+        rest[0] = os.path.abspath(rest[0])  # runpy needs the script's absolute path
     return options + rest
+
+
+def warm_start(argv: Sequence[str]) -> bool:
+    return "--run-path" in argv and "--start-method=fork" in argv
+
+
+def preimport() -> None:
+    """Import what every worker imports, once, in the agent: forked workers inherit it."""
+    import torch.distributed
+    import torch.nn.parallel  # noqa: F401
+
+    import stalwart.ckpt
+    import stalwart.elastic  # noqa: F401
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = _script_index(argv)
-    if any(a in ("-h", "--help") for a in argv[:cut]) or not argv[cut:]:
+    if not any(a in ("-h", "--help") for a in argv[:cut]) and not argv[cut:]:
+        print("stalwart run: error: no training script given (usage: stalwart run [torchrun options] TRAINING_SCRIPT"
+              " [script args]; see stalwart run --help)", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in argv[:cut]):
         width = max(len(o) for o, _, _ in DEFAULTS) + len("=stalwart")
         lines = "\n".join(f"  {f'{o}={v}':<{width}}  {why}" for o, v, why in DEFAULTS)
+        lines += f"\n  {WARM_START[0]}\n  {'':<{width}}  {WARM_START[1]}"
         print(HELP.format(defaults=lines))
         from torch.distributed.run import get_args_parser
 
         parser = get_args_parser()
         parser.prog = "stalwart run"
         parser.print_help()
-        return 0 if argv[:cut] else 2
+        return 0
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    full = build_argv(argv)
+    if warm_start(full):
+        preimport()
     try:
-        torchrun_main(build_argv(argv))
+        torchrun_main(full)
     except ChildFailedError as e:  # torchrun already printed which worker failed and why
         print(f"stalwart run: the job failed ({len(e.failures)} worker failure(s) reported above)", file=sys.stderr)
         return 1

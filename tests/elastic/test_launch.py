@@ -111,3 +111,27 @@ def test_node_lost_then_back_other_frameworks(tmp_path, framework):
     got = run_elastic(tmp_path / "elastic", framework)
     check_recovery_from_memory(got, {3, 4})
     compare(ref, got, bitwise=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_more_nodes_lost_than_parity_covers_falls_back_to_disk(tmp_path):
+    ref = run_reference(tmp_path / "ref", "ddp")
+    with Job(tmp_path / "elastic", "elastic_train.py", *ARGS, "--framework", "ddp", "--step-sleep", "0.3",
+             "--disk-every", "4", nnodes="2:4") as got:
+        for _ in range(4):
+            got.start_agent()
+        got.wait_for(lambda: got.progress() >= KILL_AT + 2, 240, f"step {KILL_AT + 2}")
+        got.kill_node(1)
+        got.kill_node(2)  # two nodes lost, RS(3, 1) covers one
+        got.wait_done(300)
+    restores = [r for r in got.restores() if r["step"] > 0]
+    assert restores, "nothing was restored"
+    for r in restores:
+        assert r["restored_from"] != "memory" and r["step"] % 4 == 0, r
+        assert set(r["sources"]) == {r["restored_from"]}, r
+        said = [f for f in r["fallbacks"] if f"continuing from step {r['step']} in {r['restored_from']}" in f]
+        assert said and "lost (more than m=1)" in said[0], r["fallbacks"]
+        print(said[0])
+    assert {s["world"] for s in got.steps().values()} == {2, 4}
+    compare(ref, got, bitwise=False)

@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step (lets the test time its faults)")
     ap.add_argument("--redundancy", default="3,1")
+    ap.add_argument("--disk-every", type=int, default=1000, help="steps between snapshots on the disk tier")
     args = ap.parse_args()
 
     init_distributed("gloo")
@@ -115,7 +116,7 @@ def main() -> None:
     t0 = time.monotonic()
     with stalwart.protect(model if engine is None else engine, None if engine is not None else opt, root=args.root,
                           every=1, scheduler=sched, redundancy=(k, m), slots=3, fixed_ddp_buckets=args.framework == "ddp",
-                          tiers=["memory", {"url": f"file://{os.path.join(args.root, 'disk')}", "every": 1000}]) as guard:
+                          tiers=["memory", {"url": f"file://{os.path.join(args.root, 'disk')}", "every": args.disk_every}]) as guard:
         atomic_json(os.path.join(args.out, f"node-{slot}.json"), {"agent_pid": int(os.environ.get("STALWART_AGENT_PID", 0)),
                                                                   "keeper_pid": guard.client.keeper_pid(), "pid": os.getpid()})
         atomic_json(os.path.join(args.out, f"restore-{os.getpid()}.json"), {
