@@ -237,6 +237,9 @@ def main() -> int:
             print(f"stalwart / safetensors write ({tag}): {ratio:.2f}x (median of {len(sw)}), spread {_spread(sw):.2f}"
                   f" vs {_spread(st):.2f}  (target >= 0.9x and no wider: {'met' if passed else 'MISSED'});"
                   f"  / torch.save: {statistics.median(pt) / statistics.median(sw):.2f}x")
+            # the same spreads in seconds, and the slowest stalwart run against the fastest safetensors run
+            print(f"  max - min: {max(sw) - min(sw):.2f} s vs {max(st) - min(st):.2f} s;"
+                  f" slowest stalwart / fastest safetensors run: {min(st) / max(sw):.2f}x")
         print(f"\n{'resharded load':24s} {'needed MB':>10s} {'read MB':>9s} {'read/needed':>12s}")
         for label, need, read in reshard_table(state, base):
             ratio = read / need
