@@ -367,8 +367,10 @@ class Checkpoint:
                     report.problems.append(f"tensor {name!r}: rank {rank} should store a share but has no data file")
                     continue
                 header = headers[rank]
+                # pieces as stored (split at panel boundaries): global boxes, offsets into the entry
+                pieces = layout.stored(name, rank).pieces
                 if header is None:  # the file's own problem is already reported; do not report holes twice
-                    stored[name].extend((rank, p) for p in shard.pieces)
+                    stored[name].extend((rank, p) for p in pieces)
                     continue
                 entry = header.entries.get(name)
                 want = shard.numel * itemsize(layout.tensors[name].dtype)
@@ -386,7 +388,7 @@ class Checkpoint:
                 except FormatError as e:
                     report.problems.append(str(e))
                     continue
-                stored[name].extend((rank, p) for p in shard.pieces)
+                stored[name].extend((rank, p) for p in pieces)
         for name, pieces in stored.items():
             spec = layout.tensors[name]
             report.tensors_checked += 1
@@ -411,18 +413,13 @@ class Checkpoint:
                 if region is None:
                     continue
                 try:
-                    a = self._read_piece(ra, name, self._stored_piece(ra, name, pa).sub(region), spec)
-                    b = self._read_piece(rb, name, self._stored_piece(rb, name, pb).sub(region), spec)
+                    a = self._read_piece(ra, name, pa.sub(region), spec)
+                    b = self._read_piece(rb, name, pb.sub(region), spec)
                 except StalwartError as e:
                     return f"tensor {name!r}: cannot compare overlapping fragments: {e}"
                 if not _bitwise_equal(a, b):
                     return f"tensor {name!r}: fragments of ranks {ra} and {rb} overlap at {region.to_json()} with different bytes"
         return None
-
-    def _stored_piece(self, rank: int, name: str, piece):
-        """``piece`` of the rank's local shard, addressed in its stored entry."""
-        local = self.layout.local(name, rank)
-        return self.layout.stored(name, rank).pieces[local.pieces.index(piece)]
 
     def _read_piece(self, rank: int, name: str, piece, spec: TensorSpec) -> torch.Tensor:
         fd, header = self._open_rank(rank)
