@@ -135,3 +135,19 @@ def test_more_nodes_lost_than_parity_covers_falls_back_to_disk(tmp_path):
         print(said[0])
     assert {s["world"] for s in got.steps().values()} == {2, 4}
     compare(ref, got, bitwise=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_losing_the_store_ends_the_job_promptly_and_cleanly(tmp_path):
+    # as documented (docs/ELASTIC.md): the rendezvous store is the job's single point of failure
+    with Job(tmp_path, "elastic_train.py", *ARGS, "--framework", "ddp", "--step-sleep", "0.3", "--redundancy", "1,1",
+             nnodes="2:2") as job:
+        for _ in range(2):
+            job.start_agent()
+        job.wait_for(lambda: job.progress() >= 5, 240, "step 5")
+        job.store.kill()
+        job.wait_done(120)  # no agent, worker or keeper waits on the lost store for long
+        assert all(a.returncode != 0 for a in job.agents)
+        assert "RendezvousConnectionError" in job.tail(200) or "connection" in job.tail(200).lower()
+        assert not job.shm_left(timeout=60), "keepers must leave with their agents"
