@@ -28,7 +28,7 @@ Systems (all on the same model, data, step and failure timing):
   stalwart  `stalwart run` (torchrun with --rdzv-backend=stalwart, monitor interval 0.1 s,
             restarts) --nnodes=1:2, the rendezvous store in a separate `stalwart store`
             process (outside the nodes), one keeper per node; the worker runs
-            protect(every=1, tiers=["memory", {"url": "local:ROOT/disk", "every": 10}],
+            protect(every=1, tiers=["memory", {"url": "local:ROOT/disk", "every": 4}],
             slots=3, redundancy=(1, 1)): every step's snapshot in keeper memory, mirrored
             to the other node by RS(1, 1) (two nodes cannot hold a wider code). Failure: a
             whole node - SIGKILL of node 1's agent, worker and keeper together. The survivor
@@ -187,13 +187,18 @@ class System:
     def __init__(self, args) -> None:
         self.args = args
 
+    @property
+    def worker(self) -> str:
+        """The worker's --system (bench/_elastic_worker.py)."""
+        return self.name.split("-")[0]
+
     def available(self) -> str | None:
         """None, or why this system cannot run here."""
         return None
 
     def worker_args(self, trial: Trial) -> list[str]:
         a = self.args
-        out = [WORKER, "--system", self.name, "--out", trial.out, "--root", trial.root, "--batch", str(a.batch),
+        out = [WORKER, "--system", self.worker, "--out", trial.out, "--root", trial.root, "--batch", str(a.batch),
                "--disk-every", str(a.disk_every)]
         return out + (["--quick"] if a.quick else [])
 
@@ -260,6 +265,19 @@ class Stalwart(System):
             shutil.rmtree(d, ignore_errors=True) if os.path.isdir(d) else os.unlink(d)
 
 
+class StalwartRank(Stalwart):
+    """The same stalwart job, failing like the baselines: only rank 1's worker dies, its node's agent
+    and keeper live on (the world stays at 2; each rank restores from its own keeper's memory and
+    its peer's). Not in the default run."""
+
+    name = "stalwart-rank"
+    label = "stalwart (plugin, memory), rank kill"
+    failure = "rank 1 worker"
+
+    def victims(self, trial: Trial, events: list[dict]) -> list[int]:
+        return System.victims(self, trial, events)
+
+
 class TorchrunDCP(System):
     name = "dcp"
     label = "torchrun + DCP (disk)"
@@ -316,7 +334,7 @@ class DLRover(System):
                 os.unlink(path)
 
 
-SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Stalwart, TorchrunDCP, DLRover)}
+SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Stalwart, TorchrunDCP, DLRover, StalwartRank)}
 
 
 def _listening(port: int) -> bool:
@@ -400,9 +418,9 @@ def _measure(system: System, trial: Trial, res: Result, args) -> None:
 
     def ready():
         steps = steady_steps(trial.events(), 2)
-        return steps if len(steps) >= a.kill_after else None
+        return steps if len(steps) >= 2 and steps[-1]["step"] >= a.kill_after else None
 
-    steps = _wait(trial, ready, a.start_timeout, f"{a.kill_after} steps at world size 2")
+    steps = _wait(trial, ready, a.start_timeout, f"step {a.kill_after} at world size 2")
     intervals = [b["t"] - x["t"] for x, b in itertools.pairwise(steps)]
     res.step_s = statistics.median(intervals) if intervals else None
     # kill in the middle of a step: a fraction of the median step after the newest step ended
@@ -546,9 +564,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a small GPT instead of the 110M one (smoke runs)")
     ap.add_argument("--batch", type=int, default=2, help="sequences of 128 tokens per rank per step")
-    ap.add_argument("--kill-after", type=int, default=3, help="steady steps at world size 2 before the failure")
+    ap.add_argument("--kill-after", type=int, default=None,
+                    help="the failure comes in the step after this one (default: --disk-every + 1: a disk checkpoint"
+                         " exists for DCP and the newest step is one it does not hold, the usual case)")
     ap.add_argument("--kill-at", type=float, default=0.5, help="when in the step to kill, as a fraction of a step")
-    ap.add_argument("--disk-every", type=int, default=10, help="steps between disk checkpoints (DCP, DLRover, stalwart's local tier)")
+    ap.add_argument("--disk-every", type=int, default=4,
+                    help="steps between disk checkpoints (DCP, DLRover, stalwart's local tier)")
     ap.add_argument("--redundancy", default="1,1", help="stalwart: k,m of the memory snapshots' erasure code ('' for none)")
     ap.add_argument("--dlrover-python", default=os.path.join(REPO, ".cache", "dlrover-venv", "bin", "python"))
     ap.add_argument("--start-timeout", type=float, default=240.0)
@@ -557,6 +578,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep each trial's logs and events")
     ap.add_argument("--json", default=None, help="write every trial's result here")
     args = ap.parse_args(argv)
+    if args.kill_after is None:
+        args.kill_after = args.disk_every + 1 if not args.quick else max(args.disk_every + 1, 12)
     unknown = [s for s in args.systems.split(",") if s not in SYSTEMS]
     if unknown:
         ap.error(f"unknown system(s) {unknown}; known: {sorted(SYSTEMS)}")
