@@ -12,7 +12,9 @@ Every process appends JSON lines to ``OUT/ev-<pid>.jsonl``, each with a wall-clo
   pg        the training process group is up
   model     GPT built, wrapped in DDP, AdamW constructed
   restored  the system's restore returned (``step``: the step restored, 0 for none)
-  step      a training step completed (after the system's per-step checkpoint call)
+  step      a training step completed (after the system's per-step checkpoint call); ``ckpt_s``:
+            the seconds of that step the loop spent in checkpointing (the call, plus stalwart's
+            wait before optimizer.step() for the previous snapshot's copy)
   error     the loop raised (a peer died): the time and the exception, then it re-raises
 
 Data are plain per-rank random tokens keyed by (step, rank): the bench measures
@@ -80,19 +82,24 @@ def batch(cfg, step: int, rank: int, size: int):
     return x, y
 
 
-def train(args, ev, cfg, model, opt, start: int, after_step) -> None:
+def train(args, ev, cfg, model, opt, start: int, after_step, stalled=lambda: 0.0) -> None:
+    """The loop; ``after_step(step)`` is the system's per-step checkpoint call and ``stalled()``
+    the system's own count of seconds the loop waited elsewhere (stalwart's optimizer pre-hook)."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     try:
         for step in range(start + 1, args.steps + 1):
             x, y = batch(cfg, step, rank, args.batch)
+            before = stalled()
             loss = model(x, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            t = time.perf_counter()
             after_step(step)
-            ev("step", step=step, loss=float(loss.detach()), world=dist.get_world_size(), rank=rank)
+            ckpt_s = time.perf_counter() - t + stalled() - before
+            ev("step", step=step, loss=float(loss.detach()), world=dist.get_world_size(), rank=rank, ckpt_s=ckpt_s)
     except BaseException as e:
         ev("error", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
         raise
@@ -117,7 +124,7 @@ def run_stalwart(args, ev) -> None:
     with stalwart.protect(model, opt, root=args.root, every=1, tiers=tiers, slots=3, **kwargs) as guard:
         ev("restored", step=guard.step_count, source=guard.stats.restored_from, bytes=guard.stats.restore_sources,
            fallbacks=guard.stats.fallbacks, keeper_pid=guard.client.keeper_pid())
-        train(args, ev, cfg, model, opt, guard.step_count, lambda step: guard.step())
+        train(args, ev, cfg, model, opt, guard.step_count, lambda step: guard.step(), lambda: guard.stats.blocking_s)
 
 
 # ----------------------------------------------------------------------------- torchrun + DCP

@@ -356,6 +356,7 @@ class Result:
     last_step: int | None = None
     restored_step: int | None = None
     step_s: float | None = None  # median step before the kill
+    ckpt_s: float | None = None  # median seconds per step spent checkpointing before the kill (rank 0)
     world_after: int | None = None
     restore_source: str | None = None
     restore_bytes: dict = field(default_factory=dict)
@@ -423,6 +424,7 @@ def _measure(system: System, trial: Trial, res: Result, args) -> None:
     steps = _wait(trial, ready, a.start_timeout, f"step {a.kill_after} at world size 2")
     intervals = [b["t"] - x["t"] for x, b in itertools.pairwise(steps)]
     res.step_s = statistics.median(intervals) if intervals else None
+    res.ckpt_s = statistics.median(e.get("ckpt_s", 0.0) for e in steps[1:])
     # kill in the middle of a step: a fraction of the median step after the newest step ended
     time.sleep(max(0.0, steps[-1]["t"] + a.kill_at * (res.step_s or 0) - time.time()))
     events = trial.events()
@@ -505,7 +507,8 @@ def report(results: list[Result], systems: list[System], args) -> str:
     base_med = statistics.median([r.total_s for r in base]) if base else None
     lines.append(f"\nMean time to recovery: SIGKILL -> first completed training step after recovery; median (min-max)"
                  f" of {args.repeats} repeat(s)\n")
-    head = ["system", "failure", "ok", "recovery", "vs torchrun+DCP", "steps lost", "world after", "step (steady)"]
+    head = ["system", "failure", "ok", "recovery", "vs torchrun+DCP", "steps lost", "world after", "step (steady)",
+            "of which checkpoint"]
     rows = []
     for s in systems:
         rs = ok[s.name]
@@ -516,7 +519,7 @@ def report(results: list[Result], systems: list[System], args) -> str:
         lost = sorted(r.steps_lost for r in rs)
         rows.append([s.label, s.failure, f"{len(rs)}/{len([r for r in results if r.system == s.name])}", fmt(tot), ratio,
                      ",".join(map(str, lost)) or "-", ",".join(sorted({str(r.world_after) for r in rs})) or "-",
-                     fmt([r.step_s for r in rs if r.step_s])])
+                     fmt([r.step_s for r in rs if r.step_s]), fmt([r.ckpt_s for r in rs if r.ckpt_s is not None])])
     lines += _table(head, rows)
     names = [p for p, _ in RESTART_PHASES]
     lines.append("\nWhere the time goes (median s per phase; see the docstring for the boundaries)\n")
