@@ -1,0 +1,625 @@
+"""Mean time to recovery (issue 13): stalwart vs torchrun + DCP vs DLRover, in one run.
+
+    flock /work/.bench.lock .venv/bin/python bench/elastic.py                  # 3 interleaved repeats
+    .venv/bin/python bench/elastic.py --systems stalwart,dcp --repeats 1 --quick   # smoke run, small GPT
+    .venv/bin/python bench/elastic.py --json out.json                           # also write every trial
+
+A simulated two-node job on this host trains the 110M-parameter GPT of bench/_gpt.py
+(fp32, AdamW, 1.3 GB of model + optimizer state, DDP over gloo, one rank per node,
+batch 2 x 128 tokens per rank). After a few steady steps one failure is injected in the
+middle of a step with SIGKILL, and the bench measures the time from the SIGKILL to the
+first training step completed after recovery, split into phases from timestamps the
+workers write (bench/_elastic_worker.py) and process creation times:
+
+  detection   SIGKILL -> the survivors' old worker processes are gone (their agent saw
+              the failure and stopped them; a survivor's collective usually fails first)
+  rendezvous  -> the new worker processes exist (re-rendezvous, agent bookkeeping, spawn)
+  start+import-> torch, torch.distributed and the system's library imported
+  pg init     -> the training process group is up
+  model build -> GPT built, DDP-wrapped, AdamW constructed (DDP broadcasts the weights)
+  restore     -> the system's restore returned
+  first step  -> the first training step after recovery completed (every rank)
+
+Each boundary is the slowest new rank's. "Steps lost" is the newest step completed
+before the kill minus the step restored.
+
+Systems (all on the same model, data, step and failure timing):
+
+  stalwart  `stalwart run` (torchrun with --rdzv-backend=stalwart, monitor interval 0.1 s,
+            restarts) --nnodes=1:2, the rendezvous store in a separate `stalwart store`
+            process (outside the nodes), one keeper per node; the worker runs
+            protect(every=1, tiers=["memory", {"url": "local:ROOT/disk", "every": 4}],
+            slots=3, redundancy=(1, 1)): every step's snapshot in keeper memory, mirrored
+            to the other node by RS(1, 1) (two nodes cannot hold a wider code). Failure: a
+            whole node - SIGKILL of node 1's agent, worker and keeper together. The survivor
+            continues at world size 1; the lost node's half of the DDP state (each replicated
+            tensor is stored by one rank) is rebuilt from the parity its keeper holds.
+  dcp       plain torchrun, --rdzv-backend=c10d --nnodes=1:2 --max-restarts=3
+            --monitor-interval=0.1 (torch's rendezvous defaults otherwise),
+            TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per rendezvous round, so the
+            restarted gloo group never meets stale addresses); torch.distributed.checkpoint
+            save of model + optimizer to local disk every --disk-every steps (fsync, as DCP
+            does by default) and dcp.load on restart. Failure: SIGKILL of rank 1's worker;
+            its agent restarts it and both ranks reload from disk (world size stays 2).
+  dlrover   dlrover-run (DLRover 0.6.1) with a local DLRover master for two nodes
+            (NODE_RANK 0/1), DdpCheckpointer flash checkpoint to the agent's shared memory
+            every step and to disk every --disk-every steps, load_checkpoint() on restart
+            (from memory). Failure: SIGKILL of rank 1's worker, as for dcp.
+
+The default run is 3 repeats, systems interleaved (the order rotates per repeat);
+medians and min-max are printed, with ratios against torchrun + DCP of the same run.
+Targets: stalwart >= 3x faster than torchrun + DCP and faster than DLRover, <= 1 step lost.
+
+DLRover lives in its own virtual environment (it must not share stalwart's), created once:
+
+    python3 -m venv .cache/dlrover-venv
+    .cache/dlrover-venv/bin/pip install torch==2.13.0          # the CPU build, first
+    echo torch==2.13.0 > .cache/dlrover-constraints.txt
+    .cache/dlrover-venv/bin/pip install -c .cache/dlrover-constraints.txt 'dlrover[k8s,torch]==0.6.1' protobuf psutil
+
+(the k8s extra and protobuf are needed by DLRover's master even on one machine: it imports grpc,
+kubernetes and protobuf's metadata.) Two simulated nodes on one host would share DLRover's
+per-job shared memory, lock and sockets (named after the job and the local rank), so each
+node's agent gets its own job name (ELASTIC_JOB_NAME=<job>-node<i>) as separate hosts would
+have separate /dev/shm and /tmp; the master's rendezvous is keyed by node rank.
+
+(--dlrover-python points elsewhere; without that environment the dlrover system is
+skipped with a note.) Shared memory lives under a private /dev/shm/swbench-elastic-*
+directory that is removed at the end; each trial's logs stay in --workdir when --keep.
+
+Adding a system (e.g. in-process recovery or torchft, issue 14): subclass System, say how
+it launches, whom it kills and, if its survivors keep their processes, which worker
+events bound its phases (System.phases); register it in SYSTEMS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "_elastic_worker.py")
+TARGET_VS_DCP = 3.0
+TARGET_STEPS_LOST = 1
+
+#: phase name -> (worker event that ends it); "created" is the process creation time
+RESTART_PHASES = [("detection", "old_gone"), ("rendezvous", "created"), ("start+import", "imported"),
+                  ("pg init", "pg"), ("model build", "model"), ("restore", "restored"), ("first step", "first_step")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- trial plumbing
+@dataclass
+class Trial:
+    """One launch of one system: its directories, processes and the workers' events."""
+
+    system: str
+    dir: str
+    out: str
+    root: str
+    env: dict
+    procs: list = field(default_factory=list)  # (name, Popen, log path)
+    shm_before: set = field(default_factory=lambda: set(glob.glob("/dev/shm/*")))
+
+    def spawn(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        path = os.path.join(self.dir, f"{name}.log")
+        with open(path, "w") as f:
+            p = subprocess.Popen(cmd, env=env or self.env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                 start_new_session=True)
+        self.procs.append((name, p, path))
+        return p
+
+    def events(self) -> list[dict]:
+        out = []
+        for path in glob.glob(os.path.join(self.out, "ev-*.jsonl")):
+            with open(path) as f:
+                for line in f:
+                    with contextlib.suppress(ValueError):
+                        out.append(json.loads(line))
+        return sorted(out, key=lambda e: e["t"])
+
+    def tail(self, n: int = 25) -> str:
+        parts = []
+        for name, _, path in self.procs:
+            with contextlib.suppress(OSError), open(path) as f:
+                lines = [ln for ln in f.read().splitlines() if ln.strip() and "Warning" not in ln]
+            parts.append(f"--- {name}\n" + "\n".join(lines[-n:]))
+        return "\n".join(parts)
+
+    def alive(self) -> bool:
+        return any(p.poll() is None for name, p, _ in self.procs if name.startswith("agent"))
+
+
+class TrialFailed(Exception):
+    pass
+
+
+def kill_tree(pid: int) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        p = psutil.Process(pid)
+        for c in [p, *p.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                c.send_signal(signal.SIGKILL)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# ----------------------------------------------------------------------------- systems
+class System:
+    """How one system launches a two-node job and what its failure kills."""
+
+    name = ""
+    label = ""
+    failure = ""
+    phases = RESTART_PHASES
+
+    def __init__(self, args) -> None:
+        self.args = args
+
+    @property
+    def worker(self) -> str:
+        """The worker's --system (bench/_elastic_worker.py)."""
+        return self.name.split("-")[0]
+
+    def available(self) -> str | None:
+        """None, or why this system cannot run here."""
+        return None
+
+    def worker_args(self, trial: Trial) -> list[str]:
+        a = self.args
+        out = [WORKER, "--system", self.worker, "--out", trial.out, "--root", trial.root, "--batch", str(a.batch),
+               "--disk-every", str(a.disk_every)]
+        return out + (["--quick"] if a.quick else [])
+
+    def launch(self, trial: Trial) -> None:
+        raise NotImplementedError
+
+    def victims(self, trial: Trial, events: list[dict]) -> list[int]:
+        """Pids to SIGKILL: by default rank 1's live worker."""
+        starts = [e for e in events if e["ev"] == "start" and not gone(e["pid"])]
+        rank1 = [e for e in starts if e["rank"] == 1]
+        if not rank1:
+            raise TrialFailed("no live worker of rank 1 to kill")
+        return [rank1[-1]["pid"]]
+
+    def cleanup(self, trial: Trial) -> None:
+        pass
+
+
+class Stalwart(System):
+    name = "stalwart"
+    label = "stalwart (plugin, memory, RS(1,1))"
+    failure = "node (agent + worker + keeper)"
+
+    def launch(self, trial: Trial) -> None:
+        port = free_port()
+        trial.env.update(STALWART_SHM_BASE=self.args.shm, STALWART_LOG_DIR=os.path.join(trial.dir, "stalwart-logs"))
+        os.makedirs(trial.env["STALWART_LOG_DIR"], exist_ok=True)
+        py = os.path.join(REPO, ".venv", "bin", "python")
+        store = trial.spawn("store", [py, "-m", "stalwart.cli", "store", "--port", str(port)])
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            if store.poll() is not None or time.monotonic() > deadline:
+                raise TrialFailed(f"stalwart store did not start\n{trial.tail()}")
+            time.sleep(0.1)
+        wargs = [*self.worker_args(trial), "--redundancy", self.args.redundancy]
+        run_id = f"bench-{uuid.uuid4().hex[:8]}"
+        for i in range(2):
+            trial.spawn(f"agent{i}", [py, "-m", "stalwart.cli", "run", "--nnodes=1:2", "--nproc-per-node=1",
+                                      f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+                                      *wargs])
+
+    def victims(self, trial: Trial, events: list[dict]) -> list[int]:
+        """Node 1: its agent, everything under it, and its keeper (started detached)."""
+        starts = [e for e in events if e["ev"] == "start" and not gone(e["pid"]) and e["rank"] == 1]
+        if not starts:
+            raise TrialFailed("no live worker of rank 1")
+        worker = starts[-1]
+        keeper = next((e.get("keeper_pid") for e in reversed(events) if e["ev"] == "restored" and e["pid"] == worker["pid"]),
+                      None)
+        agent = psutil.Process(worker["agent_pid"])
+        pids = [agent.pid, *(c.pid for c in agent.children(recursive=True))]
+        return pids + ([int(keeper)] if keeper else [])
+
+    def cleanup(self, trial: Trial) -> None:
+        for d in glob.glob(os.path.join(self.args.shm, "stalwart-*")):
+            with contextlib.suppress(OSError, ValueError, TypeError), open(os.path.join(d, "keeper.pid")) as f:
+                kill_tree(int(f.read().strip()))
+            with contextlib.suppress(OSError, ValueError, TypeError), open(os.path.join(d, "owner.json")) as f:
+                kill_tree(int(json.load(f)["keeper_pid"]))
+        for e in trial.events():
+            if e.get("keeper_pid"):
+                kill_tree(int(e["keeper_pid"]))
+        for d in glob.glob(os.path.join(self.args.shm, "*")):
+            shutil.rmtree(d, ignore_errors=True) if os.path.isdir(d) else os.unlink(d)
+
+
+class StalwartRank(Stalwart):
+    """The same stalwart job, failing like the baselines: only rank 1's worker dies, its node's agent
+    and keeper live on (the world stays at 2; each rank restores from its own keeper's memory and
+    its peer's). Not in the default run."""
+
+    name = "stalwart-rank"
+    label = "stalwart (plugin, memory), rank kill"
+    failure = "rank 1 worker"
+
+    def victims(self, trial: Trial, events: list[dict]) -> list[int]:
+        return System.victims(self, trial, events)
+
+
+class TorchrunDCP(System):
+    name = "dcp"
+    label = "torchrun + DCP (disk)"
+    failure = "rank 1 worker"
+
+    def launch(self, trial: Trial) -> None:
+        port = free_port()
+        trial.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        py = os.path.join(REPO, ".venv", "bin", "python")
+        run_id = f"bench-{uuid.uuid4().hex[:8]}"
+        for i in range(2):
+            trial.spawn(f"agent{i}", [py, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
+                                      "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                      f"--rdzv-id={run_id}", "--max-restarts=3",
+                                      "--monitor-interval=0.1", *self.worker_args(trial)])
+
+
+class DLRover(System):
+    name = "dlrover"
+    label = "DLRover flash ckpt (memory)"
+    failure = "rank 1 worker"
+
+    def available(self) -> str | None:
+        py = self.args.dlrover_python
+        if not os.path.exists(py):
+            return f"no DLRover environment at {py} (see the module docstring to create one)"
+        return None
+
+    def launch(self, trial: Trial) -> None:
+        py = self.args.dlrover_python
+        port = free_port()
+        job = f"bench-{uuid.uuid4().hex[:8]}"
+        env = {k: v for k, v in trial.env.items() if k != "PYTHONPATH"}  # no stalwart in DLRover's world
+        trial.env = env
+        trial.spawn("master", [py, "-u", "-m", "dlrover.python.master.main", "--port", str(port), "--node_num", "2",
+                               "--job_name", job, "--platform", "local"])
+        deadline = time.monotonic() + 90
+        while not _listening(port):
+            if time.monotonic() > deadline or trial.procs[-1][1].poll() is not None:
+                raise TrialFailed(f"the DLRover master did not start\n{trial.tail()}")
+            time.sleep(0.2)
+        run = os.path.join(os.path.dirname(py), "dlrover-run")
+        for i in range(2):
+            node_env = {**env, "DLROVER_MASTER_ADDR": f"127.0.0.1:{port}", "NODE_RANK": str(i), "NODE_ID": str(i),
+                        "NODE_NUM": "2", "ELASTIC_JOB_NAME": f"{job}-node{i}"}
+            trial.spawn(f"agent{i}", [run, "--nnodes=2", "--nproc_per_node=1", "--max-restarts=3",
+                                      "--monitor-interval=0.1", *self.worker_args(trial)], env=node_env)
+
+    def cleanup(self, trial: Trial) -> None:
+        # DLRover's flash checkpoint leaves its shared-memory segment behind (anchors-measured.md): remove the
+        # segments that appeared during this trial
+        for path in set(glob.glob("/dev/shm/*ckpt_shm*")) - trial.shm_before:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Stalwart, TorchrunDCP, DLRover, StalwartRank)}
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ----------------------------------------------------------------------------- one trial
+@dataclass
+class Result:
+    system: str
+    repeat: int
+    ok: bool = False
+    error: str = ""
+    total_s: float | None = None
+    phases: dict = field(default_factory=dict)
+    steps_lost: int | None = None
+    last_step: int | None = None
+    restored_step: int | None = None
+    step_s: float | None = None  # median step before the kill
+    ckpt_s: float | None = None  # median seconds per step spent checkpointing before the kill (rank 0)
+    world_after: int | None = None
+    restore_source: str | None = None
+    restore_bytes: dict = field(default_factory=dict)
+    survivor_error_s: float | None = None  # kill -> a survivor's collective raised
+    notes: list = field(default_factory=list)
+
+
+def steady_steps(events: list[dict], world: int) -> list[dict]:
+    return [e for e in events if e["ev"] == "step" and e["world"] == world and e["rank"] == 0]
+
+
+def run_trial(system: System, repeat: int, args) -> Result:
+    res = Result(system.name, repeat)
+    tdir = os.path.join(args.workdir, f"{system.name}-{repeat}")
+    shutil.rmtree(tdir, ignore_errors=True)
+    os.makedirs(os.path.join(tdir, "out"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))}
+    trial = Trial(system.name, tdir, os.path.join(tdir, "out"), os.path.join(tdir, "root"), env)
+    try:
+        system.launch(trial)
+        _measure(system, trial, res, args)
+        res.ok = True
+    except TrialFailed as e:
+        res.error = str(e).splitlines()[0]
+        log(f"  {system.name} #{repeat}: FAILED: {e}")
+    finally:
+        for _, p, _ in trial.procs:
+            kill_tree(p.pid)
+            with contextlib.suppress(OSError, ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        for e in trial.events():
+            if e["ev"] == "start":
+                kill_tree(e["pid"])
+        system.cleanup(trial)
+        for _, p, _ in trial.procs:
+            with contextlib.suppress(Exception):
+                p.wait(timeout=10)
+        if not args.keep:
+            shutil.rmtree(tdir, ignore_errors=True)
+    return res
+
+
+def _wait(trial: Trial, cond, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise TrialFailed(f"timed out after {timeout:.0f}s waiting for {what}\n{trial.tail()}")
+        if not trial.alive():
+            raise TrialFailed(f"every agent exited while waiting for {what}\n{trial.tail()}")
+        time.sleep(poll)
+
+
+def _measure(system: System, trial: Trial, res: Result, args) -> None:
+    a = args
+
+    def ready():
+        steps = steady_steps(trial.events(), 2)
+        return steps if len(steps) >= 2 and steps[-1]["step"] >= a.kill_after else None
+
+    steps = _wait(trial, ready, a.start_timeout, f"step {a.kill_after} at world size 2")
+    intervals = [b["t"] - x["t"] for x, b in itertools.pairwise(steps)]
+    res.step_s = statistics.median(intervals) if intervals else None
+    res.ckpt_s = statistics.median(e.get("ckpt_s", 0.0) for e in steps[1:])
+    # kill in the middle of a step: a fraction of the median step after the newest step ended
+    time.sleep(max(0.0, steps[-1]["t"] + a.kill_at * (res.step_s or 0) - time.time()))
+    events = trial.events()
+    victims = system.victims(trial, events)
+    old = {e["pid"] for e in events if e["ev"] == "start" and not gone(e["pid"])}
+    t_kill = time.time()
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    survivors = old - set(victims)
+    # the survivors' old workers: poll until gone (detection + stop)
+    gone_at: dict[int, float] = {}
+    deadline = time.monotonic() + a.recovery_timeout
+    while len(gone_at) < len(survivors):
+        for pid in survivors - set(gone_at):
+            if gone(pid):
+                gone_at[pid] = time.time()
+        if time.monotonic() > deadline:
+            raise TrialFailed(f"the survivors' workers did not stop within {a.recovery_timeout:.0f}s\n{trial.tail()}")
+        time.sleep(0.01)
+    t_old_gone = max(gone_at.values(), default=t_kill)
+
+    def recovered():
+        evs = trial.events()
+        new = {e["pid"]: e for e in evs if e["ev"] == "start" and e["created"] > t_kill - 0.05}
+        if not new:
+            return None
+        world = max(e["world"] for e in new.values())
+        firsts = {}
+        for e in evs:
+            if e["ev"] == "step" and e["pid"] in new and e["pid"] not in firsts:
+                firsts[e["pid"]] = e
+        if len(firsts) < world or len(new) < world:
+            return None
+        return evs, new, firsts
+
+    evs, new, firsts = _wait(trial, recovered, a.recovery_timeout, "the first step after recovery")
+    before = [e for e in evs if e["ev"] == "step" and e["t"] < t_kill]
+    res.last_step = max(e["step"] for e in before)
+    restored = [e for e in evs if e["ev"] == "restored" and e["pid"] in new]
+    res.restored_step = min(e["step"] for e in restored)
+    res.steps_lost = res.last_step - res.restored_step
+    res.world_after = max(e["world"] for e in new.values())
+    r0 = next((e for e in restored if e.get("bytes")), restored[0])
+    res.restore_source, res.restore_bytes = r0.get("source"), r0.get("bytes") or {}
+    for e in restored:
+        if e.get("fallbacks"):
+            res.notes += e["fallbacks"]
+    errs = [e["t"] for e in evs if e["ev"] == "error" and e["pid"] in survivors]
+    res.survivor_error_s = (min(errs) - t_kill) if errs else None
+    # phase boundaries: the slowest new rank's event
+    marks = {"old_gone": t_old_gone, "created": max(e["created"] for e in new.values()),
+             "first_step": max(e["t"] for e in firsts.values())}
+    for kind in ("imported", "pg", "model", "restored"):
+        ts = [e["t"] for e in evs if e["ev"] == kind and e["pid"] in new]
+        if len(ts) < len(new):
+            raise TrialFailed(f"a new worker wrote no '{kind}' event")
+        marks[kind] = max(ts)
+    prev = t_kill
+    for name, mark in system.phases:
+        res.phases[name] = marks[mark] - prev
+        prev = marks[mark]
+    res.total_s = marks["first_step"] - t_kill
+
+
+# ----------------------------------------------------------------------------- report
+def fmt(xs: list[float], unit: str = "s") -> str:
+    if not xs:
+        return "-"
+    med = statistics.median(xs)
+    if len(xs) == 1:
+        return f"{med:.2f}{unit}"
+    return f"{med:.2f}{unit} ({min(xs):.2f}-{max(xs):.2f})"
+
+
+def report(results: list[Result], systems: list[System], args) -> str:
+    lines = []
+    ok = {s.name: [r for r in results if r.system == s.name and r.ok] for s in systems}
+    base = ok.get("dcp") or []
+    base_med = statistics.median([r.total_s for r in base]) if base else None
+    lines.append(f"\nMean time to recovery: SIGKILL -> first completed training step after recovery; median (min-max)"
+                 f" of {args.repeats} repeat(s)\n")
+    head = ["system", "failure", "ok", "recovery", "vs torchrun+DCP", "steps lost", "world after", "step (steady)",
+            "of which checkpoint"]
+    rows = []
+    for s in systems:
+        rs = ok[s.name]
+        tot = [r.total_s for r in rs]
+        ratio = "-"
+        if base_med and tot:
+            ratio = f"{base_med / statistics.median(tot):.2f}x faster"
+        lost = sorted(r.steps_lost for r in rs)
+        rows.append([s.label, s.failure, f"{len(rs)}/{len([r for r in results if r.system == s.name])}", fmt(tot), ratio,
+                     ",".join(map(str, lost)) or "-", ",".join(sorted({str(r.world_after) for r in rs})) or "-",
+                     fmt([r.step_s for r in rs if r.step_s]), fmt([r.ckpt_s for r in rs if r.ckpt_s is not None])])
+    lines += _table(head, rows)
+    names = [p for p, _ in RESTART_PHASES]
+    lines.append("\nWhere the time goes (median s per phase; see the docstring for the boundaries)\n")
+    rows = []
+    for s in systems:
+        rs = ok[s.name]
+        rows.append([s.label] + [fmt([r.phases[p] for r in rs if p in r.phases], "") for p in names]
+                    + [fmt([r.survivor_error_s for r in rs if r.survivor_error_s is not None], "")])
+    lines += _table(["system", *names, "(collective error)"], rows)
+    st = ok.get("stalwart") or []
+    if st and base_med:
+        med = statistics.median([r.total_s for r in st])
+        lines.append("")
+        lines.append(f"target >= {TARGET_VS_DCP:.0f}x faster than torchrun + DCP: {base_med / med:.2f}x -> "
+                     f"{'MET' if base_med / med >= TARGET_VS_DCP else 'MISSED'}")
+        dl = ok.get("dlrover") or []
+        if dl:
+            dmed = statistics.median([r.total_s for r in dl])
+            lines.append(f"target faster than DLRover: {med:.2f}s vs {dmed:.2f}s -> {'MET' if med < dmed else 'MISSED'}")
+        worst = max(r.steps_lost for r in st)
+        lines.append(f"target <= {TARGET_STEPS_LOST} step lost (every-step snapshots): worst {worst} -> "
+                     f"{'MET' if worst <= TARGET_STEPS_LOST else 'MISSED'}")
+        srcs = {k for r in st for k in r.restore_bytes}
+        lines.append(f"stalwart restored from: {', '.join(sorted({str(r.restore_source) for r in st}))}"
+                     f" ({', '.join(sorted(srcs)) or 'no byte counts'})")
+    for r in results:
+        if not r.ok:
+            lines.append(f"FAILED {r.system} #{r.repeat}: {r.error}")
+        for n in r.notes:
+            lines.append(f"note {r.system} #{r.repeat}: {n}")
+    return "\n".join(lines)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", default="stalwart,dcp,dlrover", help=f"comma-separated, of {sorted(SYSTEMS)}")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="a small GPT instead of the 110M one (smoke runs)")
+    ap.add_argument("--batch", type=int, default=2, help="sequences of 128 tokens per rank per step")
+    ap.add_argument("--kill-after", type=int, default=None,
+                    help="the failure comes in the step after this one (default: --disk-every + 1: a disk checkpoint"
+                         " exists for DCP and the newest step is one it does not hold, the usual case)")
+    ap.add_argument("--kill-at", type=float, default=0.5, help="when in the step to kill, as a fraction of a step")
+    ap.add_argument("--disk-every", type=int, default=4,
+                    help="steps between disk checkpoints (DCP, DLRover, stalwart's local tier)")
+    ap.add_argument("--redundancy", default="1,1", help="stalwart: k,m of the memory snapshots' erasure code ('' for none)")
+    ap.add_argument("--dlrover-python", default=os.path.join(REPO, ".cache", "dlrover-venv", "bin", "python"))
+    ap.add_argument("--start-timeout", type=float, default=240.0)
+    ap.add_argument("--recovery-timeout", type=float, default=180.0)
+    ap.add_argument("--workdir", default=None, help="where trials run (default: a fresh temporary directory)")
+    ap.add_argument("--keep", action="store_true", help="keep each trial's logs and events")
+    ap.add_argument("--json", default=None, help="write every trial's result here")
+    args = ap.parse_args(argv)
+    if args.kill_after is None:
+        args.kill_after = args.disk_every + 1 if not args.quick else max(args.disk_every + 1, 12)
+    unknown = [s for s in args.systems.split(",") if s not in SYSTEMS]
+    if unknown:
+        ap.error(f"unknown system(s) {unknown}; known: {sorted(SYSTEMS)}")
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="swbench-elastic-", dir=os.path.join(REPO, ".cache"))
+    os.makedirs(args.workdir, exist_ok=True)
+    args.shm = os.path.join("/dev/shm", f"swbench-elastic-{os.getpid()}")
+    os.makedirs(args.shm, exist_ok=True)
+    systems = []
+    for name in args.systems.split(","):
+        s = SYSTEMS[name](args)
+        why = s.available()
+        if why:
+            log(f"skipping {name}: {why}")
+            continue
+        systems.append(s)
+    log(f"elastic recovery bench: {len(systems)} systems x {args.repeats} repeats, workdir {args.workdir}")
+    results: list[Result] = []
+    try:
+        for r in range(args.repeats):
+            order = systems[r % len(systems):] + systems[: r % len(systems)]
+            for s in order:
+                t0 = time.monotonic()
+                res = run_trial(s, r, args)
+                results.append(res)
+                if res.ok:
+                    log(f"  {s.name} #{r}: recovery {res.total_s:.2f}s, steps lost {res.steps_lost}, "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in res.phases.items()) + f" (trial {time.monotonic() - t0:.0f}s)")
+    finally:
+        shutil.rmtree(args.shm, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    print(report(results, systems, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items()}, "results": [asdict(r) for r in results]}, f, indent=1)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
