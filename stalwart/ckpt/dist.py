@@ -32,6 +32,7 @@ class Placement:
     keeper_slots: int = 0  # positions in the keeper group (the launcher's maximum node count)
     active_slots: tuple[int, ...] = ()  # the keeper slots serving trainers in this run, in node order
     node_id: str | None = None  # the launcher's stable identity of this node (its keeper's memory)
+    slot_ids: tuple[str, ...] = ()  # the launcher: the keeper expected in every slot this round (stand-ins included)
 
     @property
     def local_ranks(self) -> list[int]:
@@ -67,8 +68,9 @@ def where_am_i() -> Placement:
     slots = _env_int("STALWART_KEEPER_SLOTS", default=nodes)
     active = os.environ.get("STALWART_ACTIVE_SLOTS")
     active_slots = tuple(int(x) for x in active.split(",")) if active else tuple(range(nodes))
+    ids = os.environ.get("STALWART_SLOT_IDS")
     return Placement(rank, world, local_rank, local_world, node, nodes, restart_count(), slot, slots, active_slots,
-                     os.environ.get("STALWART_NODE_ID") or None)
+                     os.environ.get("STALWART_NODE_ID") or None, tuple(ids.split(",")) if ids else ())
 
 
 def restart_count() -> int:

@@ -560,6 +560,18 @@ class Guard:
             self.stats.parity_overhead = ec.get("overhead")
         return ec
 
+    def _group_current(self, ec: dict) -> bool:
+        """Whether the keeper's redundancy generation is settled and, under the launcher, made
+        of the keepers this round has (a generation formed before a node was lost still names
+        it: its recovery is not this round's)."""
+        if not ec.get("settled"):
+            return False
+        ids = self.where.slot_ids
+        if not ids:
+            return True
+        group = ec.get("group") or []
+        return all(0 <= s < len(ids) for s in group) and ec.get("member_ids") == [ids[s] for s in group]
+
     def _await_redundancy(self, status: dict) -> dict:
         """Before restoring: wait (bounded) until this keeper's redundancy group formed and
         rebuilt what it could; a snapshot it cannot rebuild becomes a fallback warning."""
@@ -569,13 +581,14 @@ class Guard:
         if not status.get("memory") and not any(status.get("tiers", {}).values()) and not status.get("peers_hold"):
             return status  # the job's first start: nothing anywhere to rebuild or restore
         deadline = time.monotonic() + self.redundancy.rebuild_wait_s
-        while not ec.get("settled") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while not self._group_current(ec) and time.monotonic() < deadline:
+            time.sleep(0.1)
             status = self._call("status")
             ec = self._note_redundancy(status) or {}
-        if not ec.get("settled"):
-            msg = (f"stalwart: node {self.where.node_rank}'s redundancy group did not form within"
-                   f" {self.redundancy.rebuild_wait_s:.0f}s (state {ec.get('state')}); restoring without rebuilding")
+        if not self._group_current(ec):
+            msg = (f"stalwart: node {self.where.node_rank}'s redundancy group did not form with this round's keepers"
+                   f" within {self.redundancy.rebuild_wait_s:.0f}s (state {ec.get('state')}, members"
+                   f" {ec.get('member_ids')}); restoring without rebuilding")
             self.stats.fallbacks.append(msg)
             warnings.warn(msg, stacklevel=3)
         if ec.get("recovery_error"):

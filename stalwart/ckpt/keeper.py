@@ -921,6 +921,15 @@ _LOCKS: list[int] = []
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--standby"]:
+        # started ahead of need (a launcher's stand-in): imports are done; the arguments come when needed
+        import stalwart.ckpt.erasure  # noqa: F401  (the codec a stand-in rebuilds with)
+
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        argv = json.loads(line)
     ap = argparse.ArgumentParser(prog="python -m stalwart.ckpt.keeper", description="stalwart's per-node snapshot keeper")
     ap.add_argument("--shm-dir", required=True, help="shared-memory directory owned by this keeper")
     ap.add_argument("--tiers", required=True, help="JSON list of tier specs")

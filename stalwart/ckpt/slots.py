@@ -42,6 +42,7 @@ class SlotStore(Protocol):
     slots: list[Slot]
     shm_dir: str
     stopping: bool
+    node_id: str | None  # the launcher's node identity (a stand-in's own), None outside the plugin
     standin: bool  # holds a lost node's place in the group: no trainers, so no data of new steps
 
     def uncommit(self, slot: Slot, reason: str | None = None) -> None:

@@ -33,6 +33,11 @@ def new_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def standin_id(slot: int, host_node: str) -> str:
+    """The node identity of the stand-in keeper that ``host_node``'s agent runs for ``slot``."""
+    return f"standin-{slot}@{host_node}"
+
+
 @dataclass(frozen=True)
 class Membership:
     """One rendezvous round: its nodes (in rank order) and every keeper slot's holder."""
@@ -65,6 +70,11 @@ class Membership:
     def standin_host(self, slot: int) -> str:
         """The node (id) whose agent runs the stand-in keeper of vacant ``slot``."""
         return self.nodes[slot % len(self.nodes)]
+
+    def keeper_ids(self) -> list[str]:
+        """The node identity of the keeper in every slot this round: a live node's own, or
+        for a vacant slot its stand-in's (run by :meth:`standin_host`)."""
+        return [self.slots.get(s) or standin_id(s, self.standin_host(s)) for s in range(self.max_slots)]
 
     def to_json(self) -> dict:
         return {"round": self.round, "nodes": list(self.nodes), "slots": {str(k): v for k, v in self.slots.items()},

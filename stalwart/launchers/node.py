@@ -29,7 +29,10 @@ import threading
 import time
 
 from stalwart.ckpt.shm import reclaim_orphans
-from stalwart.launchers.membership import Membership
+from stalwart.launchers.membership import Membership, standin_id
+
+#: a keeper process started ahead of need: it imports everything, then reads its arguments (JSON) from stdin
+STANDBY_ARGS = ["--standby"]
 
 log = logging.getLogger("stalwart.launchers")
 
@@ -52,6 +55,7 @@ class NodeServices:
         self.reconcile_s = reconcile_s
         self.membership: Membership | None = None
         self.standins: dict[int, tuple[str, subprocess.Popen]] = {}  # slot -> (stand-in node id, process)
+        self._standby: subprocess.Popen | None = None  # a keeper process, imports done, waiting for its arguments
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,18 +114,20 @@ class NodeServices:
                     if proc.poll() is None:
                         self.store.set(self.key(f"standin/{v}/retire"), sid)
                     del self.standins[v]
-            if not mine - set(self.standins):
+            if not mine - set(self.standins) and self._standby is not None:
                 return
             config = self._get(self.key("config"))
             if not config or not json.loads(config).get("ec"):
                 return  # no keeper configured yet, or no erasure coding: nothing to stand in for
             for v in sorted(mine - set(self.standins)):
                 self.standins[v] = self._spawn_standin(v, json.loads(config))
+            if self._standby is None or self._standby.poll() is not None:
+                self._standby = self._start_keeper_process(STANDBY_ARGS, stdin=subprocess.PIPE)
 
     def _spawn_standin(self, slot: int, config: dict) -> tuple[str, subprocess.Popen]:
         from stalwart.ckpt.keeper import standin_args
 
-        sid = f"standin-{slot}@{self.node_id}"
+        sid = standin_id(slot, self.node_id)
         shm = os.path.join(_shm_base(), "stalwart-" + hashlib.sha1(f"{self.prefix}#{sid}".encode()).hexdigest()[:16])
         cmd = [sys.executable, "-m", "stalwart.ckpt.keeper", "--shm-dir", shm, "--node", str(slot),
                "--group-addr", self.store_addr, "--shared-store", "--group-prefix", self.prefix,
@@ -130,11 +136,22 @@ class NodeServices:
         if log_dir:
             cmd += ["--log-file", os.path.join(log_dir, f"keeper-standin-{slot}.log")]
         self.store.set(self.key(f"standin/{slot}/id"), sid)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "CUDA_VISIBLE"))}
-        proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, close_fds=True, env=env)
+        proc, self._standby = self._standby, None
+        try:
+            # the standby has imported torch and the keeper already: seconds off a recovery
+            proc.stdin.write(json.dumps(cmd[3:]) + "\n")
+            proc.stdin.close()
+        except (AttributeError, OSError, ValueError):  # none yet, or it died
+            proc = self._start_keeper_process(cmd[3:], stdin=subprocess.DEVNULL)
         log.warning("stalwart: keeper slot %s has no live node: started stand-in keeper %s (pid %s)", slot, sid, proc.pid)
         return sid, proc
+
+    @staticmethod
+    def _start_keeper_process(args: list[str], stdin) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "CUDA_VISIBLE"))}
+        return subprocess.Popen([sys.executable, "-m", "stalwart.ckpt.keeper", *args], start_new_session=True,
+                                stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                                env=env, text=True)
 
     def _get(self, key: str) -> str | None:
         with contextlib.suppress(Exception):
@@ -152,3 +169,7 @@ class NodeServices:
                 with contextlib.suppress(Exception):
                     proc.wait(timeout=5)
             self.standins.clear()
+            if self._standby is not None:
+                with contextlib.suppress(Exception):
+                    self._standby.stdin.close()  # end of input: it leaves without starting a keeper
+                self._standby = None

@@ -44,7 +44,9 @@ log = logging.getLogger("stalwart.launchers")
 FAST_DEFAULTS = {
     "last_call_timeout": 1,  # torch: 30 s - how long a round stays open once MIN nodes joined
     "keep_alive_interval": 1,  # torch: 5 s - agent heartbeat into the rendezvous state
-    "keep_alive_max_attempt": 3,  # torch: 3 - missed heartbeats before a node is dropped
+    # torch: 3 - a node silent for interval x attempts is dropped: a lost node is noticed in 2 s
+    # (torch takes whole seconds; 1 x 1 would drop live agents that a busy host stalls for a second)
+    "keep_alive_max_attempt": 2,
     "close_timeout": 10,  # torch: 30 s
 }
 
@@ -160,6 +162,7 @@ class StalwartRendezvousHandler(RendezvousHandler):
             "STALWART_KEEPER_SLOT": str(slot),
             "STALWART_KEEPER_SLOTS": str(membership.max_slots),
             "STALWART_ACTIVE_SLOTS": ",".join(map(str, membership.active)),
+            "STALWART_SLOT_IDS": ",".join(membership.keeper_ids()),
             "STALWART_KEEPER_GROUP": self._store_addr,
             "STALWART_KEEPER_PREFIX": f"{self.prefix}/keepers",
             "STALWART_KEEPER_SHARED_STORE": "1",

@@ -40,7 +40,7 @@ Single node without --rdzv-endpoint: a free local port is chosen (127.0.0.1:PORT
 --nnodes defaults to 1. Several nodes: give the same --rdzv-endpoint=HOST:PORT and
 --nnodes=MIN:MAX to every node's `stalwart run`. The rendezvous defaults stalwart
 changes (--rdzv-conf key=value overrides each): last_call_timeout=1 (torchrun 30 s),
-keep_alive_interval=1 (5 s), keep_alive_max_attempt=3, close_timeout=10 (30 s).
+keep_alive_interval=1 (5 s), keep_alive_max_attempt=2 (3), close_timeout=10 (30 s).
 
 What happens on a failure, the consistency guarantees and their limits: docs/ELASTIC.md.
 torchrun's own options follow.

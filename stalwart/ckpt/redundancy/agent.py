@@ -110,6 +110,7 @@ class Redundancy:
         self.settled = False
         self.generation: int | None = None
         self.recovery_error: str | None = None
+        self.member_ids: list[str | None] = []  # the members' node identities in the current generation
         self.errors: list[str] = []
         self.rebuilt: list[int] = []
         self.encoded = 0
@@ -162,7 +163,7 @@ class Redundancy:
         data = sum(int(m["data_bytes"]) for m in self.meta.values())
         return {
             "k": self.cfg.k, "m": self.cfg.m, "group": self.members, "member": self.me, "generation": self.generation,
-            "state": self.state, "settled": self.settled,
+            "state": self.state, "settled": self.settled, "member_ids": list(self.member_ids),
             "protected": sorted(s.step for s in slots if s.protected and s.step is not None),
             "parity_bytes": parity, "spare_parity_bytes": sum(t.numel() for t in self._spares.values()),
             "parity_reused": self.parity_reused,
@@ -224,7 +225,7 @@ class Redundancy:
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
                 log.warning("redundancy group %s: generation %s ended: %s", self.group, self.generation, why)
                 log.debug("%s", traceback.format_exc())
-                self.state = "forming"
+                self.state, self.settled = "forming", False
                 if session is not None:
                     with contextlib.suppress(Exception):
                         self.link.set(f"{session.prefix}/failed", f"node {self.node}: {why}")
@@ -250,6 +251,7 @@ class Redundancy:
                                  abort=lambda _: self._over(prefix, gen))
         pg, client = self._form_pg(prefix)
         self.generation = gen
+        self.member_ids = [j.get("node_id") for j in joins]
         log.info("redundancy group %s (nodes %s): generation %s formed", self.group, self.members, gen)
         return Session(prefix, gen, incs, joins, pg, client, can_share=self._can_share(joins))
 
@@ -265,7 +267,7 @@ class Redundancy:
                 missing = [i for i, v in zip(self.members, incs, strict=True) if not v or i not in alive]
                 log.info("redundancy group %s: waiting for the keepers of node(s) %s", self.group, missing)
                 shown = time.monotonic()
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             return
         gen = self.link.add(f"ec/g{self.group}/gen", 1)
@@ -309,7 +311,7 @@ class Redundancy:
     def _check(self, session: Session) -> None:
         """Raise when the generation is over: a member died or was replaced, someone failed,
         or the leader announced a newer generation."""
-        if time.monotonic() - session.checked < 1.0:
+        if time.monotonic() - session.checked < 0.25:  # a few store reads: cheap, and recovery waits on it
             return
         session.checked = time.monotonic()
         others = [i for i in self.members if i != self.node]
@@ -611,7 +613,8 @@ class Redundancy:
                 for s, _ in entries:
                     s.pins -= 1
                 self.keeper.cond.notify_all()
-        return {"inc": self.link.inc, "slots": out, "host": HOST_ID, "shm": self.keeper.shm_dir}
+        return {"inc": self.link.inc, "slots": out, "host": HOST_ID, "shm": self.keeper.shm_dir,
+                "node_id": self.keeper.node_id}
 
     def _loss_message(self, step: int, lost: Sequence[int], geo: Geometry | None, detail: str | None) -> str:
         nodes = ", ".join(str(self.members[p]) for p in lost)
