@@ -803,7 +803,12 @@ class Guard:
             elif not isinstance(exc, Preempted):
                 with contextlib.suppress(Exception):  # keep the last good state: make it durable
                     newest = self._call("flush").get("step")
-                    if newest is not None:
+                    if newest is not None and self.client.plugin:
+                        # the launcher restarts this node's workers at once (a peer failed, most often): its
+                        # keeper outlives them and persists in the background, so waiting here would only
+                        # delay the recovery (a multi-node commit waits for the lost node's keeper)
+                        self._call("wait", step=newest, force=True, timeout=0.0)
+                    elif newest is not None:
                         self._durable(newest, self.timeouts.persist_s)
         finally:
             for h in self._hook_handles:
