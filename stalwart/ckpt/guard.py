@@ -365,11 +365,11 @@ class Guard:
         return [p.collect(self.mesh, self.rank) for p in self.providers]
 
     def _ensure_plan(self, collected: list[Collected]) -> SnapshotPlan:
-        plan = build_plan(collected, self.mesh, self.rank, self._aliases())
+        # the cached plan is validated against this step's state, not rebuilt (see build_plan)
+        plan = build_plan(collected, self.mesh, self.rank, self._aliases, previous=self.plan)
         if self.plan is not None and plan.signature == self.plan.signature:
-            # same layout: keep the mapped slots, take this step's tensor references
-            self.plan.lazy, self.plan.eager = plan.lazy, plan.eager
-            return self.plan
+            self.plan = plan  # same layout: keep the mapped slots, take this step's tensor references
+            return plan
         if self.max_host_memory is not None and plan.file_size * self.slots > self.max_host_memory:
             allowed = self.max_host_memory // max(plan.file_size, 1)
             raise StalwartError(
@@ -459,7 +459,7 @@ class Guard:
             except StalwartError as e:  # refused (e.g. a restarted keeper): this snapshot is lost, training goes on
                 log.warning("stalwart: snapshot of step %s lost: %s", step, e)
 
-        self.copier.start([(n, t, dst[n]) for n, t in plan.lazy], tables, block, finish)
+        self.copier.start(plan.lazy, dst, tables, block, finish)
         self.last_snapshot_step = step
         self.stats.snapshots += 1
         return True

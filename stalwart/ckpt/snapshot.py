@@ -40,6 +40,14 @@ class SnapshotPlan:
     eager: list[tuple[str, torch.Tensor]]
     signature: str  # this rank's plan (layout + its share)
     layout_signature: str  # the layout alone: the same on every rank
+    # What the plan was built from, so that the next step validates instead of rebuilding
+    # (see build_plan): the mesh and rank, per provider the items list it was bound to and
+    # that list's structure key, and per item where its tensor sits in ``lazy``/``eager``.
+    mesh: Mesh | None = None
+    rank: int = -1
+    sources: tuple = ()
+    keys: tuple = ()
+    places: tuple = ()
 
     @property
     def file_size(self) -> int:
@@ -49,34 +57,81 @@ class SnapshotPlan:
 _PLAN_CACHE: dict[tuple, SnapshotPlan] = {}
 
 
-def _structure_key(collected: list[Collected], mesh: Mesh, rank: int, aliases: dict[str, str]) -> tuple:
-    """Everything the plan depends on except the tensors' data (cheap to compute every step)."""
-    items = tuple(
-        (i.spec, i.lazy, -1 if i.tensor is None else i.tensor.numel()) for c in collected for i in c.items
-    )
-    groups = tuple(sorted((gid, g) for c in collected for gid, g in c.groups.items()))
-    return (mesh, rank, items, groups, tuple(sorted(aliases.items())))
+def _provider_key(c: Collected) -> tuple:
+    """One provider's share of the plan's structure: names, shapes, dtypes, placements,
+    lazy/eager, local sizes, groups and aliases (everything but the tensors' data)."""
+    items = tuple((i.spec, i.lazy, -1 if i.tensor is None else i.tensor.numel()) for i in c.items)
+    groups = tuple(sorted(c.groups.items())) if c.groups else ()
+    aliases = tuple(sorted(c.aliases.items())) if c.aliases else ()
+    return items, groups, aliases
 
 
-def build_plan(collected: list[Collected], mesh: Mesh, rank: int, aliases: dict[str, str]) -> SnapshotPlan:
+def build_plan(collected: list[Collected], mesh: Mesh, rank: int,
+               aliases: dict[str, str] | Callable[[], dict[str, str]],
+               previous: SnapshotPlan | None = None) -> SnapshotPlan:
     """The layout of everything collected, and this rank's share of it.
 
-    Plans are cached by the state's structure (names, shapes, dtypes, placements):
-    every step after the first only rebinds the current tensors to the cached plan.
+    With ``previous`` (the plan of the last snapshot), the structure is validated
+    provider by provider rather than rebuilt: a provider that returns the very items
+    list it returned before (providers cache them while their state's structure, tensor
+    identities and storages are unchanged) costs nothing; one that returns new items
+    (RNG, schedulers: new tensors every step) is compared by its structure key and only
+    its tensors are rebound. Any difference rebuilds the plan (cached by the whole
+    structure, so switching back to an earlier structure is cheap). ``aliases`` (tied
+    weights of providers that do not put them in :attr:`Collected.aliases`) may be a
+    callable; it is called only when the plan is rebuilt, so such a provider must
+    return new items when its ties change.
     """
-    key = _structure_key(collected, mesh, rank, aliases)
+    if previous is not None and previous.mesh == mesh and previous.rank == rank and len(previous.sources) == len(collected):
+        rebound = _rebind(collected, previous)
+        if rebound is not None:
+            return rebound
+    if callable(aliases):
+        aliases = aliases()
+    aliases = {**aliases, **{a: o for c in collected for a, o in c.aliases.items()}}
+    keys = tuple(_provider_key(c) for c in collected)
+    key = (mesh, rank, keys, tuple(sorted(aliases.items())))
     cached = _PLAN_CACHE.get(key)
     if cached is not None:
-        tensors = {i.spec.name: i.tensor for c in collected for i in c.items}
-        return SnapshotPlan(
-            cached.layout, cached.image, [(n, tensors[n]) for n, _ in cached.lazy],
-            [(n, tensors[n]) for n, _ in cached.eager], cached.signature, cached.layout_signature,
-        )
+        return _bind_all(collected, cached)
     plan = _build_plan(collected, mesh, rank, aliases)
+    plan = _bind_all(collected, replace(plan, mesh=mesh, rank=rank, keys=keys, places=_places(collected, plan)))
     if len(_PLAN_CACHE) >= 4:
         _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
     _PLAN_CACHE[key] = plan
     return plan
+
+
+def _places(collected: list[Collected], plan: SnapshotPlan) -> tuple:
+    """Per provider, per item: (lazy?, index) of its tensor in the plan's lists, or None
+    when this rank does not store it."""
+    where = {n: (True, i) for i, (n, _) in enumerate(plan.lazy)}
+    where.update({n: (False, i) for i, (n, _) in enumerate(plan.eager)})
+    return tuple(tuple(where.get(i.spec.name) for i in c.items) for c in collected)
+
+
+def _bind_all(collected: list[Collected], plan: SnapshotPlan) -> SnapshotPlan:
+    """``plan`` (same structure) with every tensor taken from ``collected``."""
+    tensors = {i.spec.name: i.tensor for c in collected for i in c.items}
+    return replace(plan, lazy=[(n, tensors[n]) for n, _ in plan.lazy], eager=[(n, tensors[n]) for n, _ in plan.eager],
+                   sources=tuple(c.items for c in collected))
+
+
+def _rebind(collected: list[Collected], previous: SnapshotPlan) -> SnapshotPlan | None:
+    """``previous`` bound to this step's tensors if the structure is unchanged, else None."""
+    changed = [i for i, c in enumerate(collected) if c.items is not previous.sources[i]]
+    if not changed:
+        return previous
+    for i in changed:
+        if _provider_key(collected[i]) != previous.keys[i]:
+            return None
+    lazy, eager = list(previous.lazy), list(previous.eager)
+    for i in changed:
+        for item, place in zip(collected[i].items, previous.places[i]):
+            if place is not None:
+                (lazy if place[0] else eager)[place[1]] = (item.spec.name, item.tensor)
+    sources = tuple(c.items for c in collected)
+    return replace(previous, lazy=lazy, eager=eager, sources=sources)
 
 
 def _build_plan(collected: list[Collected], mesh: Mesh, rank: int, aliases: dict[str, str]) -> SnapshotPlan:
@@ -128,6 +183,7 @@ class Copier:
         self._future: Future | None = None
         self._device_event = None  # CUDA: last D2H copy event, for the device-side wait
         self._stream = None
+        self._cuda: bool | None = None  # CUDA available (then sources may be on a device)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -150,30 +206,38 @@ class Copier:
         for name, src, dst in jobs:
             self._copy_entry(name, src.cpu() if src.is_cuda else src, dst, tables[name], block)
 
-    def start(self, jobs, tables: dict[str, np.ndarray], block: int, finish: Callable[[], None]) -> None:
-        """Copy lazy entries in the background, then call ``finish`` (on the copy thread)."""
+    def start(self, entries: list[tuple[str, torch.Tensor]], dst: dict[str, torch.Tensor], tables: dict[str, np.ndarray],
+              block: int, finish: Callable[[], None]) -> None:
+        """Copy lazy ``entries`` (name, source) into their slot views ``dst[name]`` in the
+        background, then call ``finish`` (on the copy thread). The caller's thread only
+        queues device copies (CUDA sources); host sources are walked on the copy thread."""
         self.wait()
-        cuda_jobs = [(n, s, d) for n, s, d in jobs if s.is_cuda]
-        cpu_jobs = [(n, s, d) for n, s, d in jobs if not s.is_cuda]
+        if self._cuda is None:
+            self._cuda = torch.cuda.is_available()
+        if self._cuda:
+            cuda_jobs = [(n, s, dst[n]) for n, s in entries if s.is_cuda]
+            cpu_jobs = [(n, s) for n, s in entries if not s.is_cuda]
+        else:  # no CUDA in this process: every source is on the host
+            cuda_jobs, cpu_jobs = [], entries
         events: list[tuple[str, int, int, object]] = []
         if cuda_jobs:
             if self._stream is None:
                 self._stream = torch.cuda.Stream()
             self._stream.wait_stream(torch.cuda.current_stream())  # the step that produced the values
             with torch.cuda.stream(self._stream):
-                for name, src, dst in cuda_jobs:
+                for name, src, d in cuda_jobs:
                     s = _byte_view(src)
                     for start in range(0, s.numel(), COPY_CHUNK):
                         stop = min(start + COPY_CHUNK, s.numel())
-                        dst[start:stop].copy_(s[start:stop], non_blocking=True)
+                        d[start:stop].copy_(s[start:stop], non_blocking=True)
                         ev = torch.cuda.Event()
                         ev.record(self._stream)
                         events.append((name, start, stop, ev))
             self._device_event = events[-1][3] if events else None
 
         def run() -> None:
-            for name, src, dst in cpu_jobs:
-                self._copy_entry(name, src, dst, tables[name], block)
+            for name, src in cpu_jobs:
+                self._copy_entry(name, src, dst[name], tables[name], block)
             dsts = {n: d for n, _, d in cuda_jobs}
             for name, start, stop, ev in events:
                 ev.synchronize()
