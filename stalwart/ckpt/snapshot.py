@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import xxhash
 
 from stalwart.ckpt.providers.base import Collected
 from stalwart.errors import LayoutError
@@ -30,6 +31,7 @@ from stalwart.formats.dtypes import tensor_bytes
 from stalwart.formats.layout import Layout, Mesh
 
 COPY_CHUNK = 4 * 1024 * 1024  # bytes copied then hashed per step (cache-sized, a multiple of the block size)
+SMALL_ENTRY = 32 * 1024  # entries up to this size are copied in batches (torch copies them on one thread)
 
 
 @dataclass
@@ -125,11 +127,21 @@ def _rebind(collected: list[Collected], previous: SnapshotPlan) -> SnapshotPlan 
     for i in changed:
         if _provider_key(collected[i]) != previous.keys[i]:
             return None
-    lazy, eager = list(previous.lazy), list(previous.eager)
+    # new lists only where a tensor changed: the copier keeps its prepared copies for a list
+    lazy, eager = previous.lazy, previous.eager
     for i in changed:
         for item, place in zip(collected[i].items, previous.places[i]):
-            if place is not None:
-                (lazy if place[0] else eager)[place[1]] = (item.spec.name, item.tensor)
+            if place is None:
+                continue
+            if place[0]:
+                if lazy[place[1]][1] is item.tensor:
+                    continue
+                if lazy is previous.lazy:
+                    lazy = list(lazy)
+                lazy[place[1]] = (item.spec.name, item.tensor)
+            else:
+                eager = list(eager) if eager is previous.eager else eager
+                eager[place[1]] = (item.spec.name, item.tensor)
     sources = tuple(c.items for c in collected)
     return replace(previous, lazy=lazy, eager=eager, sources=sources)
 
@@ -185,6 +197,8 @@ class Copier:
         self._stream = None
         self._cuda: bool | None = None  # CUDA available (then sources may be on a device)
         self._lock = threading.Lock()
+        self._host_copied: threading.Event | None = None  # set once the host sources of the last job are copied
+        self._programs: dict[int, tuple] = {}  # id(slot views) -> (views, entries, tables, copy program)
 
     @staticmethod
     def _copy_entry(name: str, src: torch.Tensor, dst: torch.Tensor, table: np.ndarray, block: int) -> None:
@@ -200,6 +214,42 @@ class Copier:
             np.copyto(d.numpy(), s[start:stop].numpy())
             first = start // block
             ck.block_checksums(tensor_bytes(d), block, out=table[first : first + ck.block_count(stop - start, block)])
+
+    @staticmethod
+    def _copy_small(dsts: list[torch.Tensor], srcs: list[torch.Tensor], views: list[memoryview], tables: list[np.ndarray]) -> None:
+        """Copy many small entries (one checksum block each, below torch's parallel grain:
+        never fanned out over threads) in one call, then hash each."""
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        h = xxhash.xxh3_64_intdigest
+        for table, digest in zip(tables, map(h, views)):
+            table[0] = digest
+
+    def _program(self, entries: list[tuple[str, torch.Tensor]], dst: dict[str, torch.Tensor],
+                 tables: dict[str, np.ndarray], block: int) -> tuple:
+        """How to copy ``entries`` into one slot: small contiguous entries batched (their byte
+        views prepared once), the rest entry by entry. Cached while the plan binds the same
+        list of tensors to the same slot views (a new tensor, size or storage is a new list)."""
+        cached = self._programs.get(id(dst))
+        if cached is not None and cached[0] is dst and cached[1] is entries and cached[2] is tables:
+            return cached[3]
+        small: tuple[list, list, list, list] = ([], [], [], [])
+        rest = []
+        for name, src in entries:
+            d = dst[name]
+            n = src.numel() * src.element_size()
+            if 0 < n <= min(block, SMALL_ENTRY) and src.is_contiguous() and n == d.numel():
+                small[0].append(d)
+                small[1].append(_byte_view(src))
+                small[2].append(tensor_bytes(d))
+                small[3].append(tables[name])
+            else:
+                rest.append((name, src, d))
+        # keep only the programs of this plan's tensors: older ones hold views of dropped slots
+        self._programs = {k: v for k, v in self._programs.items() if v[1] is entries}
+        program = (small, rest)
+        self._programs[id(dst)] = (dst, entries, tables, program)
+        return program
 
     def copy_now(self, jobs, tables: dict[str, np.ndarray], block: int) -> None:
         """Copy small (eager) entries synchronously; CUDA sources are copied blocking."""
@@ -235,9 +285,18 @@ class Copier:
                         events.append((name, start, stop, ev))
             self._device_event = events[-1][3] if events else None
 
+        copied = threading.Event() if cpu_jobs else None
+        self._host_copied = copied
+
         def run() -> None:
-            for name, src in cpu_jobs:
-                self._copy_entry(name, src, dst[name], tables[name], block)
+            try:
+                small, rest = self._program(cpu_jobs, dst, tables, block)
+                self._copy_small(*small)
+                for name, src, d in rest:
+                    self._copy_entry(name, src, d, tables[name], block)
+            finally:
+                if copied is not None:  # the sources may change now; the header and report follow
+                    copied.set()
             dsts = {n: d for n, _, d in cuda_jobs}
             for name, start, stop, ev in events:
                 ev.synchronize()
@@ -251,21 +310,23 @@ class Copier:
     def wait_before_mutation(self) -> float:
         """Block until the live tensors may change; returns the seconds waited.
 
-        CPU sources: the background copy must be finished. CUDA sources: only the
+        CPU sources: their copy (and checksums) must be finished; the slot's header and
+        the report to the keeper continue in the background. CUDA sources: only the
         device must have finished reading them, which the current stream waits for on
-        the device; host-side hashing continues in the background.
+        the device; host-side hashing continues in the background. A failure of the
+        background job is raised here once it is over, else by the next :meth:`wait`.
         """
         import time
 
         t0 = time.perf_counter()
         fut = self._future
-        if self._device_event is not None and fut is not None:
+        if self._device_event is not None:
             torch.cuda.current_stream().wait_event(self._device_event)
             self._device_event = None
-            if fut.done():
-                fut.result()
-            return time.perf_counter() - t0
-        if fut is not None:
+        if self._host_copied is not None:
+            self._host_copied.wait()
+            self._host_copied = None
+        if fut is not None and fut.done():
             fut.result()
         return time.perf_counter() - t0
 
@@ -280,6 +341,7 @@ class Copier:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._programs.clear()
 
 
 def map_slot_file(path: str, size: int, pin: bool) -> torch.Tensor:

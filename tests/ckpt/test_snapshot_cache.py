@@ -230,3 +230,26 @@ def test_snapshots_after_a_change_hold_the_live_state(tmp_path, monkeypatch, cha
                 assert torch.equal(ckpt.read(name), t), f"{name}: the snapshot does not hold the live values"
         finally:
             ckpt.close()
+
+
+def test_the_module_walk_matches_named_parameters_and_buffers():
+    """ModuleProvider walks the modules itself (cheaper per snapshot): same names, order, tensors."""
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.shared = nn.Linear(4, 4)
+            self.again = self.shared  # a module under two names
+            self.seq = nn.Sequential(nn.BatchNorm1d(4), self.bn, nn.Identity())
+            self.register_buffer("transient", torch.zeros(2), persistent=False)
+            self.register_buffer("kept", torch.ones(3))
+            self.register_buffer("empty", None)
+            self.register_parameter("nothing", None)
+            self.tied = Tied()
+
+    for model in (Odd(), Tied(), nn.Linear(3, 2)):
+        persistent = set(model.state_dict(keep_vars=True))
+        expect = [(n, id(p), "param") for n, p in model.named_parameters(remove_duplicate=False)]
+        expect += [(n, id(b), "buffer") for n, b in model.named_buffers() if n in persistent]
+        assert [(n, id(t), r) for n, t, r in ModuleProvider(model)._named()] == expect

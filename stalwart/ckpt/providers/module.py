@@ -98,6 +98,21 @@ def mesh_from_model(model: torch.nn.Module, world_size: int) -> Mesh:
     return Mesh(("dp",), (world_size,))
 
 
+def _walk(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """("<prefix>.", module) in ``named_modules(remove_duplicate=False)`` order (pre-order,
+    children in registration order, shared modules under every name), without its
+    recursive generators (this walk runs at every snapshot)."""
+    out = []
+    stack = [("", model)]
+    while stack:
+        dot, m = stack.pop()
+        out.append((dot, m))
+        children = m._modules
+        if children:
+            stack.extend((f"{dot}{name}.", c) for name, c in reversed(children.items()) if c is not None)
+    return out
+
+
 class ModuleProvider(StateProvider):
     """Params (lazy) and persistent buffers (eager, they change in forward) of a model.
 
@@ -123,8 +138,7 @@ class ModuleProvider(StateProvider):
         seen_modules, seen_buffers = set(), set()
         # remove_duplicate=False: tied parameters appear under every name (aliases need them);
         # buffers as named_buffers() gives them: each module and each buffer once
-        for prefix, m in self.model.named_modules(remove_duplicate=False):
-            dot = prefix + "." if prefix else ""
+        for dot, m in _walk(self.model):
             params += [(dot + k, p, "param") for k, p in m._parameters.items() if p is not None]
             if m._buffers and id(m) not in seen_modules:
                 seen_modules.add(id(m))
