@@ -52,7 +52,7 @@ from stalwart.ckpt.providers.optimizer import OptimizerProvider
 from stalwart.ckpt.providers.rng import RNGProvider
 from stalwart.ckpt.redundancy import ECConfig, check_topology, missing_reads
 from stalwart.ckpt.redundancy.peer import SOURCES_FILE
-from stalwart.ckpt.snapshot import Copier, SnapshotPlan, build_plan, map_slot_file
+from stalwart.ckpt.snapshot import Copier, SnapshotPlan, build_plan, final_header, map_slot_file
 from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tiers
 from stalwart.errors import StalwartError
 from stalwart.formats.layout import Layout, Mesh
@@ -445,8 +445,8 @@ class Guard:
         objects = self._objects(collected) if self.rank == 0 else None
 
         def finish() -> None:
-            header = image.header(tables)
-            mapping[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+            header = final_header(image, tables)
+            np.copyto(mapping[: len(header)].numpy(), np.frombuffer(header, dtype=np.uint8))
             record = image.record(rank_file_name(self.rank), header)
             try:
                 reply = self.client.call_background("done", rank=self.rank, step=step, slot=index, attempt=attempt,

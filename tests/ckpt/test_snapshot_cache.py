@@ -253,3 +253,19 @@ def test_the_module_walk_matches_named_parameters_and_buffers():
         expect = [(n, id(p), "param") for n, p in model.named_parameters(remove_duplicate=False)]
         expect += [(n, id(b), "buffer") for n, b in model.named_buffers() if n in persistent]
         assert [(n, id(t), r) for n, t, r in ModuleProvider(model)._named()] == expect
+
+
+def test_patched_headers_equal_rebuilt_ones():
+    """A slot's header is patched into a template per snapshot: byte for byte image.header()."""
+    import numpy as np
+
+    from stalwart.ckpt.snapshot import final_header
+    from stalwart.formats.datafile import FileImage
+
+    specs = [("a", torch.float32, (16, 16)), ("big \"quoted\" ünïcode", torch.float32, (70_000,)),
+             ("empty", torch.float32, (0,)), ("u16", torch.uint16, (3,)), ("b", torch.bfloat16, (5, 2))]
+    image = FileImage(specs, rank=3)
+    gen = np.random.default_rng(1)
+    for _ in range(3):
+        tables = {n: gen.integers(0, 2**64 - 1, size=c, dtype=np.uint64) for n, c in image.block_counts.items()}
+        assert bytes(final_header(image, tables)) == image.header(tables)
