@@ -312,8 +312,18 @@ class Copier:
 
     def copy_now(self, jobs, tables: dict[str, np.ndarray], block: int) -> None:
         """Copy small (eager) entries synchronously; CUDA sources are copied blocking."""
+        small: tuple[list, list, list, list] = ([], [], [], [])
         for name, src, dst in jobs:
-            self._copy_entry(name, src.cpu() if src.is_cuda else src, dst, tables[name], block)
+            src = src.cpu() if src.is_cuda else src
+            n = src.numel() * src.element_size()
+            if 0 < n <= min(block, SMALL_ENTRY) and n == dst.numel() and src.is_contiguous():
+                small[0].append(dst)
+                small[1].append(_byte_view(src))
+                small[2].append(tensor_bytes(dst))
+                small[3].append(tables[name])
+            else:
+                self._copy_entry(name, src, dst, tables[name], block)
+        self._copy_small(*small)
 
     def start(self, entries: list[tuple[str, torch.Tensor]], dst: dict[str, torch.Tensor], tables: dict[str, np.ndarray],
               block: int, finish: Callable[[], None]) -> None:
