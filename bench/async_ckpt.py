@@ -273,7 +273,7 @@ class DcpSave(Method):
 class DcpAsync(Method):
     """dcp.async_save, default (no stager) or with one reused DefaultStager."""
 
-    def __init__(self, *a, stager: bool) -> None:
+    def __init__(self, *a, stager: bool, shared_memory: bool = True) -> None:
         super().__init__(*a)
         self.stager = None
         self.options = None
@@ -283,7 +283,7 @@ class DcpAsync(Method):
             if self.device.type == "cuda":
                 self.options = StagingOptions()
             else:
-                self.options = StagingOptions(use_pinned_memory=False, use_shared_memory=True,
+                self.options = StagingOptions(use_pinned_memory=False, use_shared_memory=shared_memory,
                                               use_async_staging=True, use_non_blocking_copy=False)
             self.stager = DefaultStager(self.options)
         self.staging = None  # Future: staged (stager mode)
@@ -412,6 +412,8 @@ def make_method(name: str, every: int, model, opt, workdir: str, device: torch.d
         return DcpAsync(*args, stager=False)
     if name == "dcp_async_stager":
         return DcpAsync(*args, stager=True)
+    if name == "dcp_async_stager_private":  # --scaling: staged into private memory (one shm file per tensor hits fd limits)
+        return DcpAsync(*args, stager=True, shared_memory=False)
     if name == "stalwart":
         return Stalwart(*args)
     raise SystemExit(f"unknown mode {name!r}; choose from none, {', '.join(MODES)}")
@@ -690,6 +692,139 @@ def report(runs: list[Run], base_runs: list[Run], disk: dict, header: list[str],
     return "\n".join(out), results
 
 
+# ----------------------------------------------------------------------------- scaling
+class Stack(torch.nn.Module):
+    """``layers`` small Linear(width, width) layers: 2 parameters each, 8 state tensors with AdamW."""
+
+    def __init__(self, layers: int, width: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+
+
+def scaling_run(method: str, tensors: int, width: int, warm: int, ckpts: int, compute_s: float, workdir: str) -> list[float]:
+    """Blocking per checkpoint (s) of ``method`` on a fresh model of ``tensors`` state tensors,
+    one checkpoint per step. A step is AdamW's step plus ``compute_s`` of matmuls standing in
+    for forward/backward (background copies run meanwhile, as they would in training)."""
+    torch.manual_seed(0)
+    model = Stack(max(1, round(tensors / 8)), width)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()  # creates the optimizer state: 8 tensors per layer
+    a = torch.randn(256, 256)
+    remove(workdir)
+    os.makedirs(workdir)
+    m = make_method(method, 1, model, opt, workdir, torch.device("cpu"))
+    is_stalwart = isinstance(m, Stalwart)
+    blocks: list[float] = []
+    try:
+        for i in range(warm + ckpts + 1):
+            t_end = time.perf_counter() + compute_s
+            while time.perf_counter() < t_end:
+                a = torch.tanh(a @ a)
+            pre = m.before_opt()
+            opt.step()
+            pre += m.after_opt()
+            if blocks:
+                blocks[-1] += pre  # a wait before optimizer.step() belongs to the checkpoint before it
+            if i == warm + ckpts:
+                break  # this step only collected the last checkpoint's wait
+            blocks.append(m.step_call() if is_stalwart else m.save(i + 1))
+        m.drain()
+    finally:
+        m.close()
+        remove(workdir)
+    return blocks[warm:]
+
+
+def scaling_main(args) -> int:
+    """Blocking per checkpoint against the number of state tensors: stalwart vs DCP async + stager."""
+    sizes = [int(x) for x in args.scaling_sizes.split(",") if x]
+    methods = ["dcp_async_stager", "dcp_async_stager_private", "stalwart"]
+    dcp_methods = methods[:2]
+    failed: dict[tuple[str, int], str] = {}
+    root = os.path.abspath(args.dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench-out",
+                                                     f"async_scaling-{os.getpid()}"))
+    own_shm = "STALWART_SHM_BASE" not in os.environ
+    if own_shm:
+        os.environ["STALWART_SHM_BASE"] = f"/dev/shm/swbench-async-{os.getpid()}"
+        os.makedirs(os.environ["STALWART_SHM_BASE"], exist_ok=True)
+    logging_quiet()
+    t0 = time.perf_counter()
+    blocks: dict[tuple[str, int], list[float]] = {(m, n): [] for m in methods for n in sizes}
+    run_medians: dict[tuple[str, int], list[float]] = {(m, n): [] for m in methods for n in sizes}
+    try:
+        for r in range(args.repeats):
+            for n in sizes:
+                # alternate which method goes first, so neither always runs on a warmer machine
+                for m in (methods if r % 2 == 0 else methods[::-1]):
+                    if (m, n) in failed:
+                        continue
+                    try:
+                        got = scaling_run(m, n, args.scaling_width, args.warmup, args.scaling_ckpts,
+                                          args.scaling_compute_ms / 1e3, os.path.join(root, f"{m}-{n}"))
+                    except Exception as e:  # e.g. DCP's shared-memory staging: one file descriptor per tensor
+                        if m == "stalwart":
+                            raise
+                        failed[(m, n)] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        print(f"[{time.perf_counter() - t0:7.1f}s] {m} {n} tensors failed: {failed[(m, n)]}", flush=True)
+                        continue
+                    blocks[(m, n)] += got
+                    run_medians[(m, n)].append(statistics.median(got))
+                    print(f"[{time.perf_counter() - t0:7.1f}s] repeat {r + 1}/{args.repeats} {m:17s} {n:6d} tensors: "
+                          f"block median {statistics.median(got) * 1e3:8.2f} ms (min {min(got) * 1e3:.2f}, max {max(got) * 1e3:.2f})",
+                          flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if own_shm:
+            shutil.rmtree(os.environ["STALWART_SHM_BASE"], ignore_errors=True)
+    rows, verdicts = [], []
+    base = statistics.median(blocks[("stalwart", sizes[0])]) / sizes[0]
+    for n in sizes:
+        st = statistics.median(blocks[("stalwart", n)])
+        dcp = {m: statistics.median(blocks[(m, n)]) for m in dcp_methods if blocks[(m, n)]}
+        best = min(dcp, key=dcp.get) if dcp else None
+        per = st / n
+        row = [f"{n:,}"]
+        for m in methods:
+            b = blocks[(m, n)]
+            if not b:
+                row += ["failed", "-", "-"]
+                continue
+            meds = run_medians[(m, n)]
+            row += [f"{statistics.median(b) * 1e3:.2f}", f"{min(b) * 1e3:.2f}-{max(b) * 1e3:.2f}",
+                    f"{min(meds) * 1e3:.2f}-{max(meds) * 1e3:.2f}"]
+        row += [f"{per * 1e6:.2f}", f"{per / base:.2f}x", f"{dcp[best] / st:.1f}x" if best else "-"]
+        rows.append(row)
+        if best:
+            verdicts.append((f"{n:,} tensors: stalwart under the best DCP async + stager ({best})", st < dcp[best],
+                             f"{st * 1e3:.2f} ms vs {dcp[best] * 1e3:.2f} ms"))
+        if n != sizes[0]:
+            verdicts.append((f"{n:,} tensors: growth no faster than linear (per-tensor cost <= that at {sizes[0]:,})",
+                             per <= base, f"{per * 1e6:.2f} us vs {base * 1e6:.2f} us per tensor"))
+    print()
+    print(f"blocking per checkpoint vs state tensors (model: Linear({args.scaling_width}, {args.scaling_width}) layers + AdamW,"
+          f" 8 tensors per layer; a checkpoint every step; step = AdamW + {args.scaling_compute_ms:g} ms of matmuls;"
+          f" {args.repeats} interleaved repeats x {args.scaling_ckpts} checkpoints after {args.warmup} warm-up;"
+          f" torch {torch.__version__}, {os.cpu_count()} CPUs, wall {time.perf_counter() - t0:.0f}s)")
+    headers = ["tensors"]
+    for m in methods:
+        headers += [f"{m} ms (median)", "min-max", "run medians"]
+    headers += ["stalwart us/tensor", f"per tensor vs {sizes[0]:,}", "best DCP / stalwart"]
+    print(table(headers, rows, False))
+    for (m, n), why in sorted(failed.items(), key=lambda kv: kv[0][1]):
+        print(f"{m} at {n:,} tensors failed: {why}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table(headers, rows, True) + "\n")
+            for (m, n), why in sorted(failed.items(), key=lambda kv: kv[0][1]):
+                f.write(f"\n{m} at {n:,} tensors failed: {why}\n")
+    print("targets:")
+    for what, ok, detail in verdicts:
+        print(f"  [{'MET' if ok else 'MISSED'}] {what}: {detail}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -713,7 +848,17 @@ def main() -> int:
     ap.add_argument("--disk-runs", type=int, default=2, help="disk runs per method, at the start and again at the end (default 2)")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--markdown", default=None, help="also write the tables as markdown here (for docs/BENCHMARKS.md)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="instead: blocking per checkpoint vs the number of state tensors (stalwart vs DCP async + stager)")
+    ap.add_argument("--scaling-sizes", default="450,4500,45000", help="state tensor counts for --scaling")
+    ap.add_argument("--scaling-width", type=int, default=16, help="--scaling: width of each Linear layer (default 16)")
+    ap.add_argument("--scaling-ckpts", type=int, default=8, help="--scaling: measured checkpoints per run (default 8)")
+    ap.add_argument("--scaling-compute-ms", type=float, default=200.0,
+                    help="--scaling: forward/backward stand-in per step, ms of matmuls (default 200)")
+    ap.add_argument("--repeats", type=int, default=3, help="--scaling: interleaved repeats (default 3)")
     args = ap.parse_args()
+    if args.scaling:
+        return scaling_main(args)
 
     q = args.quick
     cfg = GPTConfig(

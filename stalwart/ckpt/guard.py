@@ -52,7 +52,7 @@ from stalwart.ckpt.providers.optimizer import OptimizerProvider
 from stalwart.ckpt.providers.rng import RNGProvider
 from stalwart.ckpt.redundancy import ECConfig, check_topology, missing_reads
 from stalwart.ckpt.redundancy.peer import SOURCES_FILE
-from stalwart.ckpt.snapshot import Copier, SnapshotPlan, build_plan, map_slot_file
+from stalwart.ckpt.snapshot import Copier, SnapshotPlan, build_plan, final_header, map_slot_file
 from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tiers
 from stalwart.errors import StalwartError
 from stalwart.formats.layout import Layout, Mesh
@@ -366,11 +366,11 @@ class Guard:
         return [p.collect(self.mesh, self.rank) for p in self.providers]
 
     def _ensure_plan(self, collected: list[Collected]) -> SnapshotPlan:
-        plan = build_plan(collected, self.mesh, self.rank, self._aliases())
+        # the cached plan is validated against this step's state, not rebuilt (see build_plan)
+        plan = build_plan(collected, self.mesh, self.rank, self._aliases, previous=self.plan)
         if self.plan is not None and plan.signature == self.plan.signature:
-            # same layout: keep the mapped slots, take this step's tensor references
-            self.plan.lazy, self.plan.eager = plan.lazy, plan.eager
-            return self.plan
+            self.plan = plan  # same layout: keep the mapped slots, take this step's tensor references
+            return plan
         if self.max_host_memory is not None and plan.file_size * self.slots > self.max_host_memory:
             allowed = self.max_host_memory // max(plan.file_size, 1)
             raise StalwartError(
@@ -446,8 +446,8 @@ class Guard:
         objects = self._objects(collected) if self.rank == 0 else None
 
         def finish() -> None:
-            header = image.header(tables)
-            mapping[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+            header = final_header(image, tables)
+            np.copyto(mapping[: len(header)].numpy(), np.frombuffer(header, dtype=np.uint8))
             record = image.record(rank_file_name(self.rank), header)
             try:
                 reply = self.client.call_background("done", rank=self.rank, step=step, slot=index, attempt=attempt,
@@ -460,7 +460,7 @@ class Guard:
             except StalwartError as e:  # refused (e.g. a restarted keeper): this snapshot is lost, training goes on
                 log.warning("stalwart: snapshot of step %s lost: %s", step, e)
 
-        self.copier.start([(n, t, dst[n]) for n, t in plan.lazy], tables, block, finish)
+        self.copier.start(plan.lazy, dst, tables, block, finish)
         self.last_snapshot_step = step
         self.stats.snapshots += 1
         return True

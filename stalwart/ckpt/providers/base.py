@@ -35,6 +35,7 @@ class Collected:
     items: list[Item] = field(default_factory=list)
     objects: dict = field(default_factory=dict)  # JSON-able; rank 0's are stored
     groups: dict[str, ZeroGroup] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # tied weights: alias name -> stored owner name
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,11 @@ class PerRankBlobProvider(StateProvider):
 
     def collect(self, mesh: Mesh, rank: int) -> Collected:
         blob = torch.from_numpy(self.pack())
-        spec = per_rank_spec(self.tensor_name, mesh, tuple(blob.shape), torch.uint8)
-        return Collected(items=[Item(spec, blob.view(1, -1), lazy=False)])
+        key = (mesh, blob.shape[0])
+        cached = self.__dict__.get("_spec")
+        if cached is None or cached[0] != key:  # the same spec object every step: cheap to validate
+            cached = self._spec = (key, per_rank_spec(self.tensor_name, mesh, tuple(blob.shape), torch.uint8))
+        return Collected(items=[Item(cached[1], blob.view(1, -1), lazy=False)])
 
     def targets(self, ctx: RestoreContext) -> Collected:
         return blob_targets(ctx, self.tensor_name)

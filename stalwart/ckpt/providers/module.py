@@ -98,6 +98,21 @@ def mesh_from_model(model: torch.nn.Module, world_size: int) -> Mesh:
     return Mesh(("dp",), (world_size,))
 
 
+def _walk(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """("<prefix>.", module) in ``named_modules(remove_duplicate=False)`` order (pre-order,
+    children in registration order, shared modules under every name), without its
+    recursive generators (this walk runs at every snapshot)."""
+    out = []
+    stack = [("", model)]
+    while stack:
+        dot, m = stack.pop()
+        out.append((dot, m))
+        children = m._modules
+        if children:
+            stack.extend((f"{dot}{name}.", c) for name, c in reversed(children.items()) if c is not None)
+    return out
+
+
 class ModuleProvider(StateProvider):
     """Params (lazy) and persistent buffers (eager, they change in forward) of a model.
 
@@ -114,21 +129,38 @@ class ModuleProvider(StateProvider):
         self._persistent: set[str] | None = None
         self._cache: tuple | None = None
 
-    def _named(self):
-        # remove_duplicate=False: tied parameters appear under every name (aliases need them)
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            yield name, p, "param"
+    def _named(self) -> list[tuple[str, torch.Tensor, str]]:
+        """What ``named_parameters(remove_duplicate=False)`` then ``named_buffers()`` (persistent
+        ones) yield, in one walk of the modules (this runs at every snapshot)."""
         if self._persistent is None:  # state_dict() is costly; buffer persistence is fixed at registration
             self._persistent = set(self.model.state_dict(keep_vars=True).keys())
-        for name, b in self.model.named_buffers():
-            if b is not None and name in self._persistent:
-                yield name, b, "buffer"
+        params, buffers = [], []
+        seen_modules, seen_buffers = set(), set()
+        # remove_duplicate=False: tied parameters appear under every name (aliases need them);
+        # buffers as named_buffers() gives them: each module and each buffer once
+        for dot, m in _walk(self.model):
+            params += [(dot + k, p, "param") for k, p in m._parameters.items() if p is not None]
+            if m._buffers and id(m) not in seen_modules:
+                seen_modules.add(id(m))
+                for k, b in m._buffers.items():
+                    if b is not None and id(b) not in seen_buffers:
+                        seen_buffers.add(id(b))
+                        if dot + k in self._persistent:
+                            buffers.append((dot + k, b, "buffer"))
+        return params + buffers
 
     def collect(self, mesh: Mesh, rank: int) -> Collected:
-        named = list(self._named())
-        fingerprint = (mesh, tuple((n, id(t), t.shape, t.dtype) for n, t, _ in named))
+        named = self._named()
+        # data_ptr: ``p.data = new`` keeps the Parameter (its id) but not its storage, and the
+        # cached items hold the old storage's alias
+        ts = [t for _, t, _ in named]
+        ptrs = list(map(torch.Tensor.data_ptr, ts))
+        if 0 in ptrs:  # DTensors have no storage of their own (0): their local shards' pointers
+            ptrs = [(t._local_tensor if _is_dtensor(t) else t).data_ptr() for t in ts]
+        fingerprint = (mesh, [n for n, _, _ in named], list(map(id, ts)), ptrs, list(map(torch.Tensor.size, ts)),
+                       [t.dtype for t in ts])
         if self._cache is not None and self._cache[0] == fingerprint:
-            return self._cache[1]  # same tensors, same structure: the same items
+            return self._cache[1]  # same tensors, same structure: the very same items (see build_plan)
         out = self._collect(mesh, named)
         self._cache = (fingerprint, out)
         return out
@@ -138,7 +170,8 @@ class ModuleProvider(StateProvider):
         seen: dict[int, str] = {}
         for name, t, role in named:
             key = id(t)
-            if key in seen:  # tied weights: stored once, alias recorded by the engine
+            if key in seen:  # tied weights: stored once, under the first name
+                out.aliases[self.prefix + name] = self.prefix + seen[key]
                 continue
             seen[key] = name
             if _is_dtensor(t):

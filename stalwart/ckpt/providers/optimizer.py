@@ -13,6 +13,13 @@ from stalwart.formats.layout import Mesh, Replicated, TensorSpec
 from stalwart.formats.tree import decode_value, encode_value
 
 
+def _plain(v) -> bool:
+    """A value whose repr identifies it (compared by repr to skip encoding it again)."""
+    if type(v) in (tuple, list):
+        return all(map(_plain, v))
+    return v is None or type(v) in (bool, int, float, str)
+
+
 def slot_name(fqn: str, slot: str, prefix: str = "") -> str:
     return f"{prefix}optim.{fqn}.{slot}"
 
@@ -32,6 +39,9 @@ class OptimizerProvider(StateProvider):
         self.prefix = prefix
         self._fqn_cache: dict[int, str] = {}
         self._cache: tuple | None = None
+        self._names_cache: dict[tuple, dict] = {}  # a group's param ids -> its encoded param names
+        self._names_for: dict[int, str] | None = None  # the name map _names_cache was made with
+        self._hyper: tuple | None = None  # (repr of the groups' hyper-parameters, group count, their encoding)
 
     def _fqns(self) -> dict[int, str]:
         """Param identity -> name; rebuilt only when the optimizer holds a param it has not seen."""
@@ -44,9 +54,9 @@ class OptimizerProvider(StateProvider):
         self._fqn_cache = out
         return out
 
-    def _groups(self, fqns: dict[int, str]) -> list[dict]:
+    def _groups(self, fqns: dict[int, str], param_groups: list[dict] | None = None) -> list[dict]:
         groups = []
-        for g in self.optimizer.param_groups:
+        for g in self.optimizer.param_groups if param_groups is None else param_groups:
             names = []
             for p in g["params"]:
                 if id(p) not in fqns:
@@ -57,27 +67,61 @@ class OptimizerProvider(StateProvider):
 
     def collect(self, mesh: Mesh, rank: int) -> Collected:
         fqns = self._fqns()
-        fingerprint = (mesh, tuple((id(p), k, id(v)) for p, st in self.optimizer.state.items() for k, v in st.items()))
+        # identities of the state's values and the tensors' sizes: a new state entry, a
+        # replaced tensor (load_state_dict, a reset) or one resized in place is noticed
+        state = self.optimizer.state
+        values = [v for st in state.values() for v in st.values()]
+        try:
+            sizes = list(map(torch.Tensor.numel, values))
+        except TypeError:  # non-tensor slots (e.g. an int step)
+            sizes = [v.numel() if isinstance(v, torch.Tensor) else None for v in values]
+        fingerprint = (mesh, list(map(id, state)), [tuple(st) for st in state.values()], list(map(id, values)), sizes)
         if self._cache is not None and self._cache[0] == fingerprint:
-            items = self._cache[1]
+            items, scalar_slots = self._cache[1], self._cache[2]
         else:
             items = self._items(mesh, fqns)
-            self._cache = (fingerprint, items)
+            scalar_slots = [(p, fqns[id(p)], k) for p, st in self.optimizer.state.items() if id(p) in fqns
+                            for k, v in st.items() if not isinstance(v, torch.Tensor)]
+            self._cache = (fingerprint, items, scalar_slots)
         scalars: dict[str, dict] = {}
-        for p, state in self.optimizer.state.items():
-            fqn = fqns.get(id(p))
-            if fqn is not None:
-                for slot, value in state.items():
-                    if not isinstance(value, torch.Tensor):
-                        scalars.setdefault(fqn, {})[slot] = value
+        for p, fqn, slot in scalar_slots:  # values may change every step; which slots exist is in the fingerprint
+            scalars.setdefault(fqn, {})[slot] = self.optimizer.state[p][slot]
         objects = {
             "optimizer": {
                 "class": type(self.optimizer).__name__,
-                "param_groups": encode_value(self._groups(fqns)),
+                "param_groups": self._encoded_groups(fqns),
                 "scalars": encode_value(scalars),
             }
         }
         return Collected(items=items, objects=objects)
+
+    def _encoded_groups(self, fqns: dict[int, str]) -> dict:
+        """``encode_value(self._groups(fqns))``, with each group's list of parameter names
+        encoded once (hyper-parameters such as ``lr`` may change every step; the params rarely)."""
+        groups = self.optimizer.param_groups
+        hyper = [[(k, v) for k, v in g.items() if k != "params"] for g in groups]
+        # hyper-parameters that are plain values are compared, not encoded again (a tensor lr is
+        # encoded every time: its value can change in place)
+        key = repr(hyper) if all(_plain(v) for h in hyper for _, v in h) else None
+        if key is not None and self._hyper is not None and self._hyper[0] == key and self._hyper[1] == len(groups):
+            tree = self._hyper[2]
+        else:
+            tree = encode_value([{**dict(h), "params": None} for h in hyper])
+            self._hyper = (key, len(groups), tree) if key is not None else None
+        tree = {**tree, "v": [{**node, "v": list(node["v"])} for node in tree["v"]]}  # the cached tree stays intact
+        cache = self._names_cache
+        if self._names_for is not fqns:  # parameter names were looked up again
+            cache.clear()
+            self._names_for = fqns
+        for g, node in zip(groups, tree["v"]):
+            ids = tuple(map(id, g["params"]))
+            names = cache.get(ids)
+            if names is None:
+                if len(cache) >= 64:
+                    cache.clear()
+                names = cache[ids] = encode_value(self._groups(fqns, [g])[0]["params"])
+            node["v"][-1] = names  # "params" is the group's last key, as in _groups
+        return tree
 
     def _items(self, mesh: Mesh, fqns: dict[int, str]) -> list[Item]:
         """One item per tensor slot (rebuilt only when the optimizer's state tensors change)."""

@@ -24,6 +24,7 @@ from stalwart.formats.layout import Replicated, TensorSpec
 
 _PY = struct.Struct("<i625Id?")  # version, 624 state words + position, gauss, has_gauss
 _NP = struct.Struct("<624Iiid")  # key, pos, has_gauss, cached_gaussian
+_NP_TAIL = struct.Struct("<iid")  # _NP after the key
 
 
 def _cuda_states() -> list[torch.Tensor]:
@@ -37,7 +38,8 @@ def pack_rng() -> np.ndarray:
     py = _PY.pack(version, *words, gauss if gauss is not None else 0.0, gauss is not None)
     name, key, pos, has_gauss, cached = np.random.get_state()
     assert name == "MT19937"
-    npb = _NP.pack(*[int(x) for x in key], int(pos), int(has_gauss), float(cached))
+    # == _NP.pack(*key, pos, has_gauss, cached), without 624 Python ints (RNG is packed every snapshot)
+    npb = np.asarray(key, dtype="<u4").tobytes() + _NP_TAIL.pack(int(pos), int(has_gauss), float(cached))
     cpu = torch.get_rng_state().numpy().tobytes()
     cuda = b"".join(s.numpy().tobytes() for s in _cuda_states())
     header = struct.pack("<IIII", len(py), len(npb), len(cpu), len(cuda))

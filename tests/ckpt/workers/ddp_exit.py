@@ -59,6 +59,13 @@ def install_delays(spec: str, rank: int) -> None:
         return copy_entry(*args, **kwargs)
 
     snapshot_mod.Copier._copy_entry = staticmethod(delayed_copy)
+    copy_small = snapshot_mod.Copier._copy_small
+
+    def delayed_small(*args, **kwargs):
+        pause(lock_free_rnd)
+        return copy_small(*args, **kwargs)
+
+    snapshot_mod.Copier._copy_small = staticmethod(delayed_small)
 
 
 def main() -> None:
