@@ -3,6 +3,8 @@
     flock /work/.bench.lock .venv/bin/python bench/elastic.py                  # 3 interleaved repeats
     .venv/bin/python bench/elastic.py --systems stalwart,dcp --repeats 1 --quick   # smoke run, small GPT
     .venv/bin/python bench/elastic.py --json out.json                           # also write every trial
+    .venv/bin/python bench/elastic.py --systems stalwart --repeats 1 --keep --workdir /tmp/e --profile /tmp/e/stacks
+                                    # + where the recovering workers' time goes (py-spy stacks; adds load)
 
 A simulated two-node job on this host trains the 110M-parameter GPT of bench/_gpt.py
 (fp32, AdamW, 1.3 GB of model + optimizer state, DDP over gloo, one rank per node,
@@ -87,6 +89,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -173,6 +176,78 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+class StackSampler(threading.Thread):
+    """--profile: the main thread's Python stack of the watched workers every ``interval`` seconds
+    (``py-spy dump --nonblocking``, ~20 ms a sample), so a phase's seconds can be put on functions."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.watched: dict[int, str] = {}
+        self.samples: list[tuple[float, int, list[dict], list[list[dict]]]] = []  # t, pid, main, other busy threads
+        self.halt = threading.Event()
+        self.lock = threading.Lock()
+
+    def watch(self, pid: int, label: str) -> None:
+        with self.lock:
+            self.watched.setdefault(pid, label)
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            with self.lock:
+                pids = list(self.watched)
+            for pid in pids:
+                t = time.time()
+                with contextlib.suppress(subprocess.SubprocessError, OSError, ValueError):
+                    out = subprocess.run(["py-spy", "dump", "--json", "--nonblocking", "--pid", str(pid)],
+                                         capture_output=True, text=True, timeout=5)
+                    threads = json.loads(out.stdout)
+                    main = [th for th in threads if th.get("thread_name") == "MainThread"]
+                    busy = [th["frames"] for th in threads if th.get("active") and th.get("thread_name") != "MainThread"]
+                    if main:
+                        self.samples.append((t, pid, main[0]["frames"], busy))
+            self.halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=10)
+
+    def timeline(self, t0: float, marks: dict[str, float]) -> str:
+        """Per watched process, consecutive samples with the same key frame merged into one line:
+        seconds after the kill, the key frames (the two innermost in stalwart or the bench's worker),
+        the innermost frame, and what the process's other busy threads were in."""
+
+        def where(f: dict) -> str:
+            return f"{f['name']} ({f['short_filename']}:{f['line']})"
+
+        def ours(f: dict) -> bool:  # stalwart (not the launcher running the script) or the bench's worker
+            name = f["filename"]
+            return ("/stalwart/" in name and "launchers/run.py" not in name) or "/bench/_" in name
+
+        def key(frames: list[dict]) -> str:
+            mine = [where(f) for f in frames if ours(f)][:2]
+            return " < ".join(mine) if mine else (where(frames[0]) if frames else "?")
+
+        lines = ["marks (s after the kill): " + ", ".join(f"{k} {v - t0:.2f}" for k, v in sorted(marks.items(),
+                                                                                               key=lambda kv: kv[1]))]
+        for pid, label in self.watched.items():
+            lines.append(f"\n{label} worker pid {pid}:")
+            runs: list[list] = []  # [first t, last t, key frame, innermost frame of the first sample]
+            for t, p, frames, busy in self.samples:
+                if p != pid:
+                    continue
+                k = key(frames)
+                others = {key(b) for b in busy if b}
+                if runs and runs[-1][2] == k:
+                    runs[-1][1] = t
+                    runs[-1][4] |= others
+                else:
+                    runs.append([t, t, k, where(frames[0]) if frames else "?", others])
+            lines += [f"  {a - t0:7.2f} .. {b - t0:7.2f}  {k}  <- {inner}" + (f"  [busy threads: {'; '.join(sorted(o))}]" if o else "")
+                      for a, b, k, inner, o in runs]
+        return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- systems
@@ -430,6 +505,20 @@ def _measure(system: System, trial: Trial, res: Result, args) -> None:
     events = trial.events()
     victims = system.victims(trial, events)
     old = {e["pid"] for e in events if e["ev"] == "start" and not gone(e["pid"])}
+    sampler = StackSampler(a.profile_interval) if a.profile else None
+    if sampler:
+        for pid in old - set(victims):
+            sampler.watch(pid, "survivor's old")
+        sampler.start()
+    try:
+        _recover(system, trial, res, a, victims, old, sampler)
+    finally:
+        if sampler:
+            sampler.stop()
+
+
+def _recover(system: System, trial: Trial, res: Result, a, victims: list[int], old: set[int],
+             sampler: StackSampler | None) -> None:
     t_kill = time.time()
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
@@ -452,6 +541,9 @@ def _measure(system: System, trial: Trial, res: Result, args) -> None:
         new = {e["pid"]: e for e in evs if e["ev"] == "start" and e["created"] > t_kill - 0.05}
         if not new:
             return None
+        if sampler:
+            for pid in new:
+                sampler.watch(pid, "new")
         world = max(e["world"] for e in new.values())
         firsts = {}
         for e in evs:
@@ -488,6 +580,13 @@ def _measure(system: System, trial: Trial, res: Result, args) -> None:
         res.phases[name] = marks[mark] - prev
         prev = marks[mark]
     res.total_s = marks["first_step"] - t_kill
+    if sampler:
+        sampler.stop()
+        path = os.path.join(a.profile, f"{system.name}-{res.repeat}.txt")
+        with open(path, "w") as f:
+            f.write(f"{system.label}, repeat {res.repeat}: recovery {res.total_s:.2f}s\n")
+            f.write(sampler.timeline(t_kill, marks))
+        log(f"  stacks of the recovery: {path}")
 
 
 # ----------------------------------------------------------------------------- report
@@ -580,14 +679,22 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="where trials run (default: a fresh temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep each trial's logs and events")
     ap.add_argument("--json", default=None, help="write every trial's result here")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="sample the recovering workers' stacks with py-spy (kill -> first step) and write a"
+                         " timeline per trial to DIR (adds load: not for the recorded numbers)")
+    ap.add_argument("--profile-interval", type=float, default=0.1, help="seconds between stack samples")
     args = ap.parse_args(argv)
     if args.kill_after is None:
-        args.kill_after = args.disk_every + 1 if not args.quick else max(args.disk_every + 1, 12)
+        args.kill_after = args.disk_every + 1 if not args.quick else 3 * args.disk_every + 1
     unknown = [s for s in args.systems.split(",") if s not in SYSTEMS]
     if unknown:
         ap.error(f"unknown system(s) {unknown}; known: {sorted(SYSTEMS)}")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="swbench-elastic-", dir=os.path.join(REPO, ".cache"))
     os.makedirs(args.workdir, exist_ok=True)
+    if args.profile:
+        if not shutil.which("py-spy"):
+            ap.error("--profile needs py-spy on PATH (pip install py-spy)")
+        os.makedirs(args.profile, exist_ok=True)
     args.shm = os.path.join("/dev/shm", f"swbench-elastic-{os.getpid()}")
     os.makedirs(args.shm, exist_ok=True)
     systems = []
