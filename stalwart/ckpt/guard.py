@@ -495,6 +495,11 @@ class Guard:
             return reply["error"]
         return f"not on {', '.join(reply.get('pending') or ['every tier'])} after {timeout:.0f}s"
 
+    def _persist_in_background(self, step: int) -> None:
+        """Ask the keeper to persist ``step`` without waiting: under the launcher the node's
+        keeper lives as long as the agent, so it finishes the job after this worker is gone."""
+        self._call("wait", step=step, force=True, timeout=0.0)
+
     def _fall_back(self, step: int, why: str, timeout: float) -> str:
         """``step`` cannot be made durable: persist the newest complete snapshot instead; the warning."""
         newest = None
@@ -512,10 +517,9 @@ class Guard:
         why = self._capture(self.step_count)
         step = self.step_count if why is None else self.last_snapshot_step
         if step is not None and self.client.plugin:
-            # the launcher's agent stops its workers to re-form the job (or is itself stopping): the
-            # node's keeper lives as long as the agent and persists the step in the background
+            # the launcher's agent stops its workers to re-form the job (or is itself stopping)
             with contextlib.suppress(StalwartError):
-                self._call("wait", step=step, force=True, timeout=0.0)
+                self._persist_in_background(step)
         elif step is not None:
             why = why or self._durable(step, timeout=max(1.0, deadline - time.monotonic()))
             if why:
@@ -804,10 +808,9 @@ class Guard:
                 with contextlib.suppress(Exception):  # keep the last good state: make it durable
                     newest = self._call("flush").get("step")
                     if newest is not None and self.client.plugin:
-                        # the launcher restarts this node's workers at once (a peer failed, most often): its
-                        # keeper outlives them and persists in the background, so waiting here would only
-                        # delay the recovery (a multi-node commit waits for the lost node's keeper)
-                        self._call("wait", step=newest, force=True, timeout=0.0)
+                        # the launcher restarts this node's workers at once (a peer failed, most often): waiting
+                        # would only delay the recovery (a multi-node commit waits for the lost node's keeper)
+                        self._persist_in_background(newest)
                     elif newest is not None:
                         self._durable(newest, self.timeouts.persist_s)
         finally:

@@ -924,9 +924,14 @@ def _own_directory(path: str, timeout_s: float = 60.0) -> bool:
 _LOCKS: list[int] = []
 
 
+#: a keeper started ahead of need (the launcher's next stand-in) takes only this argument and reads the
+#: real ones, as a JSON list, from its stdin when it is needed (end of input: it leaves)
+STANDBY_ARG = "--standby"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--standby"]:
+    if argv == [STANDBY_ARG]:
         # started ahead of need (a launcher's stand-in): imports are done; the arguments come when needed
         import stalwart.ckpt.erasure  # noqa: F401  (the codec a stand-in rebuilds with)
 

@@ -31,9 +31,6 @@ import time
 from stalwart.ckpt.shm import reclaim_orphans
 from stalwart.launchers.membership import Membership, standin_id
 
-#: a keeper process started ahead of need: it imports everything, then reads its arguments (JSON) from stdin
-STANDBY_ARGS = ["--standby"]
-
 log = logging.getLogger("stalwart.launchers")
 
 STANDIN_HANDOVER_S = 15.0
@@ -122,27 +119,28 @@ class NodeServices:
             for v in sorted(mine - set(self.standins)):
                 self.standins[v] = self._spawn_standin(v, json.loads(config))
             if self._standby is None or self._standby.poll() is not None:
-                self._standby = self._start_keeper_process(STANDBY_ARGS, stdin=subprocess.PIPE)
+                from stalwart.ckpt.keeper import STANDBY_ARG
+
+                self._standby = self._start_keeper_process([STANDBY_ARG], stdin=subprocess.PIPE)
 
     def _spawn_standin(self, slot: int, config: dict) -> tuple[str, subprocess.Popen]:
         from stalwart.ckpt.keeper import standin_args
 
         sid = standin_id(slot, self.node_id)
         shm = os.path.join(_shm_base(), "stalwart-" + hashlib.sha1(f"{self.prefix}#{sid}".encode()).hexdigest()[:16])
-        cmd = [sys.executable, "-m", "stalwart.ckpt.keeper", "--shm-dir", shm, "--node", str(slot),
-               "--group-addr", self.store_addr, "--shared-store", "--group-prefix", self.prefix,
-               "--agent-pid", str(os.getpid()), "--node-id", sid, *standin_args(config)]
+        args = ["--shm-dir", shm, "--node", str(slot), "--group-addr", self.store_addr, "--shared-store",
+                "--group-prefix", self.prefix, "--agent-pid", str(os.getpid()), "--node-id", sid, *standin_args(config)]
         log_dir = os.environ.get("STALWART_LOG_DIR")
         if log_dir:
-            cmd += ["--log-file", os.path.join(log_dir, f"keeper-standin-{slot}.log")]
+            args += ["--log-file", os.path.join(log_dir, f"keeper-standin-{slot}.log")]
         self.store.set(self.key(f"standin/{slot}/id"), sid)
         proc, self._standby = self._standby, None
         try:
             # the standby has imported torch and the keeper already: seconds off a recovery
-            proc.stdin.write(json.dumps(cmd[3:]) + "\n")
+            proc.stdin.write(json.dumps(args) + "\n")
             proc.stdin.close()
         except (AttributeError, OSError, ValueError):  # none yet, or it died
-            proc = self._start_keeper_process(cmd[3:], stdin=subprocess.DEVNULL)
+            proc = self._start_keeper_process(args, stdin=subprocess.DEVNULL)
         log.warning("stalwart: keeper slot %s has no live node: started stand-in keeper %s (pid %s)", slot, sid, proc.pid)
         return sid, proc
 

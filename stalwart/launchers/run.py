@@ -107,11 +107,12 @@ def preimport() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = _script_index(argv)
-    if not any(a in ("-h", "--help") for a in argv[:cut]) and not argv[cut:]:
+    help_asked = any(a in ("-h", "--help") for a in argv[:cut])
+    if not help_asked and not argv[cut:]:
         print("stalwart run: error: no training script given (usage: stalwart run [torchrun options] TRAINING_SCRIPT"
               " [script args]; see stalwart run --help)", file=sys.stderr)
         return 2
-    if any(a in ("-h", "--help") for a in argv[:cut]):
+    if help_asked:
         width = max(len(o) for o, _, _ in DEFAULTS) + len("=stalwart")
         lines = "\n".join(f"  {f'{o}={v}':<{width}}  {why}" for o, v, why in DEFAULTS)
         lines += f"\n  {WARM_START[0]}\n  {'':<{width}}  {WARM_START[1]}"
