@@ -73,6 +73,11 @@ def where_am_i() -> Placement:
                      os.environ.get("STALWART_NODE_ID") or None, tuple(ids.split(",")) if ids else ())
 
 
+def in_process() -> bool:
+    """Whether this worker runs under in-process recovery (:func:`stalwart.elastic.inprocess.run`)."""
+    return "STALWART_INPROC_EPOCH" in os.environ
+
+
 def restart_count() -> int:
     """A number every worker of one (re)start of the job agrees on.
 
@@ -82,7 +87,22 @@ def restart_count() -> int:
     return _env_int("STALWART_RDZV_ROUND", "TORCHELASTIC_RESTART_COUNT", default=0)
 
 
+def attempt_tag() -> str:
+    """A name every worker of one formation of the job's groups agrees on: the restart
+    count, plus the in-process recovery epoch (:mod:`stalwart.elastic.inprocess`) once
+    survivors re-formed their groups without a restart."""
+    epoch = os.environ.get("STALWART_INPROC_EPOCH", "")
+    return f"{restart_count()}" if epoch in ("", "0") else f"{restart_count()}.{epoch}"
+
+
 _JOB_STORE: dist.Store | None = None
+
+
+def set_job_store(store: dist.Store) -> None:
+    """Use ``store`` for stalwart's side groups (in-process recovery: the rendezvous store,
+    which outlives any worker, instead of the one worker rank 0 may host)."""
+    global _JOB_STORE
+    _JOB_STORE = store
 
 
 def agent_store(timeout_s: float = 60.0) -> dist.Store:
@@ -121,7 +141,7 @@ def init_distributed(backend: str = "gloo", timeout_s: float = 300.0) -> None:
         return
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
-    store = dist.PrefixStore(f"attempt{restart_count()}", _job_store(rank, world, timeout_s))
+    store = dist.PrefixStore(f"attempt{attempt_tag()}", _job_store(rank, world, timeout_s))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
@@ -135,7 +155,7 @@ def side_group(name: str, timeout_s: float = 300.0):
         return None
     if "MASTER_PORT" not in os.environ:
         return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    store = dist.PrefixStore(f"stalwart/{name}/attempt{restart_count()}", agent_store(timeout_s))
+    store = dist.PrefixStore(f"stalwart/{name}/attempt{attempt_tag()}", agent_store(timeout_s))
     backend_cls = dist.ProcessGroupGloo
     opts = backend_cls._Options() if hasattr(backend_cls, "_Options") else None
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from stalwart.ckpt.dist import side_group, where_am_i
+from stalwart.ckpt.dist import in_process, side_group, where_am_i
 from stalwart.ckpt.keeper_client import KeeperClient
 from stalwart.ckpt.protocol import KeeperGone
 from stalwart.ckpt.providers.base import Collected, RestoreContext, StateProvider
@@ -49,17 +50,35 @@ from stalwart.ckpt.providers.module import (
 )
 from stalwart.ckpt.providers.objects import StatefulProvider
 from stalwart.ckpt.providers.optimizer import OptimizerProvider
-from stalwart.ckpt.providers.rng import RNGProvider
+from stalwart.ckpt.providers.rng import RNGProvider, unpack_rng
 from stalwart.ckpt.redundancy import ECConfig, check_topology, missing_reads
 from stalwart.ckpt.redundancy.peer import SOURCES_FILE
 from stalwart.ckpt.snapshot import Copier, SnapshotPlan, build_plan, final_header, map_slot_file
 from stalwart.ckpt.tiers import Tier, TierSpec, open_tier, parse_tiers
 from stalwart.errors import StalwartError
-from stalwart.formats.layout import Layout, Mesh
+from stalwart.formats.layout import Layout, Mesh, Replicated
 from stalwart.formats.manifest import rank_file_name
 from stalwart.formats.reader import Checkpoint
 
 log = logging.getLogger("stalwart.ckpt")
+
+#: the source name of restored state a process kept in its own tensors (in-process recovery)
+KEPT_SOURCE = "kept in process"
+
+
+@dataclass(frozen=True)
+class _LiveMark:
+    """A model whose live tensors hold exactly snapshot ``step`` (no optimizer step since)."""
+
+    step: int
+    optimizer: int  # id() of the optimizer the mark is valid with
+    rng: bytes | None  # this process's RNG streams as captured by that snapshot
+
+
+#: in-process recovery (:mod:`stalwart.elastic.inprocess`): id(module) -> its live mark; set when a
+#: snapshot is taken, dropped at the next optimizer step. A guard entered again in the same process
+#: keeps those tensors instead of copying them back from the snapshot.
+_LIVE: dict[int, _LiveMark] = {}
 
 
 class Preempted(SystemExit):
@@ -206,6 +225,7 @@ class Guard:
         self._wakeup: tuple[int, int] | None = None
         self._watcher: threading.Thread | None = None
         self._entered = False
+        self._in_process = in_process()
 
     # ------------------------------------------------------------------ setup
     def _default_providers(self, model, optimizer, scheduler, extra) -> list[StateProvider]:
@@ -358,6 +378,8 @@ class Guard:
 
     # ------------------------------------------------------------------ snapshots
     def _before_step(self) -> None:
+        if _LIVE:
+            _LIVE.pop(id(unwrap(self.model)), None)  # the tensors move past the newest snapshot
         waited = self.copier.wait_before_mutation()
         self.stats.blocking_s += waited
         self.stats.last_blocking_s = waited
@@ -473,8 +495,23 @@ class Guard:
             self._final_on_preemption()
         if self.step_count % self.every == 0:
             self.copier.wait()  # the previous snapshot's background work (normally long done)
-            self._snapshot(self.step_count)
+            taken = self._snapshot(self.step_count)
+            if self._in_process:
+                self._mark_live(taken)
         self.stats.step_call_s += time.perf_counter() - t0
+
+    def _mark_live(self, taken: bool) -> None:
+        key = id(unwrap(self.model))
+        if not taken or self.optimizer is None:
+            _LIVE.pop(key, None)
+            return
+        rng = next((p.last_blob.tobytes() for p in self.providers if isinstance(p, RNGProvider) and p.last_blob is not None),
+                   None)
+        _LIVE[key] = _LiveMark(self.step_count, id(self.optimizer), rng)
+
+    def _live_mark(self) -> _LiveMark | None:
+        mark = _LIVE.get(id(unwrap(self.model))) if self._in_process else None
+        return mark if mark is not None and mark.optimizer == id(self.optimizer) else None
 
     def _capture(self, step: int) -> str | None:
         """Make sure every rank's state of ``step`` is captured in memory (a must snapshot);
@@ -675,19 +712,32 @@ class Guard:
 
     def restore(self, status: dict | None = None) -> int | None:
         """Restore the newest good checkpoint; returns its step (None: nothing to restore)."""
-        status = self._await_redundancy(status if status is not None else self._call("status"))
+        mark = self._live_mark()
+        status = status if status is not None else self._call("status")
+        if mark is None:  # keeping live tensors needs no rebuilt snapshot: wait only when reading everything
+            status = self._await_redundancy(status)
         group = side_group("restore", timeout_s=self.timeouts.restore_s)
         try:
             candidates = _agree_on_candidates(self._candidates(status), group)
             self._session = _agree_on_session(group)
             memory_dirs = {m["step"]: m["dir"] for m in status.get("memory", [])}
+            keep = None
+            if self._in_process:  # the same on every rank: all ranks kept the newest step's tensors, or none keeps
+                newest = candidates[0] if candidates else None
+                if _all_true(mark is not None and newest == (mark.step, 0, "memory"), group):
+                    keep = mark
+                elif mark is not None:
+                    status = self._await_redundancy(self._call("status"))
             incompatible: str | None = None
             for step, order, name in candidates:
-                ok, reason, loaded = self._try_candidate(step, order, name, memory_dirs)
+                ok, reason, loaded = self._try_candidate(step, order, name, memory_dirs,
+                                                         keep if keep is not None and step == keep.step and not order else None)
                 all_ok = _all_true(ok, group)
                 if all_ok:
-                    tensors, ctx, path = loaded
-                    self._apply(tensors, ctx)
+                    tensors, ctx, path, kept = loaded
+                    self._apply(tensors, ctx, kept, keep.rng if keep is not None and kept else None)
+                    if self._in_process:  # the failed attempt's partial gradients are not part of the restored step
+                        unwrap(self.model).zero_grad(set_to_none=True)
                     if order:
                         self.tiers[order - 1].release(path)
                     self.step_count = step
@@ -712,6 +762,13 @@ class Guard:
                 if self.rank == 0 or not ok:
                     warnings.warn(msg, stacklevel=2)
                     log.warning(msg)
+            if not candidates and status.get("peers_hold") and self.rank == 0:
+                msg = ("stalwart: this job's keepers held memory snapshots before, but no step is left in memory or"
+                       " on any tier (memory snapshots are dropped when the snapshot layout changes, e.g. a new world"
+                       " size, until the first snapshot of the new layout); training starts from step 0")
+                self.stats.fallbacks.append(msg)
+                log.error("%s", msg)
+                warnings.warn(msg, stacklevel=2)
             # checkpoints exist but hold another model: starting over silently would discard them
             if candidates and not _all_true(incompatible is None, group):
                 raise StalwartError(
@@ -721,7 +778,21 @@ class Guard:
         finally:
             _destroy(group)
 
-    def _try_candidate(self, step: int, order: int, name: str, memory_dirs: dict):
+    def _kept_names(self, targets: list[Collected]) -> set[str]:
+        """Tensors this process may keep (in-process recovery of the step its tensors hold):
+        every lazy item (params, optimizer state) of a model or optimizer provider whose lazy
+        items are all whole replicas (DDP), and the RNG streams (from the live mark)."""
+        kept: set[str] = set()
+        for p, t in zip(self.providers, targets, strict=False):
+            if isinstance(p, RNGProvider):
+                kept.update(i.spec.name for i in t.items)
+            elif isinstance(p, ModuleProvider | OptimizerProvider):
+                lazy = [i for i in t.items if i.lazy]
+                if lazy and all(isinstance(i.spec.placement, Replicated) for i in lazy):
+                    kept.update(i.spec.name for i in lazy)
+        return kept
+
+    def _try_candidate(self, step: int, order: int, name: str, memory_dirs: dict, keep: _LiveMark | None = None):
         path, views = None, []
         try:
             if order == 0 and step not in memory_dirs:
@@ -740,10 +811,13 @@ class Guard:
                 targets = [p.targets(ctx) for p in self.providers]
                 if self._loader is None:
                     targets.append(data_targets(ctx))  # kept until resume(loader) attaches one
+                kept = self._kept_names(targets) if keep is not None else set()
+                kept_bytes = sum(math.prod(i.spec.shape) * i.spec.dtype.itemsize for t in targets for i in t.items
+                                 if i.spec.name in kept)
                 specs, groups = [], {}
                 for t in targets:
                     groups.update(t.groups)
-                    specs.extend(item.spec for item in t.items)
+                    specs.extend(item.spec for item in t.items if item.spec.name not in kept)
                 target = Layout(self.mesh, specs, groups)
                 plan = ckpt.plan(target, self.rank)
                 remote = missing_reads(ckpt, plan) if order == 0 else {}
@@ -758,7 +832,9 @@ class Guard:
                 with contextlib.suppress(OSError, ValueError), open(os.path.join(view, SOURCES_FILE)) as f:
                     sources = json.load(f)
             self._last_sources = _byte_sources(plan, name if order else None, sources, self.where.keeper_slot)
-            return True, None, (tensors, ctx, path if not views else None)
+            if kept:
+                self._last_sources[KEPT_SOURCE] = kept_bytes
+            return True, None, (tensors, ctx, path if not views else None, kept)
         except (StalwartError, OSError, ValueError, KeyError) as e:
             if order and path is not None:
                 self.tiers[order - 1].release(path)
@@ -775,14 +851,24 @@ class Guard:
         return self._call("peer_view", step=step, reads={str(r): v for r, v in reads.items()}, rank=self.rank,
                           timeout=self.timeouts.restore_s)["dir"]
 
-    def _apply(self, tensors: dict[str, torch.Tensor], ctx: RestoreContext) -> None:
+    def _apply(self, tensors: dict[str, torch.Tensor], ctx: RestoreContext, kept: set[str] | None = None,
+               rng: bytes | None = None) -> None:
         used: set[str] = set()
+        kept = kept or set()
         for p in self.providers:
             if isinstance(p, DataProvider):
                 continue
             names = {i.spec.name for i in p.targets(ctx).items}
             used |= names
-            p.restore({n: t for n, t in tensors.items() if n in names}, ctx)
+            mine = {n: t for n, t in tensors.items() if n in names}
+            if names and names <= kept:
+                if isinstance(p, RNGProvider) and rng is not None:
+                    unpack_rng(rng)
+                continue  # the live tensors are the snapshot's
+            if isinstance(p, ModuleProvider) and names & kept:
+                p.restore(mine, ctx, keep=names & kept)
+                continue
+            p.restore(mine, ctx)
         # for providers attached later (guard.resume of an elastic loader): the context and what
         # nobody took (never the model's or optimizer's tensors, which would double their memory)
         self._restored = ({n: t for n, t in tensors.items() if n not in used}, ctx)

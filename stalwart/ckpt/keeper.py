@@ -253,6 +253,12 @@ class Keeper:
             # files are resized / snapshots dropped only for a new plan: never under a reader
             deadline = time.monotonic() + float(msg.get("timeout", 300.0))
             while (msg.get("sig") != self.plan_sig or self.file_sizes.get(rank) != size) and any(s.pinned for s in self.slots):
+                for s in self.slots:
+                    if s.persisting and s.index not in self.cancel:
+                        # the old layout's snapshot must not hold the new one up (a multi-node tier commit
+                        # can wait minutes for a node that went elsewhere); it is dropped by this plan anyway
+                        log.warning("a new snapshot layout: stopping the tier copy of step %s", s.step)
+                        self.cancel.add(s.index)
                 if time.monotonic() > deadline:
                     busy = [f"slot {s.index} (step {s.step}: {'persisting' if s.persisting else 'read by a peer or coding'})"
                             for s in self.slots if s.pinned]
@@ -686,7 +692,8 @@ class Keeper:
                 # gives up early when a node's keeper that held this step died or was replaced, or
                 # persisted a newer step instead; nodes persist the same steps at about the same time
                 parts = self.group.gather(key, holders, incs=incs or None, timeout_s=120 + 2 * (time.perf_counter() - t0),
-                                          abort=lambda missing: self._went_past(tier.name, step, missing))
+                                          abort=lambda missing: self._went_past(tier.name, step, missing)
+                                          or ("stopped: its slot is needed" if slot.index in self.cancel else None))
                 stored = [FileRecord.from_json(r) for part in parts.values() for r in part]
             manifest = Manifest(base.layout, sorted(stored, key=lambda f: f.rank), step, base.objects, None, base.topology, base.block_size)
             tier.commit(step, manifest)

@@ -101,7 +101,8 @@ class StoreLink:
         if not hosting:
             self._name_shared_store()
         self.keep(f"inc/node{node}", self.inc)
-        threading.Thread(target=self._heartbeat, name="store-beat", daemon=True).start()
+        self._beat_thread = threading.Thread(target=self._heartbeat, name="store-beat", daemon=True)
+        self._beat_thread.start()
 
     # ---------------------------------------------------------------- connections
     def _host_store(self):
@@ -190,8 +191,12 @@ class StoreLink:
                 raise StoreDown(f"the keepers' store at {self.host}:{self.port} is unreachable ({first})")
             time.sleep(0.5)
 
-    def close(self) -> None:
+    def close(self, join_s: float = 0.0) -> None:
+        """Stop the heartbeat; with ``join_s``, wait that long for its thread to end (a process
+        about to exit must not leave it inside a store call: the C++ client aborts the process)."""
         self._stop.set()
+        if join_s and self._beat_thread is not threading.current_thread():
+            self._beat_thread.join(join_s)
 
     # ---------------------------------------------------------------- key/value
     def set(self, key: str, value: str) -> None:

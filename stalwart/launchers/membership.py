@@ -33,6 +33,12 @@ def new_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def restart_key(prefix: str, round_: int) -> str:
+    """Set when the agents restart every worker of round ``round_`` (a node joins): workers
+    then leave as in a restart instead of recovering in process."""
+    return f"{prefix}/r{round_}/restarting"
+
+
 def standin_id(slot: int, host_node: str) -> str:
     """The node identity of the stand-in keeper that ``host_node``'s agent runs for ``slot``."""
     return f"standin-{slot}@{host_node}"

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -44,13 +45,17 @@ class NodeServices:
     """Per-agent services (see the module docstring). ``store`` is the rendezvous store;
     ``prefix`` the keepers' key space in it (a stand-in's store link uses the same)."""
 
-    def __init__(self, node_id: str, store, store_addr: str, prefix: str, reconcile_s: float = 1.0) -> None:
+    def __init__(self, node_id: str, store, store_addr: str, prefix: str, reconcile_s: float = 1.0,
+                 membership_key: str | None = None, on_lost=None) -> None:
         self.node_id = node_id
         self.store = store
         self.store_addr = store_addr
         self.prefix = prefix
         self.reconcile_s = reconcile_s
         self.membership: Membership | None = None
+        self.membership_key = membership_key  # where in-process recoveries publish the round's current members
+        self._epoch = 0
+        self.on_lost = on_lost  # called by the agent of the epoch's lowest live slot with the round's lost node ids
         self.standins: dict[int, tuple[str, subprocess.Popen]] = {}  # slot -> (stand-in node id, process)
         self._standby: subprocess.Popen | None = None  # a keeper process, imports done, waiting for its arguments
         self._lock = threading.Lock()
@@ -67,6 +72,7 @@ class NodeServices:
         with self._lock:
             previous = self.membership
             self.membership = membership
+            self._epoch = 0
         if previous is not None and slot in previous.vacant:
             self._take_over_from_standin(slot)
         self.reconcile()
@@ -92,9 +98,47 @@ class NodeServices:
                     " anyway (the redundancy group re-forms around it)", slot, STANDIN_HANDOVER_S)
 
     # ---------------------------------------------------------------- stand-ins
+    def _follow_epochs(self) -> None:
+        """Adopt the members of the round's newest in-process epoch (survivors that re-formed
+        without a restart, :mod:`stalwart.elastic.inprocess`): its vacant slots need stand-ins."""
+        if self.membership_key is None or self.membership is None:
+            return
+        raw = self._get(self.membership_key)
+        if not raw:
+            return
+        obj = json.loads(raw)
+        epoch = int(obj.get("epoch", 0))
+        with self._lock:
+            previous = self.membership
+            if previous is None or int(obj["round"]) != previous.round or epoch <= self._epoch:
+                return
+            self.membership, self._epoch = Membership.from_json(obj), epoch
+            log.info("stalwart: round %s epoch %s: nodes %s", obj["round"], epoch, list(self.membership.nodes))
+            lost = [n for n in previous.nodes if n not in self.membership.nodes]
+            first = self.membership.slots[self.membership.active[0]] == self.node_id
+        if self.node_id in lost:
+            self._fence_workers(previous)
+        if lost and first and self.on_lost is not None:
+            self.on_lost(lost)
+
+    def _fence_workers(self, previous: Membership) -> None:
+        """The others re-formed without this node (its workers were taken for hung: stopped,
+        stuck): kill them, so that torchrun restarts them and the node joins again."""
+        slot = previous.slot_of(self.node_id)
+        keys = f"{self.membership_key.rsplit('/', 1)[0]}/inproc/r{previous.round}/slot{slot}"
+        for local_rank in range(int(self._get(f"{keys}/local_world") or 0)):
+            raw = self._get(f"{keys}/local{local_rank}")
+            if not raw:
+                continue
+            pid = int(raw)
+            log.error("stalwart: the job re-formed without this node: killing its worker (pid %s)", pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.reconcile_s):
             try:
+                self._follow_epochs()
                 self.reconcile()
             except Exception as e:  # the store may be briefly unreachable during a re-form
                 log.debug("stand-in reconcile: %s", e)

@@ -22,6 +22,7 @@ on a machine outside the job (``stalwart store``) to survive any node's loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
-from stalwart.launchers.membership import Membership, assign_slots, new_node_id
+from stalwart.launchers.membership import Membership, assign_slots, new_node_id, restart_key
 
 log = logging.getLogger("stalwart.launchers")
 
@@ -112,7 +113,10 @@ class StalwartRendezvousHandler(RendezvousHandler):
         self.node_id = new_node_id()
         self.prefix = f"stalwart/{run_id}"
         self.membership: Membership | None = None
-        self.services = NodeServices(self.node_id, store, store_addr, f"{self.prefix}/keepers")
+        self.services = NodeServices(self.node_id, store, store_addr, f"{self.prefix}/keepers",
+                                     membership_key=f"{self.prefix}/membership", on_lost=self._check_in_for)
+        self._round_info: tuple | None = None  # (round's store, world size, node ids checked in for)
+        self._restart_flagged = False
 
     # ---------------------------------------------------------------- RendezvousHandler
     def get_backend(self) -> str:
@@ -148,11 +152,32 @@ class StalwartRendezvousHandler(RendezvousHandler):
         # order gradients are summed in are those of the uninterrupted run. The workers' master address is
         # published again by the node that is rank 0 in this order.
         group_rank = membership.rank_of(self.node_id)
+        self._round_info = (info.store, world, set())
+        self._restart_flagged = False
         bootstrap = RendezvousStoreInfo.build(group_rank, PrefixStore(f"{self.prefix}/r{round_}/bootstrap", self._store),
                                               local_addr=self._local_addr)
         log.info("stalwart: round %s: node %s is rank %s of %s, keeper slot %s of %s (active %s)", round_, self.node_id,
                  group_rank, world, slot, self._max_nodes, membership.active)
         return RendezvousInfo(info.store, group_rank, world, bootstrap)
+
+    def _check_in_for(self, lost: list[str]) -> None:
+        """Nodes lost while the survivors recovered in process (no new round): check them in at
+        torchrun's exit barrier, which counts every node of the round and would otherwise keep
+        the survivors' agents waiting ``exit_barrier_timeout`` (300 s) after the job is done."""
+        if self._round_info is None:
+            return
+        store, world, done = self._round_info
+        from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
+        from torch.distributed.elastic.utils.store import _barrier_nonblocking
+
+        for node in lost:
+            if node in done:
+                continue
+            done.add(node)
+            try:
+                _barrier_nonblocking(store, world, _TERMINAL_STATE_SYNC_ID)
+            except Exception as e:  # only the exit is slower
+                log.warning("stalwart: could not check lost node %s in at the exit barrier: %s", node, e)
 
     def worker_env(self, membership: Membership, slot: int) -> dict[str, str]:
         """What this node's workers need to find their keeper and its group (read by
@@ -168,6 +193,7 @@ class StalwartRendezvousHandler(RendezvousHandler):
             "STALWART_KEEPER_SHARED_STORE": "1",
             "STALWART_AGENT_PID": str(os.getpid()),
             "STALWART_RDZV_ROUND": str(membership.round),
+            "STALWART_RDZV_PREFIX": self.prefix,
             "STALWART_NNODES": f"{self._min_nodes}:{membership.max_slots}",
         }
 
@@ -178,7 +204,13 @@ class StalwartRendezvousHandler(RendezvousHandler):
         self._inner.set_closed()
 
     def num_nodes_waiting(self) -> int:
-        return self._inner.num_nodes_waiting()
+        n = self._inner.num_nodes_waiting()
+        if n and self.membership is not None and not self._restart_flagged:
+            # torchrun restarts every worker now: workers that see a peer leave must not re-form in process
+            with contextlib.suppress(Exception):
+                self._store.set(restart_key(self.prefix, self.membership.round), "1")
+            self._restart_flagged = True
+        return n
 
     def get_run_id(self) -> str:
         return self._inner.get_run_id()

@@ -46,7 +46,7 @@ class Job:
     everything it started on exit."""
 
     def __init__(self, tmp, script: str, *args: str, nnodes: str = "3:4", rdzv_conf: str | None = None,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, max_restarts: int = 5) -> None:
         self.tmp = str(tmp)
         self.out = os.path.join(self.tmp, "out")
         self.root = os.path.join(self.tmp, "root")
@@ -55,6 +55,7 @@ class Job:
         self.args = [*args, "--root", self.root, "--out", self.out]
         self.nnodes = nnodes
         self.rdzv_conf = rdzv_conf
+        self.max_restarts = max_restarts
         self.port = free_port()
         self.shm = os.path.join("/dev/shm", f"swel-{uuid.uuid4().hex[:10]}")
         os.makedirs(self.shm)
@@ -78,7 +79,7 @@ class Job:
         log = os.path.join(self.tmp, f"agent{i}.log")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nnodes}", "--nproc-per-node=1",
                "--rdzv-backend=stalwart", f"--rdzv-endpoint=127.0.0.1:{self.port}", "--rdzv-id=elastic-test",
-               "--monitor-interval=0.1", "--max-restarts=5"]
+               "--monitor-interval=0.1", f"--max-restarts={self.max_restarts}"]
         if self.rdzv_conf:
             cmd.append(f"--rdzv-conf={self.rdzv_conf}")
         with open(log, "w") as f:
@@ -117,6 +118,20 @@ class Job:
                 p.send_signal(signal.SIGKILL)
         self.killed = [p.pid for p in victims]
         return self.killed
+
+    def worker_pid(self, slot: int) -> int:
+        info = read_json(os.path.join(self.out, f"node-{slot}.json"))
+        if not info:
+            raise AssertionError(f"no node holds slot {slot}")
+        return int(info["pid"])
+
+    def step_log(self) -> list[dict]:
+        """Every rank's step records, as written (one per rank per step run, re-runs included)."""
+        out = []
+        for path in glob.glob(os.path.join(self.out, "log-*.jsonl")):
+            with open(path) as f:
+                out += [json.loads(line) for line in f]
+        return sorted(out, key=lambda r: r["t"])
 
     def wait_done(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -58,8 +58,12 @@ def compare(ref: Job, got: Job, bitwise: bool) -> None:
     assert sorted(have) == list(range(1, STEPS + 1)), f"steps run: {sorted(have)}"
     for step in range(1, STEPS + 1):
         w, h = want[step], have[step]
-        assert h["samples"] == w["samples"], f"step {step} consumed other samples (world {h['world']})"
-        assert h["draws"] == w["draws"], f"step {step}: per-sample random draws differ"
+        if h["ranks"] < h["world"]:  # a rank killed after the step completed, before writing its line
+            pairs = set(zip(w["samples"], w["draws"], strict=True))
+            assert set(zip(h["samples"], h["draws"], strict=True)) <= pairs, f"step {step}: other samples or draws"
+        else:
+            assert h["samples"] == w["samples"], f"step {step} consumed other samples (world {h['world']})"
+            assert h["draws"] == w["draws"], f"step {step}: per-sample random draws differ"
         if bitwise:
             assert h["loss"] == w["loss"], f"step {step}: loss {h['loss']!r} != {w['loss']!r}"
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 
 import torch
 
@@ -193,10 +193,14 @@ class ModuleProvider(StateProvider):
                 seen[id(t)] = name
         return out
 
-    def restore(self, tensors: Mapping[str, torch.Tensor], ctx: RestoreContext) -> None:
+    def restore(self, tensors: Mapping[str, torch.Tensor], ctx: RestoreContext, keep: Set[str] = frozenset()) -> None:
+        """Copy the loaded tensors into the live ones; names in ``keep`` stay as they are
+        (in-process recovery: the live tensor already holds the restored step)."""
         missing = []
         for name, t, _ in self._named():
             full = self.prefix + name
+            if full in keep:
+                continue
             src = tensors.get(full)
             if src is None:
                 owner = self.aliases().get(full)

@@ -73,8 +73,11 @@ class RNGProvider(PerRankBlobProvider):
     tensor_name = "__stalwart__.rng"
     what = "the RNG state"
 
+    last_blob: np.ndarray | None = None  # the streams as the newest snapshot captured them
+
     def pack(self) -> np.ndarray:
-        return pack_rng()
+        self.last_blob = pack_rng()
+        return self.last_blob
 
     def unpack(self, blob: bytes) -> None:
         unpack_rng(blob)

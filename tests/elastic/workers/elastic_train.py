@@ -77,12 +77,30 @@ def main() -> None:
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step (lets the test time its faults)")
     ap.add_argument("--redundancy", default="3,1")
     ap.add_argument("--disk-every", type=int, default=1000, help="steps between snapshots on the disk tier")
+    ap.add_argument("--hang-timeout", type=float, default=None)
+    ap.add_argument("--fail-at-step", type=int, default=0, help="raise ValueError when starting this step (a user bug)")
+    ap.add_argument("--fail-rank", type=int, default=0)
+    ap.add_argument("--in-process", action="store_true", help="stalwart.elastic.run: survivors keep their processes")
     args = ap.parse_args()
+    if not args.in_process:
+        init_distributed("gloo")
+        train(args)
+        return
+    from stalwart.elastic.inprocess import run
 
-    init_distributed("gloo")
+    kept = None
+    if args.framework == "ddp":  # built once per process, kept across in-process recoveries
+        torch.manual_seed(0)
+        net = Net(args.width)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+        kept = (net, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5))
+    run(train, args, kept, hang_timeout_s=args.hang_timeout)
+
+
+def train(args, kept=None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    net = Net(args.width)
+    net = Net(args.width) if kept is None else kept[0]
     seed = 7
     data = Noisy(args.steps * args.global_batch, args.width, seed)
     loader = ElasticLoader(data, args.global_batch, args.micro_batch, dp_rank=rank, dp_size=world, seed=seed, epochs=1)
@@ -91,7 +109,7 @@ def main() -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(net)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if kept is None else kept[1]
     elif args.framework == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -108,10 +126,11 @@ def main() -> None:
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}}}
         engine, opt, _, _ = deepspeed.initialize(model=net, config=config, model_parameters=net.parameters())
         model = engine
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5) if engine is None else None
+    sched = (torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5) if kept is None else kept[2]) if engine is None else None
     k, m = (int(x) for x in args.redundancy.split(","))
     slot = int(os.environ.get("STALWART_KEEPER_SLOT", rank))
-    rdzv_round = int(os.environ.get("STALWART_RDZV_ROUND", 0))
+    # a re-formed group without a restart (in-process recovery) counts as a newer round
+    rdzv_round = int(os.environ.get("STALWART_RDZV_ROUND", 0)) * 1000 + int(os.environ.get("STALWART_INPROC_EPOCH", 0))
     log_path = os.path.join(args.out, f"log-{os.getpid()}.jsonl")
     t0 = time.monotonic()
     with stalwart.protect(model if engine is None else engine, None if engine is not None else opt, root=args.root,
@@ -119,11 +138,14 @@ def main() -> None:
                           tiers=["memory", {"url": f"file://{os.path.join(args.root, 'disk')}", "every": args.disk_every}]) as guard:
         atomic_json(os.path.join(args.out, f"node-{slot}.json"), {"agent_pid": int(os.environ.get("STALWART_AGENT_PID", 0)),
                                                                   "keeper_pid": guard.client.keeper_pid(), "pid": os.getpid()})
-        atomic_json(os.path.join(args.out, f"restore-{os.getpid()}.json"), {
+        atomic_json(os.path.join(args.out, f"restore-{os.getpid()}-{os.environ.get('STALWART_INPROC_EPOCH', 0)}.json"), {
             "rank": rank, "world": world, "round": rdzv_round, "step": guard.step_count, "restored_from": guard.stats.restored_from,
-            "sources": guard.stats.restore_sources, "fallbacks": guard.stats.fallbacks, "enter_s": time.monotonic() - t0})
+            "sources": guard.stats.restore_sources, "fallbacks": guard.stats.fallbacks, "enter_s": time.monotonic() - t0,
+            "pid": os.getpid(), "epoch": int(os.environ.get("STALWART_INPROC_EPOCH", 0))})
         samples, draws, local_loss = [], [], 0.0
         for mb in guard.resume(loader):
+            if not samples and guard.step_count + 1 == args.fail_at_step and rank == args.fail_rank:
+                raise ValueError(f"injected failure at step {args.fail_at_step}")
             x, y, noise, idx = mb.data
             sync = contextlib.nullcontext() if (mb.last or args.framework != "ddp") else model.no_sync()
             with sync, mb.rng():
@@ -143,14 +165,16 @@ def main() -> None:
                 opt.step()
                 sched.step()
                 opt.zero_grad()
-            guard.step()
+            # logged before guard.step(): a SIGTERM (the agents restart the workers) ends the loop there
             total = torch.tensor([local_loss], dtype=torch.float64)
             dist.all_reduce(total)
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": guard.step_count, "round": rdzv_round, "rank": rank, "world": world,
+                f.write(json.dumps({"step": guard.step_count + 1, "round": rdzv_round, "rank": rank, "world": world,
+                                    "pid": os.getpid(), "t": time.time(),
                                     "samples": samples,
                                     "draws": draws, "loss": total.item() / world}) + "\n")
             samples, draws, local_loss = [], [], 0.0
+            guard.step()
             if rank == 0:
                 atomic_json(os.path.join(args.out, "progress"), {"step": guard.step_count, "world": world})
             if args.step_sleep:
@@ -165,7 +189,8 @@ def main() -> None:
             save_file({n: t.contiguous() for n, t in state.items()}, os.path.join(args.out, "final.safetensors"))
             atomic_json(os.path.join(args.out, "done"), {"step": guard.step_count, "world": world})
     dist.barrier()
-    dist.destroy_process_group()
+    if not args.in_process:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,362 @@
+"""In-process recovery: the survivors of a failure keep their processes.
+
+:func:`run` calls the user's training function. Launched by stalwart's rendezvous
+(``stalwart run`` or ``torchrun --rdzv-backend=stalwart``), a failure of another
+node does not end the surviving workers: the exception that reaches :func:`run` (a
+collective that lost its peer, a timed-out collective) makes every survivor
+
+1. destroy its process group (its sockets close, so peers still blocked in a
+   collective fail at once and join too);
+2. join the next *epoch* of the job's membership in the rendezvous store; the epoch
+   closes when every member of the previous one has joined or is gone (its heartbeat
+   stopped for ``dead_after_s``, or its process was replaced), or after
+   ``hang_timeout_s`` for members that are alive but never join (hung);
+3. re-form the default process group with the epoch's members (ranks follow keeper
+   slots, as in a restart), on a fresh store prefix, with ``hang_timeout_s`` as the
+   collectives' timeout, so a stopped or stuck peer costs at most that long;
+4. call the training function again. Its ``protect()`` finds the node's keeper alive
+   and restores the newest complete step from memory; the model and optimizer tensors
+   the process still holds unchanged since that step's snapshot are kept, not copied
+   (see :class:`stalwart.ckpt.Guard`).
+
+Objects built *outside* the training function (the model, the optimizer, the data
+set) are kept across recoveries; everything the function builds (the DDP/FSDP wrapper,
+``protect()``, the loader's iteration) is built again on the new group.
+
+Errors that are not the job's (an exception of the user's code with every member still
+alive) are retried ``max_attempts`` times in process, then raised as they are. A worker
+left out of an epoch (it joined too late, or hung) ends its own process; its agent
+restarts it and the job grows back at the next restart. Without stalwart's rendezvous
+(plain ``torchrun``, a single process) :func:`run` calls the function once: recovery
+is then the launcher's restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.distributed as dist
+
+from stalwart.errors import StalwartError
+
+log = logging.getLogger("stalwart.elastic")
+
+T = TypeVar("T")
+
+#: ``STALWART_IN_PROCESS=0`` turns in-process recovery off (restart-based recovery only).
+ENV_SWITCH = "STALWART_IN_PROCESS"
+DEFAULT_HANG_TIMEOUT_S = 60.0
+DEFAULT_DEAD_AFTER_S = 1.0
+BEAT_S = 0.1
+_POLL_S = 0.02
+
+_COMM_WORDS = ("gloo", "nccl", "connection", "broken pipe", "timed out", "timeout", "peer", "socket", "process group")
+
+
+class RecoveryError(StalwartError):
+    """The job cannot continue in process (a member's fatal error, too few members)."""
+
+
+def enabled() -> bool:
+    """Whether this worker runs under stalwart's rendezvous with in-process recovery on."""
+    env = os.environ
+    return bool(env.get("STALWART_RDZV_PREFIX")) and bool(env.get("STALWART_KEEPER_GROUP")) and env.get(ENV_SWITCH, "1") != "0"
+
+
+def is_comm_error(e: BaseException) -> bool:
+    """Whether ``e`` came from a collective or the store (a peer failed), not the user's code."""
+    if isinstance(e, dist.DistError):
+        return True
+    if isinstance(e, RuntimeError | ConnectionError | TimeoutError):
+        text = str(e).lower()
+        return any(w in text for w in _COMM_WORDS)
+    return False
+
+
+def run(fn: Callable[..., T], *args, hang_timeout_s: float | None = None, max_attempts: int = 3,
+        dead_after_s: float | None = None, min_nodes: int | None = None, **kwargs) -> T:
+    """Run ``fn(*args, **kwargs)`` with in-process recovery (see the module docstring).
+
+    ``hang_timeout_s`` (default 60 s, ``STALWART_HANG_TIMEOUT_S``) bounds every collective
+    and the wait for members that neither join a recovery nor die; ``dead_after_s``
+    (default 1 s, ``STALWART_DEAD_AFTER_S``) is how long a member's heartbeat must be
+    silent to count as dead; ``max_attempts`` bounds in-process retries of errors raised
+    with every member alive; ``min_nodes`` (default: the launcher's ``--nnodes`` minimum)
+    is the fewest nodes the job continues on. The default process group is created here
+    (gloo); ``fn`` must not create it.
+    """
+    from stalwart.ckpt.dist import init_distributed
+
+    if not enabled():
+        init_distributed("gloo")
+        return fn(*args, **kwargs)
+    hang = float(hang_timeout_s if hang_timeout_s is not None else os.environ.get("STALWART_HANG_TIMEOUT_S", DEFAULT_HANG_TIMEOUT_S))
+    dead = float(dead_after_s if dead_after_s is not None else os.environ.get("STALWART_DEAD_AFTER_S", DEFAULT_DEAD_AFTER_S))
+    group = Membership.from_env(hang, dead, min_nodes)
+    try:
+        group.form()
+        attempts = 0
+        while True:
+            try:
+                out = fn(*args, **kwargs)
+                with contextlib.suppress(Exception):
+                    if dist.is_initialized():
+                        dist.destroy_process_group()
+                return out
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:
+                comm = is_comm_error(e)
+                summary = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                tb = traceback.format_exc()
+                # drop every frame of the failed attempt: its DDP reducer's hooks, its guard, its tensors
+                traceback.clear_frames(e.__traceback__)
+                del e
+                gc.collect()
+                lost = group.recover(summary, comm)
+                if not lost:
+                    attempts += 1
+                    if attempts > max_attempts:
+                        group.give_up(summary)
+                        log.error("stalwart: giving up after %d in-process attempts:\n%s", max_attempts, tb)
+                        raise RecoveryError(f"{summary} (still failing after {max_attempts} in-process attempts"
+                                            f" with every member alive)") from None
+                    log.warning("stalwart: attempt %d of %d after an error with every member alive: %s", attempts,
+                                max_attempts, summary)
+    finally:
+        group.close()
+
+
+class Membership:
+    """This worker's view of the job's members and their epochs (see the module docstring).
+
+    Members are numbered ``slot * local_world + local_rank`` (keeper slot of their node,
+    local rank); their order is the ranks' order. Keys live in the rendezvous store under
+    ``<rendezvous prefix>/inproc/r<round>/``.
+    """
+
+    def __init__(self, host: str, port: int, prefix: str, round_: int, slot: int, max_slots: int, local_rank: int,
+                 local_world: int, active: list[int], node_id: str, hang_s: float, dead_s: float, min_nodes: int) -> None:
+        from stalwart.ckpt.storelink import StoreLink
+
+        self.host, self.port, self.prefix, self.round = host, port, prefix, round_
+        self.slot, self.max_slots, self.local_rank, self.local_world = slot, max_slots, local_rank, local_world
+        self.node_id = node_id
+        self.hang_s, self.dead_s, self.min_nodes = hang_s, dead_s, min_nodes
+        self.me = slot * local_world + local_rank
+        self.members = [s * local_world + r for s in sorted(active) for r in range(local_world)]
+        self.epoch = 0
+        self.recoveries = 0
+        self.link = StoreLink(host, port, node=self.me, nodes=max_slots * local_world, host_store=False,
+                              prefix=f"{prefix}/inproc/r{round_}", beat_s=BEAT_S, dead_after_s=dead_s)
+        self.incs: dict[int, str | None] = {}
+        self._raw = None
+        self._recovering = threading.Event()
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._watchdog, name="stalwart-inproc", daemon=True)
+
+    @classmethod
+    def from_env(cls, hang_s: float, dead_s: float, min_nodes: int | None) -> Membership:
+        env = os.environ
+        host, port = env["STALWART_KEEPER_GROUP"].rsplit(":", 1)
+        local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
+        active = [int(s) for s in env["STALWART_ACTIVE_SLOTS"].split(",")]
+        if min_nodes is None:
+            min_nodes = int(env.get("STALWART_NNODES", "1:1").split(":")[0])
+        return cls(host, int(port), env["STALWART_RDZV_PREFIX"], int(env["STALWART_RDZV_ROUND"]),
+                   int(env["STALWART_KEEPER_SLOT"]), int(env["STALWART_KEEPER_SLOTS"]), int(env.get("LOCAL_RANK", "0")),
+                   local_world, active, env.get("STALWART_NODE_ID", ""), hang_s, dead_s, min_nodes)
+
+    # ---------------------------------------------------------------- keys
+    def _key(self, epoch: int, name: str) -> str:
+        return f"e{epoch}/{name}"
+
+    # ---------------------------------------------------------------- groups
+    def form(self) -> None:
+        """Epoch 0: the rendezvous round's members; the first process group."""
+        self.link.set(self._key(0, f"join/node{self.me}"), self._join_record("start", True))
+        # for this node's agent, which ends its workers when the others re-form without them
+        self.link.set(f"slot{self.slot}/local_world", str(self.local_world))
+        self.link.set(f"slot{self.slot}/local{self.local_rank}", str(os.getpid()))
+        self._await_incs(self.members)
+        self._init_group()
+        self._watch.start()
+
+    def _join_record(self, why: str, comm: bool) -> str:
+        return json.dumps({"pid": os.getpid(), "node_id": self.node_id, "slot": self.slot, "why": why, "comm": comm})
+
+    def _await_incs(self, members: list[int]) -> None:
+        """Every member's incarnation (set when its link started): a replaced process is a lost member."""
+        deadline = time.monotonic() + self.hang_s
+        for i in members:
+            while True:
+                v = self.link.get(f"inc/node{i}")
+                if v is not None or time.monotonic() > deadline:
+                    self.incs[i] = v
+                    break
+                time.sleep(_POLL_S)
+
+    def _init_group(self) -> None:
+        from stalwart.ckpt.dist import set_job_store
+
+        rank, world = self.members.index(self.me), len(self.members)
+        self._publish_env(rank, world)
+        client = self.link.new_client()
+        set_job_store(dist.PrefixStore(f"{self.prefix}/inproc/r{self.round}/job", client))
+        store = dist.PrefixStore(f"{self.prefix}/inproc/r{self.round}/pg/e{self.epoch}", client)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=self.hang_s))
+
+    def _publish_env(self, rank: int, world: int) -> None:
+        """What :func:`stalwart.ckpt.dist.where_am_i` and the keeper client read."""
+        slots = sorted({i // self.local_world for i in self.members})
+        from stalwart.launchers.membership import Membership as Round
+
+        previous = self._round_membership()
+        nodes = [previous.slots[s] for s in slots] if previous is not None else []
+        os.environ.update({
+            "RANK": str(rank), "WORLD_SIZE": str(world), "GROUP_RANK": str(slots.index(self.slot)),
+            "STALWART_ACTIVE_SLOTS": ",".join(map(str, slots)), "STALWART_INPROC_EPOCH": str(self.epoch),
+        })
+        if previous is not None and self.epoch > 0:
+            m = Round(previous.round, tuple(nodes), {s: previous.slots[s] for s in slots}, previous.max_slots)
+            os.environ["STALWART_SLOT_IDS"] = ",".join(m.keeper_ids())
+            if rank == 0:  # the agents' stand-in keepers follow this (vacant slots), and so does the next round
+                self._set_raw(f"{self.prefix}/membership", json.dumps({**m.to_json(), "epoch": self.epoch}))
+
+    def _raw_client(self):
+        if self._raw is None:
+            self._raw = dist.TCPStore(self.host, self.port, is_master=False, timeout=datetime.timedelta(seconds=30))
+        return self._raw
+
+    def _check_restart(self) -> None:
+        from stalwart.launchers.membership import restart_key
+
+        if self._raw_client().check([restart_key(self.prefix, self.round)]):
+            raise RecoveryError("the launcher restarts every worker (a node joins the job): leaving for the restart")
+
+    def _set_raw(self, key: str, value: str) -> None:
+        self._raw_client().set(key, value)
+
+    def _round_membership(self):
+        from stalwart.launchers.membership import Membership as Round
+
+        c = self._raw_client()
+        key = f"{self.prefix}/membership"
+        if not c.check([key]):
+            return None
+        return Round.from_json(json.loads(c.get(key).decode()))
+
+    # ---------------------------------------------------------------- recovery
+    def recover(self, why: str, comm: bool) -> bool:
+        """After a failed attempt: re-form with the live members. Returns whether a member was lost."""
+        self._recovering.set()
+        try:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+            before = list(self.members)
+            target = self.epoch + 1
+            while True:
+                self._check_fatal(target)
+                self._check_restart()
+                decided = self._decide(target, why, comm)
+                if self.me not in decided:
+                    raise RecoveryError(f"member {self.me} (node {self.node_id}) was left out of epoch {target}"
+                                        " (it joined after the others re-formed, or was taken for hung)")
+                nodes = len({i // self.local_world for i in decided})
+                if nodes < self.min_nodes:
+                    raise RecoveryError(f"only {nodes} node(s) left, fewer than the job's minimum {self.min_nodes}")
+                self.epoch, self.members = target, decided
+                self.link.set("epoch", str(target))
+                try:
+                    self._init_group()
+                    break
+                except Exception as e:  # a member died while the group formed: the next epoch
+                    log.warning("stalwart: epoch %d did not form (%s); re-forming", target, str(e).splitlines()[0][:200])
+                    with contextlib.suppress(Exception):
+                        dist.destroy_process_group()
+                    target += 1
+            lost = sorted(set(before) - set(self.members))
+            self.recoveries += 1
+            log.warning("stalwart: in-process recovery %d: epoch %d, rank %d of %d%s (%s)", self.recoveries, self.epoch,
+                        self.members.index(self.me), len(self.members),
+                        f", lost member(s) {lost}" if lost else "", why)
+            return bool(lost)
+        finally:
+            self._recovering.clear()
+
+    def _decide(self, target: int, why: str, comm: bool) -> list[int]:
+        """The members of epoch ``target``: those that joined, once every other member of
+        the current epoch is gone, or after ``hang_s`` for those alive that never join."""
+        self.link.set(self._key(target, f"join/node{self.me}"), self._join_record(why, comm))
+        key = self._key(target, "members")
+        give_up_at = time.monotonic() + self.hang_s
+        while True:
+            raw = self.link.get(key)
+            if raw is not None:
+                return json.loads(raw)
+            self._check_fatal(target)
+            self._check_restart()
+            joined = [i for i in self.members if self.link.check(self._key(target, f"join/node{i}"))]
+            missing = [i for i in self.members if i not in joined]
+            gone = self.link.dead(missing, self.incs) if missing else []
+            if len(gone) == len(missing) or time.monotonic() > give_up_at:
+                proposal = json.dumps(joined)
+                self.link.call(lambda c, p=proposal: c.compare_set(key, "", p))
+                continue
+            time.sleep(_POLL_S)
+
+    def _check_fatal(self, target: int) -> None:
+        msg = self.link.get(self._key(target, "fatal"))
+        if msg:
+            raise RecoveryError(f"another member gave up: {msg}")
+
+    def give_up(self, why: str) -> None:
+        """Tell the other members (waiting in the next epoch) that this one gives up."""
+        with contextlib.suppress(Exception):
+            self.link.set(self._key(self.epoch + 1, "fatal"), f"member {self.me}: {why}")
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+    # ---------------------------------------------------------------- liveness
+    def _watchdog(self) -> None:
+        """Keep the other members' heartbeat clocks current (so a death is seen ``dead_after_s``
+        after it happens, not after the first look) and end this process when the others
+        re-formed without it (it was taken for hung: a stuck collective, a stopped process)."""
+        while not self._stop.wait(BEAT_S):
+            try:
+                others = [i for i in self.members if i != self.me]
+                if others:
+                    self.link.dead(others, self.incs)
+                if self._recovering.is_set():
+                    continue
+                raw = self.link.get("epoch")
+                if raw is not None and int(raw) > self.epoch:
+                    decided = self.link.get(self._key(int(raw), "members"))
+                    if decided is not None and self.me not in json.loads(decided):
+                        log.error("stalwart: the job re-formed without this worker (member %d; it did not join epoch %s"
+                                  " within the hang timeout): exiting", self.me, raw)
+                        os.kill(os.getpid(), signal.SIGKILL)
+            except Exception as e:  # the store may be briefly unreachable
+                log.debug("in-process watchdog: %s", e)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watch.is_alive():
+            self._watch.join(5.0)
+        self.link.close(join_s=5.0)
+        self._raw = None
+
+
+__all__ = ["DEFAULT_DEAD_AFTER_S", "DEFAULT_HANG_TIMEOUT_S", "Membership", "RecoveryError", "enabled", "is_comm_error", "run"]

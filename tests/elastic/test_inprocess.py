@@ -1,0 +1,103 @@
+"""In-process recovery (``stalwart.elastic.run``): the survivors of a failure keep their processes.
+
+The same simulated multi-node jobs as ``test_launch.py`` (torchrun agents on loopback,
+``--rdzv-backend=stalwart``, a keeper per node, RS(3, 1)), with the training function
+run by :func:`stalwart.elastic.inprocess.run`. A whole node is SIGKILLed mid-training:
+the survivors' workers must be the same processes afterwards, continue at world size 3
+from the step their own tensors hold (no checkpoint file read), and the run must be the
+same training as the uninterrupted one (samples, per-sample draws, loss within 1e-5).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from stalwart.ckpt.guard import KEPT_SOURCE
+
+from .harness import Job
+from .test_launch import ARGS, JOIN_AT, KILL_AT, compare, run_reference
+
+IN_PROCESS = ("--in-process", "--hang-timeout", "30")
+
+
+def first_step_after(job: Job, t: float, world: int) -> dict:
+    return next(r for r in job.step_log() if r["t"] > t and r["world"] == world)
+
+
+@pytest.mark.timeout(900)
+def test_ddp_node_lost_survivors_keep_their_processes(tmp_path):
+    ref = run_reference(tmp_path / "ref", "ddp")
+    with Job(tmp_path / "inproc", "elastic_train.py", *ARGS, "--framework", "ddp", "--step-sleep", "0.3", *IN_PROCESS,
+             nnodes="3:4") as job:
+        for _ in range(4):
+            job.start_agent()
+        job.wait_for(lambda: job.progress() >= KILL_AT, 240, f"step {KILL_AT}")
+        before = {slot: job.worker_pid(slot) for slot in (0, 1, 3)}
+        killed_at = time.time()
+        job.kill_node(2)
+        job.wait_for(lambda: job.progress() >= JOIN_AT, 240, f"step {JOIN_AT} at world size 3")
+        job.start_agent()
+        job.wait_done(300)
+    compare(ref, job, bitwise=False)
+    log = job.step_log()
+    shrunk = [r for r in log if r["world"] == 3]
+    assert shrunk, "no step ran at world size 3"
+    assert {r["pid"] for r in shrunk} == set(before.values()), "the survivors' workers were restarted"
+    first = first_step_after(job, killed_at, 3)
+    print(f"SIGKILL of a node -> survivors' first completed step: {first['t'] - killed_at:.2f} s (step {first['step']})")
+    assert first["t"] - killed_at < 15, "the survivors took a restart's time to continue"
+    recovered = [r for r in job.restores() if r["epoch"] > 0]
+    assert len(recovered) == 3, recovered
+    for r in recovered:
+        assert r["restored_from"] == "memory" and not r["fallbacks"], r
+        assert KEPT_SOURCE in r["sources"], f"the live tensors were copied back instead of kept: {r}"
+        assert set(r["sources"]) <= {KEPT_SOURCE, "own memory", "peer memory"}, f"a checkpoint file was read: {r}"
+        assert r["step"] >= KILL_AT - 1, f"more than one step lost: {r}"
+    assert {s["world"] for s in job.steps().values()} == {3, 4}
+
+
+@pytest.mark.timeout(600)
+def test_user_error_is_retried_a_bounded_number_of_times_then_raised(tmp_path):
+    with Job(tmp_path, "elastic_train.py", *ARGS, "--framework", "ddp", "--redundancy", "1,1", *IN_PROCESS,
+             "--fail-at-step", "4", "--fail-rank", "1", nnodes="2:2", max_restarts=0) as job:
+        for _ in range(2):
+            job.start_agent()
+        job.wait_done(300)
+        assert all(a.returncode != 0 for a in job.agents)
+        text = job.tail(400)
+    assert "ValueError: injected failure at step 4" in text
+    assert "still failing after 3 in-process attempts" in text
+    entries = [r for r in job.restores() if r["rank"] == 0]
+    assert [r["epoch"] for r in entries] == [0, 1, 2, 3], entries
+    assert len({r["pid"] for r in entries}) == 1, "rank 0 was restarted between attempts"
+    assert all(r["step"] == 3 for r in entries[1:]), entries
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_stopped_worker_is_detected_fenced_and_replaced(tmp_path):
+    hang = 5.0
+    ref = run_reference(tmp_path / "ref", "ddp")
+    with Job(tmp_path / "inproc", "elastic_train.py", *ARGS, "--framework", "ddp", "--step-sleep", "0.3",
+             "--redundancy", "2,1", "--in-process", "--hang-timeout", str(hang), nnodes="2:3") as job:
+        for _ in range(3):
+            job.start_agent()
+        job.wait_for(lambda: job.progress() >= KILL_AT, 240, f"step {KILL_AT}")
+        victim = job.worker_pid(2)
+        stopped_at = time.time()
+        os.kill(victim, signal.SIGSTOP)
+        job.wait_for(lambda: any(r["t"] > stopped_at and r["world"] == 2 for r in job.step_log()), 120,
+                     "a step at world size 2")
+        first = first_step_after(job, stopped_at, 2)
+        print(f"SIGSTOP of a worker -> survivors' first completed step: {first['t'] - stopped_at:.2f} s"
+              f" (hang timeout {hang:.0f} s)")
+        job.wait_for(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE,
+                     30, "the stopped worker to be gone")
+        job.wait_done(300)
+    assert first["t"] - stopped_at < hang + 4
+    compare(ref, job, bitwise=False)
