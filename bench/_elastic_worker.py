@@ -58,19 +58,25 @@ def env_int(name: str, default: int = 0) -> int:
 
 
 # ----------------------------------------------------------------------------- common
-def build(args):
-    """GPT (bench/_gpt.py) wrapped in DDP, and AdamW."""
+def build_parts(args):
+    """GPT (bench/_gpt.py) and AdamW, not yet wrapped."""
     import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _gpt import GPT, GPTConfig
 
     torch.manual_seed(SEED)
     cfg = GPTConfig() if not args.quick else GPTConfig(vocab=4096, seq=64, d_model=256, n_layer=4, n_head=4)
-    model = DDP(GPT(cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
-    return cfg, model, opt
+    net = GPT(cfg)
+    return cfg, net, torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.01)
+
+
+def build(args):
+    """GPT (bench/_gpt.py) wrapped in DDP, and AdamW."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cfg, net, opt = build_parts(args)
+    return cfg, DDP(net), opt
 
 
 def batch(cfg, step: int, rank: int, size: int):
@@ -114,17 +120,37 @@ def run_stalwart(args, ev) -> None:
     from stalwart.ckpt import init_distributed
 
     ev("imported")
+    k, m = (int(v) for v in args.redundancy.split(",")) if args.redundancy else (0, 0)
+    tiers = ["memory", {"url": f"local:{os.path.join(args.root, 'disk')}", "every": args.disk_every}]
+    kwargs = {"redundancy": (k, m)} if k else {}
+
+    def protected(cfg, model, opt) -> None:
+        with stalwart.protect(model, opt, root=args.root, every=1, tiers=tiers, slots=3, **kwargs) as guard:
+            ev("restored", step=guard.step_count, source=guard.stats.restored_from, bytes=guard.stats.restore_sources,
+               fallbacks=guard.stats.fallbacks, keeper_pid=guard.client.keeper_pid())
+            train(args, ev, cfg, model, opt, guard.step_count, lambda step: guard.step(), lambda: guard.stats.blocking_s)
+
+    if args.in_process:  # stalwart.elastic.run: the GPT and AdamW are built once, the survivors keep them
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from stalwart.elastic import run
+
+        cfg, net, opt = build_parts(args)
+        ev("built")
+
+        def attempt() -> None:
+            ev("pg", rank=dist.get_rank(), world=dist.get_world_size())
+            model = DDP(net)
+            ev("model")
+            protected(cfg, model, opt)
+
+        run(attempt, hang_timeout_s=args.hang_timeout, dead_after_s=args.dead_after)
+        return
     init_distributed("gloo")  # on a store prefix named after the rendezvous round (restart-safe)
     ev("pg", rank=dist.get_rank(), world=dist.get_world_size())
     cfg, model, opt = build(args)
     ev("model")
-    k, m = (int(v) for v in args.redundancy.split(",")) if args.redundancy else (0, 0)
-    tiers = ["memory", {"url": f"local:{os.path.join(args.root, 'disk')}", "every": args.disk_every}]
-    kwargs = {"redundancy": (k, m)} if k else {}
-    with stalwart.protect(model, opt, root=args.root, every=1, tiers=tiers, slots=3, **kwargs) as guard:
-        ev("restored", step=guard.step_count, source=guard.stats.restored_from, bytes=guard.stats.restore_sources,
-           fallbacks=guard.stats.fallbacks, keeper_pid=guard.client.keeper_pid())
-        train(args, ev, cfg, model, opt, guard.step_count, lambda step: guard.step(), lambda: guard.stats.blocking_s)
+    protected(cfg, model, opt)
 
 
 # ----------------------------------------------------------------------------- torchrun + DCP
@@ -214,6 +240,9 @@ def main() -> None:
     ap.add_argument("--disk-every", type=int, default=10, help="steps between disk checkpoints")
     ap.add_argument("--redundancy", default="1,1", help="stalwart: k,m ('' for none)")
     ap.add_argument("--quick", action="store_true", help="a small GPT (smoke runs)")
+    ap.add_argument("--in-process", action="store_true", help="stalwart: in-process recovery (stalwart.elastic.run)")
+    ap.add_argument("--hang-timeout", type=float, default=None, help="stalwart --in-process: hang_timeout_s")
+    ap.add_argument("--dead-after", type=float, default=None, help="stalwart --in-process: dead_after_s")
     args = ap.parse_args()
     ev = Events(args.out)
     me = psutil.Process()

@@ -105,6 +105,10 @@ TARGET_STEPS_LOST = 1
 #: phase name -> (worker event that ends it); "created" is the process creation time
 RESTART_PHASES = [("detection", "old_gone"), ("rendezvous", "created"), ("start+import", "imported"),
                   ("pg init", "pg"), ("model build", "model"), ("restore", "restored"), ("first step", "first_step")]
+# survivors that keep their processes: SIGKILL -> their collective failed -> group re-formed -> DDP wrapped
+# again -> restored -> first step
+IN_PROCESS_PHASES = [("detection", "error"), ("re-form", "pg"), ("model build", "model"), ("restore", "restored"),
+                     ("first step", "first_step")]
 
 
 def free_port() -> int:
@@ -258,6 +262,7 @@ class System:
     label = ""
     failure = ""
     phases = RESTART_PHASES
+    in_process = False  # the survivors keep their processes (phases from their own events)
 
     def __init__(self, args) -> None:
         self.args = args
@@ -353,6 +358,22 @@ class StalwartRank(Stalwart):
         return System.victims(self, trial, events)
 
 
+class StalwartInProcess(Stalwart):
+    """The stalwart job with the worker's training function run by ``stalwart.elastic.run``: the
+    survivor keeps its process (GPT and AdamW built once), re-forms its group and keeps the tensors
+    that hold the restored step. The same whole-node failure as ``stalwart``."""
+
+    name = "stalwart-inproc"
+    label = "stalwart in-process (memory, RS(1,1))"
+    phases = IN_PROCESS_PHASES
+    in_process = True
+
+    def worker_args(self, trial: Trial) -> list[str]:
+        a = self.args
+        return [*super().worker_args(trial), "--in-process", "--hang-timeout", str(a.hang_timeout),
+                "--dead-after", str(a.dead_after)]
+
+
 class TorchrunDCP(System):
     name = "dcp"
     label = "torchrun + DCP (disk)"
@@ -409,7 +430,7 @@ class DLRover(System):
                 os.unlink(path)
 
 
-SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Stalwart, TorchrunDCP, DLRover, StalwartRank)}
+SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Stalwart, StalwartInProcess, TorchrunDCP, DLRover, StalwartRank)}
 
 
 def _listening(port: int) -> bool:
@@ -524,6 +545,8 @@ def _recover(system: System, trial: Trial, res: Result, a, victims: list[int], o
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     survivors = old - set(victims)
+    if system.in_process:
+        return _recover_in_process(system, trial, res, a, survivors, t_kill)
     # the survivors' old workers: poll until gone (detection + stop)
     gone_at: dict[int, float] = {}
     deadline = time.monotonic() + a.recovery_timeout
@@ -589,6 +612,50 @@ def _recover(system: System, trial: Trial, res: Result, a, victims: list[int], o
         log(f"  stacks of the recovery: {path}")
 
 
+def _recover_in_process(system: System, trial: Trial, res: Result, a, survivors: set[int], t_kill: float) -> None:
+    """The survivors keep their processes: every phase ends at the slowest survivor's own event
+    after the kill."""
+
+    def recovered():
+        evs = trial.events()
+        after = [e for e in evs if e["t"] > t_kill and e["pid"] in survivors]
+        firsts = {}
+        for e in after:
+            if e["ev"] == "step" and e["pid"] not in firsts:
+                firsts[e["pid"]] = e
+        return (evs, after, firsts) if len(firsts) == len(survivors) else None
+
+    evs, after, firsts = _wait(trial, recovered, a.recovery_timeout, "the survivors' first step after the kill")
+    before = [e for e in evs if e["ev"] == "step" and e["t"] < t_kill]
+    res.last_step = max(e["step"] for e in before)
+    restored = [e for e in after if e["ev"] == "restored"]
+    if not restored:
+        raise TrialFailed("the survivors trained on without restoring")
+    res.restored_step = min(e["step"] for e in restored)
+    res.steps_lost = res.last_step - res.restored_step
+    res.world_after = max(e["world"] for e in firsts.values())
+    r0 = restored[0]
+    res.restore_source, res.restore_bytes = r0.get("source"), r0.get("bytes") or {}
+    for e in restored:
+        if e.get("fallbacks"):
+            res.notes += e["fallbacks"]
+    errs = [e["t"] for e in after if e["ev"] == "error"]
+    res.survivor_error_s = (min(errs) - t_kill) if errs else None
+    marks = {"first_step": max(e["t"] for e in firsts.values())}
+    for kind in ("error", "pg", "model", "restored"):
+        ts = [e["t"] for e in after if e["ev"] == kind]
+        if len(ts) < len(survivors):
+            raise TrialFailed(f"a survivor wrote no '{kind}' event after the kill")
+        marks[kind] = max(ts)
+    if len({e["pid"] for e in after} - survivors):
+        raise TrialFailed("new worker processes appeared: the survivors were restarted")
+    prev = t_kill
+    for name, mark in system.phases:
+        res.phases[name] = marks[mark] - prev
+        prev = marks[mark]
+    res.total_s = marks["first_step"] - t_kill
+
+
 # ----------------------------------------------------------------------------- report
 def fmt(xs: list[float], unit: str = "s") -> str:
     if not xs:
@@ -620,18 +687,24 @@ def report(results: list[Result], systems: list[System], args) -> str:
                      ",".join(map(str, lost)) or "-", ",".join(sorted({str(r.world_after) for r in rs})) or "-",
                      fmt([r.step_s for r in rs if r.step_s]), fmt([r.ckpt_s for r in rs if r.ckpt_s is not None])])
     lines += _table(head, rows)
-    names = [p for p, _ in RESTART_PHASES]
-    lines.append("\nWhere the time goes (median s per phase; see the docstring for the boundaries)\n")
-    rows = []
+    for phases, title in ((RESTART_PHASES, "restarted workers"), (IN_PROCESS_PHASES, "survivors kept in process")):
+        group = [s for s in systems if s.phases is phases]
+        if not group:
+            continue
+        names = [p for p, _ in phases]
+        lines.append(f"\nWhere the time goes, {title} (median s per phase; see the docstring for the boundaries)\n")
+        rows = []
+        for s in group:
+            rs = ok[s.name]
+            rows.append([s.label] + [fmt([r.phases[p] for r in rs if p in r.phases], "") for p in names]
+                        + [fmt([r.survivor_error_s for r in rs if r.survivor_error_s is not None], "")])
+        lines += _table(["system", *names, "(collective error)"], rows)
     for s in systems:
-        rs = ok[s.name]
-        rows.append([s.label] + [fmt([r.phases[p] for r in rs if p in r.phases], "") for p in names]
-                    + [fmt([r.survivor_error_s for r in rs if r.survivor_error_s is not None], "")])
-    lines += _table(["system", *names, "(collective error)"], rows)
-    st = ok.get("stalwart") or []
-    if st and base_med:
+        st = ok.get(s.name) or [] if s.name.startswith("stalwart") and s.name != "stalwart-rank" else []
+        if not (st and base_med):
+            continue
         med = statistics.median([r.total_s for r in st])
-        lines.append("")
+        lines.append(f"\n{s.label}:")
         lines.append(f"target >= {TARGET_VS_DCP:.0f}x faster than torchrun + DCP: {base_med / med:.2f}x -> "
                      f"{'MET' if base_med / med >= TARGET_VS_DCP else 'MISSED'}")
         dl = ok.get("dlrover") or []
@@ -642,7 +715,7 @@ def report(results: list[Result], systems: list[System], args) -> str:
         lines.append(f"target <= {TARGET_STEPS_LOST} step lost (every-step snapshots): worst {worst} -> "
                      f"{'MET' if worst <= TARGET_STEPS_LOST else 'MISSED'}")
         srcs = {k for r in st for k in r.restore_bytes}
-        lines.append(f"stalwart restored from: {', '.join(sorted({str(r.restore_source) for r in st}))}"
+        lines.append(f"restored from: {', '.join(sorted({str(r.restore_source) for r in st}))}"
                      f" ({', '.join(sorted(srcs)) or 'no byte counts'})")
     for r in results:
         if not r.ok:
@@ -662,7 +735,11 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", default="stalwart,dcp,dlrover", help=f"comma-separated, of {sorted(SYSTEMS)}")
+    ap.add_argument("--systems", default="stalwart-inproc,stalwart,dcp,dlrover", help=f"comma-separated, of {sorted(SYSTEMS)}")
+    ap.add_argument("--hang-timeout", type=float, default=30.0,
+                    help="stalwart-inproc: collective timeout and the wait for members that neither join nor die")
+    ap.add_argument("--dead-after", type=float, default=1.0,
+                    help="stalwart-inproc: seconds of a silent heartbeat before a member counts as dead")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a small GPT instead of the 110M one (smoke runs)")
     ap.add_argument("--batch", type=int, default=2, help="sequences of 128 tokens per rank per step")

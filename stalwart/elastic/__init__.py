@@ -2,6 +2,8 @@
 
 :mod:`stalwart.elastic.data` keeps the global batch, the data order and sample-tied
 randomness independent of the DP degree (pure torch, no ``torch.distributed`` calls).
+:func:`run` (:mod:`stalwart.elastic.inprocess`) runs a training function with in-process
+recovery: under stalwart's rendezvous the survivors of a failure keep their processes.
 """
 
 from stalwart.elastic.data import (
@@ -14,6 +16,7 @@ from stalwart.elastic.data import (
     sample_generator,
     sample_seed,
 )
+from stalwart.elastic.inprocess import RecoveryError, run
 
 __all__ = [
     "ElasticBatchError",
@@ -21,7 +24,9 @@ __all__ = [
     "ElasticSampler",
     "GlobalBatch",
     "MicroBatch",
+    "RecoveryError",
     "micro_batch_rng",
+    "run",
     "sample_generator",
     "sample_seed",
 ]
