@@ -7,10 +7,17 @@
 
 Kill one node (its `stalwart run`, with `kill -9` on the process group) in mid-training:
 the other continues from memory at the smaller world size, with the same global batch,
-the same samples per step and the same per-sample randomness; start it again and the
-job grows back. Nothing in this script depends on the world size.
+the same samples per step and the same per-sample randomness - in the same process
+(in-process recovery, ``stalwart.elastic.run``), keeping the model and optimizer it
+holds; start the node again and the job grows back (the workers restart once). Nothing
+in this script depends on the world size, and under plain ``torchrun`` it runs
+unchanged with restart-based recovery.
 
 What it shows:
+
+* ``stalwart.elastic.run(train, ...)`` - the training function is called again after a
+  failure; the model, optimizer and data set built outside it are kept, the DDP wrapper,
+  the loader's iteration and ``protect()`` are built again on the re-formed group;
 
 * ``ElasticLoader`` - a map-style dataset served as this rank's micro-batches of a fixed
   global batch; the accumulation follows the data-parallel degree, ``mb.loss_scale``
@@ -32,7 +39,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import stalwart
-from stalwart.ckpt import init_distributed
+import stalwart.elastic
 from stalwart.elastic import ElasticLoader, sample_generator
 
 
@@ -67,14 +74,21 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     args = ap.parse_args()
 
-    init_distributed("gloo")  # restart-safe init_process_group (use "nccl" on GPUs)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    # built once per process: in-process recovery keeps them (protect() restores their state)
     torch.manual_seed(0)  # the same initial weights (and RNG state) on every rank
-    model = DDP(torch.nn.Sequential(torch.nn.Linear(args.width, 4 * args.width), torch.nn.GELU(), torch.nn.Dropout(0.1),
-                                    torch.nn.Linear(4 * args.width, args.width)))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    net = torch.nn.Sequential(torch.nn.Linear(args.width, 4 * args.width), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(4 * args.width, args.width))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     data = Regression(args.steps * args.global_batch, args.width, seed=1)
+    # creates the process group (gloo), calls train(); under stalwart's rendezvous, again after a failure
+    stalwart.elastic.run(train, args, net, opt, sched, data)
+
+
+def train(args, net, opt, sched, data) -> None:
+    """One attempt: everything that depends on the group is built here."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = DDP(net)
     loader = ElasticLoader(data, args.global_batch, args.micro_batch, dp_rank=rank, dp_size=world, seed=1, epochs=1)
     redundancy = tuple(int(x) for x in args.redundancy.split(",")) if args.redundancy else None
 
@@ -101,7 +115,6 @@ def main() -> None:
                 print(f"step {guard.step_count}  world {world}  loss {loss.item():.4f}", flush=True)
         if rank == 0:
             print(f"done: {guard.step_count} steps, world size {world}", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

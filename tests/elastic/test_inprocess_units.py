@@ -1,0 +1,101 @@
+"""In-process recovery's single-process parts: error classification, store prefixes, and a
+guard entered again in the same process keeping the tensors that hold the restored step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import stalwart
+from stalwart.ckpt.dist import attempt_tag
+from stalwart.ckpt.guard import _LIVE, KEPT_SOURCE
+from stalwart.elastic.inprocess import enabled, is_comm_error
+
+
+def test_attempt_tag_names_the_in_process_epoch(monkeypatch):
+    monkeypatch.setenv("STALWART_RDZV_ROUND", "3")
+    monkeypatch.delenv("STALWART_INPROC_EPOCH", raising=False)
+    assert attempt_tag() == "3"
+    monkeypatch.setenv("STALWART_INPROC_EPOCH", "0")
+    assert attempt_tag() == "3"
+    monkeypatch.setenv("STALWART_INPROC_EPOCH", "2")
+    assert attempt_tag() == "3.2"
+
+
+def test_peer_failures_are_told_from_user_errors():
+    assert is_comm_error(dist.DistBackendError("x"))
+    assert is_comm_error(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:4786"))
+    assert is_comm_error(RuntimeError("Timed out waiting 30000ms for recv operation to complete"))
+    assert not is_comm_error(ValueError("injected failure at step 4"))
+    assert not is_comm_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+
+
+def test_enabled_only_under_stalwarts_rendezvous(monkeypatch):
+    for name in ("STALWART_RDZV_PREFIX", "STALWART_KEEPER_GROUP", "STALWART_IN_PROCESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert not enabled()
+    monkeypatch.setenv("STALWART_RDZV_PREFIX", "stalwart/job")
+    monkeypatch.setenv("STALWART_KEEPER_GROUP", "127.0.0.1:29400")
+    assert enabled()
+    monkeypatch.setenv("STALWART_IN_PROCESS", "0")
+    assert not enabled()
+
+
+def _train_step(model, opt, guard=None) -> None:
+    model(torch.randn(4, 8)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    if guard is not None:
+        guard.step()
+
+
+@pytest.mark.timeout(120)
+def test_a_guard_entered_again_keeps_the_live_tensors_of_the_restored_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("STALWART_INPROC_EPOCH", "1")  # what stalwart.elastic.run exports
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    root = str(tmp_path / "ckpt")
+    _LIVE.clear()
+    with pytest.raises(RuntimeError), stalwart.protect(model, opt, root=root, every=1, tiers=["memory"]) as guard:
+        for _ in range(3):
+            _train_step(model, opt, guard)
+        model(torch.randn(4, 8)).sum().backward()  # the failed attempt: partial gradients, no optimizer step
+        raise RuntimeError("Connection closed by peer")
+    weights = [p.detach().clone() for p in model.parameters()]
+    storages = [p.data_ptr() for p in model.parameters()]
+    with stalwart.protect(model, opt, root=root, every=1, tiers=["memory"]) as guard:
+        assert guard.step_count == 3
+        assert KEPT_SOURCE in guard.stats.restore_sources, guard.stats.restore_sources
+        assert all(p.grad is None for p in model.parameters()), "the failed attempt's gradients survived the restore"
+        assert [p.data_ptr() for p in model.parameters()] == storages
+        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+        _train_step(model, opt)  # an optimizer step after the snapshot: the tensors move past step 3
+    # entered again after the tensors moved on: step 3 is copied back from memory
+    with stalwart.protect(model, opt, root=root, every=1, tiers=["memory"]) as guard:
+        assert guard.step_count == 3
+        assert KEPT_SOURCE not in guard.stats.restore_sources, guard.stats.restore_sources
+        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    _LIVE.clear()
+
+
+@pytest.mark.timeout(120)
+def test_tensors_that_moved_past_the_snapshot_are_copied_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("STALWART_INPROC_EPOCH", "1")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    root = str(tmp_path / "ckpt")
+    _LIVE.clear()
+    with pytest.raises(RuntimeError), stalwart.protect(model, opt, root=root, every=1, tiers=["memory"]) as guard:
+        for _ in range(2):
+            _train_step(model, opt, guard)
+        saved = [p.detach().clone() for p in model.parameters()]
+        _train_step(model, opt)  # stepped, failed before guard.step(): the live tensors hold no snapshot
+        raise RuntimeError("Connection closed by peer")
+    with stalwart.protect(model, opt, root=root, every=1, tiers=["memory"]) as guard:
+        assert guard.step_count == 2
+        assert KEPT_SOURCE not in guard.stats.restore_sources, guard.stats.restore_sources
+        assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters(), strict=True))
+    _LIVE.clear()
