@@ -78,6 +78,27 @@ def test_user_error_is_retried_a_bounded_number_of_times_then_raised(tmp_path):
     assert all(r["step"] == 3 for r in entries[1:]), entries
 
 
+@pytest.mark.timeout(600)
+def test_many_recoveries_leak_nothing(tmp_path):
+    """22 in-process recoveries in one job (a transient error on rank 1 at every even step): the
+    survivors' threads, file descriptors, shared memory and RSS stay bounded."""
+    with Job(tmp_path, "elastic_train.py", "--steps", "44", "--global-batch", "4", "--micro-batch", "2",
+             "--framework", "ddp", "--redundancy", "1,1", *IN_PROCESS, "--fail-every", "2", "--fail-rank", "1",
+             "--max-attempts", "100", nnodes="2:2", max_restarts=0) as job:
+        for _ in range(2):
+            job.start_agent()
+        job.wait_done(500)
+        assert all(a.returncode == 0 for a in job.agents), job.tail(60)
+    entries = sorted((r for r in job.restores() if r["rank"] == 0), key=lambda r: r["epoch"])
+    assert len(entries) >= 21 and len({r["pid"] for r in entries}) == 1, [(r["epoch"], r["pid"]) for r in entries]
+    warm, last = entries[2], entries[-1]  # after the first recoveries set up what is reused
+    print({k: (warm[k], last[k]) for k in ("threads", "fds", "rss", "shm")})
+    assert last["threads"] <= warm["threads"], (warm, last)
+    assert last["fds"] <= warm["fds"] + 2, (warm, last)
+    assert last["shm"] <= warm["shm"], (warm, last)
+    assert last["rss"] <= warm["rss"] + 64 * 2**20, (warm, last)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_stopped_worker_is_detected_fenced_and_replaced(tmp_path):

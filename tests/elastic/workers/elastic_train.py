@@ -59,6 +59,20 @@ class Noisy(torch.utils.data.Dataset):
         return self.x[i] + 0.01 * noise, self.y[i], noise, i
 
 
+FAILED: set[int] = set()  # steps this process already failed once (--fail-every)
+
+
+def resources() -> dict:
+    """What must stay bounded over many in-process recoveries."""
+    import threading
+
+    import psutil
+
+    shm = os.environ.get("STALWART_SHM_BASE", "/dev/shm")
+    return {"threads": threading.active_count(), "fds": len(os.listdir("/proc/self/fd")),
+            "rss": psutil.Process().memory_info().rss, "shm": len(os.listdir(shm)) if os.path.isdir(shm) else 0}
+
+
 def atomic_json(path: str, obj) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f)
@@ -80,6 +94,9 @@ def main() -> None:
     ap.add_argument("--hang-timeout", type=float, default=None)
     ap.add_argument("--fail-at-step", type=int, default=0, help="raise ValueError when starting this step (a user bug)")
     ap.add_argument("--fail-rank", type=int, default=0)
+    ap.add_argument("--fail-every", type=int, default=0,
+                    help="raise once at every multiple of this step (a transient error: in-process recovery over and over)")
+    ap.add_argument("--max-attempts", type=int, default=3)
     ap.add_argument("--in-process", action="store_true", help="stalwart.elastic.run: survivors keep their processes")
     args = ap.parse_args()
     if not args.in_process:
@@ -94,7 +111,7 @@ def main() -> None:
         net = Net(args.width)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
         kept = (net, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5))
-    run(train, args, kept, hang_timeout_s=args.hang_timeout)
+    run(train, args, kept, hang_timeout_s=args.hang_timeout, max_attempts=args.max_attempts)
 
 
 def train(args, kept=None) -> None:
@@ -141,11 +158,16 @@ def train(args, kept=None) -> None:
         atomic_json(os.path.join(args.out, f"restore-{os.getpid()}-{os.environ.get('STALWART_INPROC_EPOCH', 0)}.json"), {
             "rank": rank, "world": world, "round": rdzv_round, "step": guard.step_count, "restored_from": guard.stats.restored_from,
             "sources": guard.stats.restore_sources, "fallbacks": guard.stats.fallbacks, "enter_s": time.monotonic() - t0,
-            "pid": os.getpid(), "epoch": int(os.environ.get("STALWART_INPROC_EPOCH", 0))})
+            "pid": os.getpid(), "epoch": int(os.environ.get("STALWART_INPROC_EPOCH", 0)), **resources()})
         samples, draws, local_loss = [], [], 0.0
         for mb in guard.resume(loader):
             if not samples and guard.step_count + 1 == args.fail_at_step and rank == args.fail_rank:
                 raise ValueError(f"injected failure at step {args.fail_at_step}")
+            nxt = guard.step_count + 1
+            if (not samples and args.fail_every and nxt % args.fail_every == 0 and rank == args.fail_rank
+                    and nxt not in FAILED):
+                FAILED.add(nxt)
+                raise ValueError(f"injected transient failure at step {nxt}")
             x, y, noise, idx = mb.data
             sync = contextlib.nullcontext() if (mb.last or args.framework != "ddp") else model.no_sync()
             with sync, mb.rng():
