@@ -548,6 +548,8 @@ class Keeper:
         of order); tier persistence is sequential and needs no second look."""
         now = time.monotonic()
         for i in nodes:
+            if kind == "mem" and self.group.link.check(f"{self._key(kind, 'left')}/node{i}"):
+                return f"node {i}'s trainers all left"
             latest = self.group.link.get(f"{self._key(kind, 'latest')}/node{i}")
             if latest is None or int(latest) <= step:
                 if since is not None:
@@ -734,6 +736,7 @@ class Keeper:
                         chan.send({"ok": False, "error": why})
                         rank = None
                         continue
+                    self._mark_trainers_gone(False)
                 handler = getattr(self, f"op_{op}", None)
                 if handler is None:
                     chan.send({"ok": False, "error": f"unknown op {op!r}"})
@@ -766,6 +769,21 @@ class Keeper:
                 if newest is not None:
                     self.forced = newest if self.forced is None else max(self.forced, newest)
             self.cond.notify_all()
+            gone = not self.connected
+        if gone:
+            self._mark_trainers_gone(True)
+
+    def _mark_trainers_gone(self, gone: bool) -> None:
+        """Tell the other keepers that this node's trainers all left (or one is back): a memory
+        commit of the run waiting for this node's report stops waiting (see :meth:`_went_past`)."""
+        if self.group is None:
+            return
+        key = f"{self._key('mem', 'left')}/node{self.node}"
+        with contextlib.suppress(Exception):
+            if gone:
+                self.group.link.set(key, "1")
+            else:
+                self.group.link.delete(key)
 
     def retired(self) -> bool:
         """A stand-in is retired when its slot's own node came back (the launcher says so)."""
