@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import zstandard
 
+from stalwart.sync import native
 from stalwart.sync.errors import ProtocolError
 
 IDX_DENSE, IDX_GAPS8, IDX_BITMAP, IDX_GAPS16 = 0, 1, 2, 3
@@ -67,6 +68,22 @@ _ITEMSIZE: dict[torch.dtype, int] = {}
 _SAMPLE_WORDS = 32 * 1024
 _MIN_INDEX_ZSTD = 4096  # index sections below this many bytes are never worth a zstd frame
 _BLOCK_BYTES = 1 << 19  # compare-and-gather block: both sides' words stay in a core's L2 cache
+
+
+def _kernel() -> native.SyncKernel | None:
+    """The native kernel (built on first use), or None: the numpy code below runs instead."""
+    return native.kernel()
+
+
+def scatter_words(dst: np.ndarray, idx: np.ndarray, vals: np.ndarray, xor: bool = False) -> None:
+    """``dst[idx] = vals`` (``^=`` with ``xor``): the native kernel's one pass where it can, else numpy."""
+    k = _kernel()
+    if k is not None and k.scatter(dst, idx, vals, 0, xor):
+        return
+    if xor:
+        dst[idx] ^= vals
+    else:
+        dst[idx] = vals
 
 
 def _nz(a: np.ndarray) -> np.ndarray:
@@ -392,6 +409,9 @@ class Encoder:
         else:
             self._cctx = zstandard.ZstdCompressor(level=zstd_level)
         self.min_compress_bytes = 256
+        self._kernel = _kernel()
+        self._native: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # idx, new, xor scratch
+        self._native_xor: np.ndarray | None = None  # XOR words of the last native diff
 
     def group_scratch(self, w: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Two reused word arrays of ``n`` words (current and baseline words of several small
@@ -466,7 +486,11 @@ class Encoder:
         w = cur.itemsize
         if n > self.max_words:
             raise ValueError(f"range of {n} words exceeds the encoder's {self.max_words}")
-        found = self._changed_grouped(cur, base) if w < 8 and n >= 64 else None
+        self._native_xor = None
+        if self._kernel is not None and cur.flags.c_contiguous and base.flags.c_contiguous:
+            found = self._changed_native(cur, base)
+        else:
+            found = self._changed_grouped(cur, base) if w < 8 and n >= 64 else None
         if found is None:  # word by word (dense-ish changes, 8-byte words, tiny ranges)
             self._prepare_to(n)
             mask = self._mask[:n]
@@ -500,12 +524,57 @@ class Encoder:
         return self._cap(self._plan_sparse(n, w, idx, new, self._xor_fn(new, old, base, idx, w)), cur)
 
     def _xor_fn(self, new, old, base, idx, w):
+        if self._native_xor is not None:
+            x = self._native_xor
+            return lambda: x
+
         def xor_sparse():
             x = self._xor_view(len(new), w)
             np.bitwise_xor(new, old if old is not None else base.take(idx), out=x)
             return x
 
         return xor_sparse
+
+    #: the native diff gives up (the word-by-word path takes over) past this share of changed words
+    native_limit = 0.4
+
+    def _changed_native(self, cur: np.ndarray, base: np.ndarray):
+        """(indices, new words, None) of the changed words in one native pass per block (the
+        XOR words in ``_native_xor``); None when more than :attr:`native_limit` of them changed.
+
+        Same blocks, preparation and hashing order as :meth:`_changed_grouped`.
+        """
+        kern = self._kernel
+        n = len(cur)
+        w = cur.itemsize
+        room = int(self.native_limit * n) + kern.slack + 64
+        if self._native is None or len(self._native[0]) < room or len(self._native[1]) < room * 8:
+            size = max(room, int(self.native_limit * self.max_words) + kern.slack + 64)
+            self._native = (
+                np.empty(size, np.int64),
+                np.empty(size * 8, np.uint8),
+                np.empty(size * 8, np.uint8),
+            )
+        sidx, snew, sxor = self._native
+        pi, pn, px = sidx.ctypes.data, snew.ctypes.data, sxor.ctypes.data
+        pc, pb = cur.ctypes.data, base.ctypes.data
+        blk = max(64, _BLOCK_BYTES // w)
+        k = 0
+        for b0 in range(0, n, blk):
+            b1 = min(n, b0 + blk)
+            self._prepare_to(b1)
+            got = kern.diff(
+                w, pc + b0 * w, pb + b0 * w, b1 - b0, b0, pi + 8 * k, pn + w * k, px + w * k, room - k
+            )
+            if got < 0:
+                return None
+            k += got
+            if self._digest is not None:
+                self._digest.update(memoryview(cur[b0:b1]).cast("B"))
+                self._hashed = b1
+        dt = cur.dtype
+        self._native_xor = sxor[: k * w].view(dt)
+        return sidx[:k].copy(), snew[: k * w].view(dt).copy(), None
 
     def _plan_dense(self, cur: np.ndarray, base: np.ndarray, k: int, w: int) -> EntryPlan:
         n = len(cur)
@@ -824,6 +893,9 @@ def apply_np(
     if a == b:
         return False
     ii = e.idx[a:b]
+    kern = _kernel()
+    if kern is not None and kern.scatter(dst, ii, e.values[a:b], dst_off - lo, e.xor):
+        return True
     if lo != dst_off:
         ii = ii + (dst_off - lo)
     if e.xor:

@@ -25,7 +25,7 @@ from stalwart.formats.checksum import StreamDigest
 from stalwart.sync.adapters import Destination
 from stalwart.sync.baseline import Baseline
 from stalwart.sync.bucket import BucketWriter
-from stalwart.sync.codec import Decoder, Encoder
+from stalwart.sync.codec import Decoder, Encoder, scatter_words
 from stalwart.sync.schema import Schema, small_words
 from stalwart.sync.source import Source
 from stalwart.sync.transports.base import SendBuffer
@@ -262,14 +262,14 @@ def _plan_blocks(encoder: Encoder, source: Source, baseline: Baseline, pc: Piece
         a = done[0]
         b = len(idx) if hi >= pc.n else int(np.searchsorted(idx, hi))
         if b > a:
-            base[idx[a:b]] = new[a:b]
+            scatter_words(base, idx[a:b], new[a:b])
             done[0] = b
 
     try:
         return encoder.plan_delta(cur, base, digest, prepare)
     finally:  # the baseline must hold every committed change, whatever happened
         if done[0] < len(idx):
-            base[idx[done[0] :]] = new[done[0] :]
+            scatter_words(base, idx[done[0] :], new[done[0] :])
 
 
 def _digest(hashing: dict[int, StreamDigest], pc: Piece) -> StreamDigest:

@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stalwart.sync import codec, native
 from stalwart.sync.bucket import BucketWriter
 from stalwart.sync.codec import (
     ENTRY_OVERHEAD,
@@ -324,3 +325,88 @@ def test_mid_density_large_chunks_roundtrip(density):
     out, plans = roundtrip(base, new, 1 << 17, "auto")
     assert bits(out) == bits(new)
     assert sum(p.count for p in plans) == int(np.count_nonzero(words_np(base) != words_np(new)))
+
+
+# ---------------------------------------------------------------- native kernel vs numpy
+
+
+def _written(plan, w: int) -> bytes:
+    buf = np.zeros(plan.nbytes + 16, np.uint8)
+    end = Encoder.write(plan, 0, 0, w, buf, 0)
+    return buf[:end].tobytes()
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no C compiler: the numpy path is the only one")
+@SETTINGS
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.int8, torch.float64, torch.complex128]),
+    n=st.integers(1, 70000),
+    density=st.sampled_from([0.0005, 0.01, 0.05, 0.2, 0.39, 0.41, 0.9]),
+    compression=st.sampled_from(["auto", "off"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_native_diff_writes_the_numpy_entries(dtype, n, density, compression, seed):
+    """The native diff finds the same words and the entries are the same bytes as numpy's."""
+    rng = np.random.default_rng(seed)
+    base = random_tensor(dtype, n, rng)
+    new = mutate(base, density, rng, True)
+    w = word_size(dtype)
+    bw, nw = words_np(base), words_np(new)
+    fast = Encoder(1 << 17, compression=compression)
+    slow = Encoder(1 << 17, compression=compression)
+    slow._kernel = None
+    for s in range(0, n, 1 << 17):
+        e = min(n, s + (1 << 17))
+        pf, ps = fast.plan_delta(nw[s:e], bw[s:e]), slow.plan_delta(nw[s:e], bw[s:e])
+        assert (pf is None) == (ps is None)
+        if pf is None:
+            continue
+        assert _written(pf, w) == _written(ps, w)
+        if ps.idx is not None:
+            assert np.array_equal(pf.idx, ps.idx) and pf.idx.dtype == np.int64
+            assert np.array_equal(pf.new, ps.new)
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no C compiler: the numpy path is the only one")
+@pytest.mark.parametrize("w", [1, 2, 4, 8])
+def test_native_scatter(w):
+    k = native.kernel()
+    rng = np.random.default_rng(w)
+    dt = np.dtype(f"<i{w}")
+    dst = rng.integers(-100, 100, 1000).astype(dt)
+    idx = np.sort(rng.choice(990, 300, replace=False)).astype(np.int64)
+    vals = rng.integers(-100, 100, 300).astype(dt)
+    want = dst.copy()
+    want[idx + 5] ^= vals
+    assert k.scatter(dst, idx, vals, 5, xor=True)
+    assert np.array_equal(dst, want)
+    want[idx] = vals
+    assert k.scatter(dst, idx, vals)
+    assert np.array_equal(dst, want)
+    for bad, delta in ((np.array([0, 1000], np.int64), 0), (np.array([3], np.int64), -4)):
+        with pytest.raises(IndexError):
+            k.scatter(dst, bad, vals[: len(bad)], delta)
+        assert np.array_equal(dst, want)  # nothing written
+    assert not k.scatter(dst, idx.astype(np.int32), vals)  # not the kernel's arrays: the caller's numpy
+
+
+def test_numpy_fallback_roundtrip(monkeypatch):
+    """Without the native kernel (no compiler), the numpy code encodes and applies the same deltas."""
+    monkeypatch.setattr(codec, "_kernel", lambda: None)
+    rng = np.random.default_rng(5)
+    for dtype in (torch.bfloat16, torch.float32, torch.int8, torch.float64):
+        for density in (0.001, 0.05, 0.5):
+            base = random_tensor(dtype, 50000, rng)
+            new = mutate(base, density, rng, True)
+            out, _ = roundtrip(base, new, 8192)
+            assert bits(out) == bits(new)
+
+
+def test_native_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("STALWART_SYNC_NATIVE", "0")
+    native.kernel.cache_clear()
+    try:
+        assert native.kernel() is None
+    finally:
+        monkeypatch.delenv("STALWART_SYNC_NATIVE")
+        native.kernel.cache_clear()

@@ -1,0 +1,195 @@
+/* stalwart weight-sync kernel: the delta codec's word loops, one pass each.
+ *
+ * Built on first use by stalwart/sync/native.py (the same way as the host optimizer
+ * kernel, stalwart/offload/_host_kernel.c). Every function has a numpy equivalent in
+ * stalwart/sync/codec.py, used when no compiler is available; both give the same bits.
+ *
+ * Words are raw bits (1, 2, 4 or 8 bytes) compared as integers. Arrays need no
+ * alignment (loads and stores go through memcpy or unaligned vector moves).
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__)
+#include <immintrin.h>
+#define SW_AVX512 1
+#endif
+
+#define SW_SYNC_ABI 1
+/* the diff kernels may write this many elements past the last one they return */
+#define SW_SLACK 64
+/* bytes ahead the diff loops prefetch (hardware prefetchers lag behind its compute) */
+#ifndef SW_PREFETCH
+#define SW_PREFETCH 4096
+#endif
+/* elements ahead the scatters prefetch their destination */
+#ifndef SW_SCATTER_AHEAD
+#define SW_SCATTER_AHEAD 128
+#endif
+
+int sw_sync_abi(void) { return SW_SYNC_ABI; }
+int sw_sync_slack(void) { return SW_SLACK; }
+int sw_sync_simd(void) {
+#ifdef SW_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------- diff
+ *
+ * sw_diff_w<bytes>(cur, base, n, off, idx, nw, xw, room): the words i of [0, n) where
+ * cur[i] != base[i], in order: idx[k] = off + i, nw[k] = cur[i], xw[k] = cur[i] ^ base[i].
+ * Returns k, or -1 once fewer than SW_SLACK elements of room would be left (too many
+ * changes: the caller takes another path; what was written is garbage).
+ */
+
+#define DIFF_SCALAR(T, NAME)                                                                  \
+    static int64_t NAME(const T *cur, const T *base, int64_t i, int64_t n, int64_t off,       \
+                        int64_t *idx, T *nw, T *xw, int64_t k, int64_t room) {                \
+        const int64_t per = 8 / (int64_t)sizeof(T);                                           \
+        for (; i + per <= n; i += per) {                                                      \
+            uint64_t a, b;                                                                    \
+            memcpy(&a, cur + i, 8);                                                           \
+            memcpy(&b, base + i, 8);                                                          \
+            if (a == b) continue;                                                             \
+            if (k + per + SW_SLACK > room) return -1;                                         \
+            for (int64_t j = 0; j < per; j++) { /* branch-free: write, count if changed */    \
+                T c, o;                                                                       \
+                memcpy(&c, cur + i + j, sizeof(T));                                           \
+                memcpy(&o, base + i + j, sizeof(T));                                          \
+                T x = (T)(c ^ o);                                                             \
+                idx[k] = off + i + j;                                                         \
+                memcpy(nw + k, &c, sizeof(T));                                                \
+                memcpy(xw + k, &x, sizeof(T));                                                \
+                k += x != 0;                                                                  \
+            }                                                                                 \
+        }                                                                                     \
+        for (; i < n; i++) {                                                                  \
+            T c, o;                                                                           \
+            memcpy(&c, cur + i, sizeof(T));                                                   \
+            memcpy(&o, base + i, sizeof(T));                                                  \
+            if (c == o) continue;                                                             \
+            if (k + 1 + SW_SLACK > room) return -1;                                           \
+            idx[k] = off + i;                                                                 \
+            T x = (T)(c ^ o);                                                                 \
+            memcpy(nw + k, &c, sizeof(T));                                                    \
+            memcpy(xw + k, &x, sizeof(T));                                                    \
+            k++;                                                                              \
+        }                                                                                     \
+        return k;                                                                             \
+    }
+
+DIFF_SCALAR(uint8_t, diff_tail8)
+DIFF_SCALAR(uint16_t, diff_tail16)
+DIFF_SCALAR(uint32_t, diff_tail32)
+DIFF_SCALAR(uint64_t, diff_tail64)
+
+#ifdef SW_AVX512
+/* indices off+i .. off+i+8*q+7 of the set bits of m (32 or 16 lanes), compressed to idx + k */
+static inline void put_idx(int64_t *idx, int64_t k, int64_t first, uint32_t m, int lanes) {
+    __m512i v = _mm512_add_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi64(first));
+    const __m512i eight = _mm512_set1_epi64(8);
+    for (int q = 0; q < lanes / 8; q++) {
+        __mmask8 mq = (__mmask8)(m >> (8 * q));
+        _mm512_storeu_si512((void *)(idx + k), _mm512_maskz_compress_epi64(mq, v));
+        k += __builtin_popcount(mq);
+        v = _mm512_add_epi64(v, eight);
+    }
+}
+#endif
+
+int64_t sw_diff_w1(const uint8_t *cur, const uint8_t *base, int64_t n, int64_t off, int64_t *idx,
+                   uint8_t *nw, uint8_t *xw, int64_t room) {
+    return diff_tail8(cur, base, 0, n, off, idx, nw, xw, 0, room);
+}
+
+int64_t sw_diff_w2(const uint16_t *cur, const uint16_t *base, int64_t n, int64_t off, int64_t *idx,
+                   uint16_t *nw, uint16_t *xw, int64_t room) {
+    int64_t i = 0, k = 0;
+#ifdef SW_AVX512
+    for (; i + 32 <= n; i += 32) {
+        _mm_prefetch((const char *)(cur + i) + SW_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(base + i) + SW_PREFETCH, _MM_HINT_T0);
+        __m512i a = _mm512_loadu_si512((const void *)(cur + i));
+        __m512i b = _mm512_loadu_si512((const void *)(base + i));
+        __mmask32 m = _mm512_cmpneq_epi16_mask(a, b);
+        if (!m) continue;
+        if (k + 32 + SW_SLACK > room) return -1;
+        _mm512_storeu_si512((void *)(nw + k), _mm512_maskz_compress_epi16(m, a));
+        _mm512_storeu_si512((void *)(xw + k), _mm512_maskz_compress_epi16(m, _mm512_xor_si512(a, b)));
+        put_idx(idx, k, off + i, (uint32_t)m, 32);
+        k += __builtin_popcount((uint32_t)m);
+    }
+#endif
+    return diff_tail16(cur, base, i, n, off, idx, nw, xw, k, room);
+}
+
+int64_t sw_diff_w4(const uint32_t *cur, const uint32_t *base, int64_t n, int64_t off, int64_t *idx,
+                   uint32_t *nw, uint32_t *xw, int64_t room) {
+    int64_t i = 0, k = 0;
+#ifdef SW_AVX512
+    for (; i + 16 <= n; i += 16) {
+        _mm_prefetch((const char *)(cur + i) + SW_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(base + i) + SW_PREFETCH, _MM_HINT_T0);
+        __m512i a = _mm512_loadu_si512((const void *)(cur + i));
+        __m512i b = _mm512_loadu_si512((const void *)(base + i));
+        __mmask16 m = _mm512_cmpneq_epi32_mask(a, b);
+        if (!m) continue;
+        if (k + 16 + SW_SLACK > room) return -1;
+        _mm512_storeu_si512((void *)(nw + k), _mm512_maskz_compress_epi32(m, a));
+        _mm512_storeu_si512((void *)(xw + k), _mm512_maskz_compress_epi32(m, _mm512_xor_si512(a, b)));
+        put_idx(idx, k, off + i, (uint32_t)m, 16);
+        k += __builtin_popcount((uint32_t)m);
+    }
+#endif
+    return diff_tail32(cur, base, i, n, off, idx, nw, xw, k, room);
+}
+
+int64_t sw_diff_w8(const uint64_t *cur, const uint64_t *base, int64_t n, int64_t off, int64_t *idx,
+                   uint64_t *nw, uint64_t *xw, int64_t room) {
+    return diff_tail64(cur, base, 0, n, off, idx, nw, xw, 0, room);
+}
+
+/* ---------------------------------------------------------------- scatter
+ *
+ * sw_scatter_w<bytes>(dst, n, idx, vals, k, delta, xor): dst[idx[j] + delta] = vals[j]
+ * (xor: ^= vals[j]) for j < k. Returns 0, or -1 (nothing written) if an index falls
+ * outside [0, n).
+ */
+
+#define SCATTER(T, NAME)                                                                      \
+    int NAME(T *dst, int64_t n, const int64_t *idx, const T *vals, int64_t k, int64_t delta,  \
+             int xor) {                                                                       \
+        int64_t lo = INT64_MAX, hi = INT64_MIN;                                               \
+        for (int64_t j = 0; j < k; j++) {                                                     \
+            int64_t v = idx[j];                                                               \
+            lo = v < lo ? v : lo;                                                             \
+            hi = v > hi ? v : hi;                                                             \
+        }                                                                                     \
+        if (k && (lo < -delta || hi >= n - delta)) /* |delta| < 2^62: no overflow */          \
+            return -1;                                                                        \
+        if (xor) {                                                                            \
+            for (int64_t j = 0; j < k; j++) {                                                 \
+                if (j + SW_SCATTER_AHEAD < k)                                                 \
+                    __builtin_prefetch(dst + (idx[j + SW_SCATTER_AHEAD] + delta), 1);         \
+                T v, o;                                                                       \
+                memcpy(&v, vals + j, sizeof(T));                                              \
+                memcpy(&o, dst + (idx[j] + delta), sizeof(T));                                            \
+                o ^= v;                                                                       \
+                memcpy(dst + (idx[j] + delta), &o, sizeof(T));                                            \
+            }                                                                                 \
+        } else {                                                                              \
+            for (int64_t j = 0; j < k; j++) {                                                 \
+                if (j + SW_SCATTER_AHEAD < k)                                                 \
+                    __builtin_prefetch(dst + (idx[j + SW_SCATTER_AHEAD] + delta), 1);         \
+                memcpy(dst + (idx[j] + delta), vals + j, sizeof(T));                          \
+            }                                                                                 \
+        }                                                                                     \
+        return 0;                                                                             \
+    }
+
+SCATTER(uint8_t, sw_scatter_w1)
+SCATTER(uint16_t, sw_scatter_w2)
+SCATTER(uint32_t, sw_scatter_w4)
+SCATTER(uint64_t, sw_scatter_w8)

@@ -1,0 +1,151 @@
+"""Builds and loads the weight-sync kernel (``_sync_kernel.c``); optional.
+
+Compiled on first use like the host optimizer kernel (:mod:`stalwart.offload.native`):
+with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``), into a cache
+directory keyed by a hash of the source, the flags, the compiler's version and (with
+``-march=native``) the CPU's feature flags; concurrent processes wait on a file lock
+and load the one build. ``STALWART_SYNC_CACHE`` chooses the cache directory (default
+``~/.cache/stalwart/sync``).
+
+Unlike the optimizer kernel it is never required: :func:`kernel` returns None when it
+cannot be built or loaded (no compiler, no source) or when ``STALWART_SYNC_NATIVE=0``,
+and the codec then runs its numpy code, which gives the same bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from functools import cache
+
+import numpy as np
+
+from stalwart.offload.native import NativeBuildError, _compiler, _cpu_flags
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sync_kernel.c")
+ABI = 1
+BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")
+NATIVE_FLAGS = ("-march=native",)
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+def cache_dir() -> str:
+    return os.environ.get("STALWART_SYNC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "stalwart",
+        "sync",
+    )
+
+
+def _build() -> str:
+    cc = _compiler()
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    try:
+        version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True).stdout
+    except OSError as e:
+        raise NativeBuildError(f"cannot run the C compiler {cc!r}: {e}") from None
+    root = cache_dir()
+    os.makedirs(root, exist_ok=True)
+    last_error = ""
+    for arch in (NATIVE_FLAGS, ()):
+        flags = (*BASE_FLAGS, *arch)
+        key = hashlib.sha256(
+            b"\0".join([src, " ".join(flags).encode(), version.encode(), platform.machine().encode(),
+                        (_cpu_flags() if arch else "").encode()])
+        ).hexdigest()[:20]  # fmt: skip
+        path = os.path.join(root, f"sync_kernel-{key}.so")
+        if os.path.exists(path):
+            return path
+        with open(os.path.join(root, f".sync_kernel-{key}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
+            if os.path.exists(path):
+                return path
+            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=root)
+            os.close(fd)
+            try:
+                res = subprocess.run([*cc.split(), *flags, "-o", tmp, SOURCE], capture_output=True, text=True)
+                if res.returncode == 0:
+                    os.replace(tmp, path)
+                    return path
+                last_error = res.stderr.strip()
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+    raise NativeBuildError(f"compiling {SOURCE} with {cc} failed: {last_error[-2000:]}")
+
+
+class SyncKernel:
+    """The loaded kernel: :meth:`diff` and :meth:`scatter` on numpy word arrays."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        self.slack = lib.sw_sync_slack()
+        self.simd = bool(lib.sw_sync_simd())
+        self._diff = {}
+        self._scatter = {}
+        for w in (1, 2, 4, 8):
+            f = getattr(lib, f"sw_diff_w{w}")
+            f.restype = _I64
+            f.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _I64]
+            self._diff[w] = f
+            g = getattr(lib, f"sw_scatter_w{w}")
+            g.restype = ctypes.c_int
+            g.argtypes = [_P, _I64, _P, _P, _I64, _I64, ctypes.c_int]
+            self._scatter[w] = g
+
+    def diff(
+        self, w: int, cur: int, base: int, n: int, off: int, idx: int, new: int, xor: int, room: int
+    ) -> int:
+        """Changed words of ``n`` words at addresses ``cur``/``base`` (``w`` bytes each): writes
+        their indices (``off`` + i, int64), new words and XOR words at ``idx``/``new``/``xor``;
+        returns their count, or -1 when they would not fit in ``room`` elements less the slack
+        (:attr:`slack` elements past the count may be written)."""
+        return self._diff[w](cur, base, n, off, idx, new, xor, room)
+
+    def scatter(
+        self, dst: np.ndarray, idx: np.ndarray, vals: np.ndarray, delta: int = 0, xor: bool = False
+    ) -> bool:
+        """``dst[idx + delta] = vals`` (``^=`` with ``xor``) for ``idx`` int64 and ``vals`` of
+        ``dst``'s word size, all 1-D and contiguous; returns False (nothing done) for arrays
+        that are not so. Raises IndexError (nothing written) on an index outside ``dst``."""
+        k = len(idx)
+        if len(vals) != k:
+            raise ValueError(f"{k} indices for {len(vals)} values")
+        if not (
+            idx.dtype == np.int64 and vals.itemsize == dst.itemsize and dst.itemsize in self._scatter
+            and idx.flags.c_contiguous and vals.flags.c_contiguous and dst.flags.c_contiguous
+            and dst.flags.writeable and dst.ndim == 1
+        ):  # fmt: skip
+            return False
+        if k and self._scatter[dst.itemsize](
+            dst.ctypes.data, len(dst), idx.ctypes.data, vals.ctypes.data, k, delta, 1 if xor else 0
+        ):
+            raise IndexError(f"scatter index outside an array of {len(dst)} words")
+        return True
+
+
+@cache
+def kernel() -> SyncKernel | None:
+    """The built kernel, or None (not wanted, or it cannot be built or loaded here)."""
+    if os.environ.get("STALWART_SYNC_NATIVE", "1") == "0":
+        return None
+    try:
+        path = _build()
+        lib = ctypes.CDLL(path)
+        lib.sw_sync_abi.restype = ctypes.c_int
+        if lib.sw_sync_abi() != ABI:
+            raise NativeBuildError(f"{path} has ABI {lib.sw_sync_abi()}, expected {ABI}")
+        return SyncKernel(lib)
+    except (NativeBuildError, OSError) as e:
+        log.info("weight sync runs without its native kernel (numpy fallback): %s", e)
+        return None
