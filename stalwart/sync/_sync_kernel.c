@@ -193,3 +193,20 @@ SCATTER(uint8_t, sw_scatter_w1)
 SCATTER(uint16_t, sw_scatter_w2)
 SCATTER(uint32_t, sw_scatter_w4)
 SCATTER(uint64_t, sw_scatter_w8)
+
+/* ---------------------------------------------------------------- cast
+ *
+ * sw_cast_f32_bf16(src, dst, n): fp32 -> bf16, rounding to nearest even, the integer
+ * formula torch's CPU cast uses (bitwise the same for every non-NaN input). Returns
+ * whether a NaN was seen: torch's NaN bits differ between its vector and scalar loops,
+ * so the caller then casts the range with torch itself.
+ */
+int sw_cast_f32_bf16(const uint32_t *restrict src, uint16_t *restrict dst, int64_t n) {
+    uint32_t nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t x = src[i];
+        nan |= (x & 0x7FFFFFFFu) > 0x7F800000u;
+        dst[i] = (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+    }
+    return nan != 0;
+}

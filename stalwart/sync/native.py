@@ -102,6 +102,9 @@ class SyncKernel:
             g.restype = ctypes.c_int
             g.argtypes = [_P, _I64, _P, _P, _I64, _I64, ctypes.c_int]
             self._scatter[w] = g
+        lib.sw_cast_f32_bf16.restype = ctypes.c_int
+        lib.sw_cast_f32_bf16.argtypes = [_P, _P, _I64]
+        self._cast = lib.sw_cast_f32_bf16
 
     def diff(
         self, w: int, cur: int, base: int, n: int, off: int, idx: int, new: int, xor: int, room: int
@@ -111,6 +114,11 @@ class SyncKernel:
         returns their count, or -1 when they would not fit in ``room`` elements less the slack
         (:attr:`slack` elements past the count may be written)."""
         return self._diff[w](cur, base, n, off, idx, new, xor, room)
+
+    def cast_f32_bf16(self, src: int, dst: int, n: int) -> bool:
+        """``n`` fp32 words at address ``src`` cast to bf16 at ``dst`` as torch casts them;
+        False when a NaN was seen (then the caller casts with torch: NaN bits differ)."""
+        return self._cast(src, dst, n) == 0
 
     def scatter(
         self, dst: np.ndarray, idx: np.ndarray, vals: np.ndarray, delta: int = 0, xor: bool = False

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stalwart.sync import native
 from stalwart.sync.codec import torch_word_dtype, word_size, words_torch
 from stalwart.sync.errors import SyncError
 from stalwart.sync.schema import Schema, TensorSpec, small_words
@@ -119,11 +120,35 @@ class Source:
             return self.read(i, start, n)[1], None
         stage = self._stage(t.device, spec.dtype)
         src = self._flat[i]
+        fast = self._fast_cast(src, stage)
+        if fast is not None:
+            kern, ps, pd = fast
+            ps += 4 * start
 
-        def fill(lo: int, hi: int) -> None:
-            stage[lo:hi].copy_(src[start + lo : start + hi])
+            def fill(lo: int, hi: int) -> None:
+                if not kern.cast_f32_bf16(ps + 4 * lo, pd + 2 * lo, hi - lo):
+                    stage[lo:hi].copy_(src[start + lo : start + hi])
+
+        else:
+
+            def fill(lo: int, hi: int) -> None:
+                stage[lo:hi].copy_(src[start + lo : start + hi])
 
         return words_torch(stage)[:n].numpy(), fill
+
+    @staticmethod
+    def _fast_cast(src: torch.Tensor, stage: torch.Tensor):
+        """(kernel, source address, stage address) when the native kernel casts ``src`` into
+        ``stage`` (fp32 -> bf16 on the host, the rollout's usual cast), else None."""
+        if (
+            src.dtype != torch.float32
+            or stage.dtype != torch.bfloat16
+            or src.device.type != "cpu"
+            or not src.is_contiguous()
+        ):
+            return None
+        kern = native.kernel()
+        return None if kern is None else (kern, src.data_ptr(), stage.data_ptr())
 
     def _stage(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (device, dtype)
@@ -140,7 +165,10 @@ class Source:
         spec = self.schema[i]
         if spec.dtype != t.dtype:  # cast (element == word for every castable dtype)
             stage = self._stage(t.device, spec.dtype)
-            stage[:n].copy_(self._flat[i][start : start + n])
+            src = self._flat[i]
+            fast = self._fast_cast(src, stage)
+            if fast is None or not fast[0].cast_f32_bf16(fast[1] + 4 * start, fast[2], n):
+                stage[:n].copy_(src[start : start + n])
             dev = words_torch(stage)[:n]
         else:
             dev = words_torch(t)[start : start + n]

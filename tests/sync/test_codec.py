@@ -410,3 +410,33 @@ def test_native_can_be_switched_off(monkeypatch):
     finally:
         monkeypatch.delenv("STALWART_SYNC_NATIVE")
         native.kernel.cache_clear()
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no C compiler: the numpy path is the only one")
+def test_native_cast_matches_torch():
+    """fp32 -> bf16 in the kernel: torch's bits for every non-NaN input (denormals, infinities,
+    ties, overflow to infinity); a NaN is reported so the caller casts with torch."""
+    from stalwart.sync.source import Source
+
+    rng = np.random.default_rng(11)
+    u = rng.integers(0, 2**32, 200_003, dtype=np.uint64).astype(np.uint32)
+    u[:1000] &= 0x807FFFFF  # denormals
+    u[1000:2000] = (u[1000:2000] & 0xFFFF0000) | 0x8000  # ties
+    u[2000:2004] = [0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x80000000]
+    f = torch.from_numpy(u.view(np.float32).copy())
+    f[np.isnan(f.numpy())] = 1.5
+    want = f.to(torch.bfloat16)
+    out = torch.empty_like(want)
+    assert native.kernel().cast_f32_bf16(f.data_ptr(), out.data_ptr(), f.numel())
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    f[7] = float("nan")
+    assert not native.kernel().cast_f32_bf16(f.data_ptr(), out.data_ptr(), f.numel())
+    # the Source falls back to torch's cast for such a block: its words are torch's
+    src = Source({"w": f}, dtype=torch.bfloat16, include_buffers=True, chunk_words=1 << 16)
+    src.refresh()
+    for s in range(0, f.numel(), 1 << 16):
+        n = min(1 << 16, f.numel() - s)
+        words, fill = src.read_blocks(0, s, n)
+        fill(0, n)
+        assert np.array_equal(words, words_np(f[s : s + n].to(torch.bfloat16)))
+        assert np.array_equal(src.read(0, s, n)[1], words_np(f[s : s + n].to(torch.bfloat16)))
