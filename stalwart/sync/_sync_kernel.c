@@ -210,3 +210,119 @@ int sw_cast_f32_bf16(const uint32_t *restrict src, uint16_t *restrict dst, int64
     }
     return nan != 0;
 }
+
+/* ---------------------------------------------------------------- gap codes
+ *
+ * The index section of codec.py (little-endian): count codes of c bytes (1 or 2), the
+ * gap d_j = i_j - i_{j-1} (d_0 = i_0) or, from E = 2^(8c) - 1 up, E; then one 2c-byte
+ * exception per escaped code, min(d, 2^(16c) - 1); then one u64 per exception that is
+ * all ones. (Little-endian hosts only: native.py does not load the kernel elsewhere.)
+ */
+
+/* sizes[0..3] = escaped and u64 gaps with 8-bit codes, then with 16-bit codes */
+void sw_gap_sizes(const int64_t *idx, int64_t k, int64_t *sizes) {
+    int64_t e8 = 0, l8 = 0, e16 = 0, l16 = 0, prev = 0;
+    for (int64_t j = 0; j < k; j++) {
+        uint64_t d = (uint64_t)(idx[j] - prev);
+        prev = idx[j];
+        e8 += d >= 0xFFu;
+        l8 += d >= 0xFFFFu;
+        e16 += d >= 0xFFFFu;
+        l16 += d >= 0xFFFFFFFFu;
+    }
+    sizes[0] = e8;
+    sizes[1] = l8;
+    sizes[2] = e16;
+    sizes[3] = l16;
+}
+
+/* writes the section for 1- or 2-byte codes (esc: escaped gaps, from sw_gap_sizes); returns its bytes */
+int64_t sw_gap_write(const int64_t *idx, int64_t k, int c, int64_t esc, uint8_t *out) {
+    uint8_t *pe = out + k * c, *pl = pe + esc * 2 * c;
+    int64_t prev = 0;
+    if (c == 1) {
+        for (int64_t j = 0; j < k; j++) {
+            uint64_t d = (uint64_t)(idx[j] - prev);
+            prev = idx[j];
+            out[j] = d < 0xFFu ? (uint8_t)d : 0xFFu;
+            if (d >= 0xFFu) {
+                uint16_t x = d < 0xFFFFu ? (uint16_t)d : 0xFFFFu;
+                memcpy(pe, &x, 2);
+                pe += 2;
+                if (d >= 0xFFFFu) {
+                    memcpy(pl, &d, 8);
+                    pl += 8;
+                }
+            }
+        }
+    } else {
+        for (int64_t j = 0; j < k; j++) {
+            uint64_t d = (uint64_t)(idx[j] - prev);
+            prev = idx[j];
+            uint16_t code = d < 0xFFFFu ? (uint16_t)d : 0xFFFFu;
+            memcpy(out + 2 * j, &code, 2);
+            if (d >= 0xFFFFu) {
+                uint32_t x = d < 0xFFFFFFFFu ? (uint32_t)d : 0xFFFFFFFFu;
+                memcpy(pe, &x, 4);
+                pe += 4;
+                if (d >= 0xFFFFFFFFu) {
+                    memcpy(pl, &d, 8);
+                    pl += 8;
+                }
+            }
+        }
+    }
+    return pl - out;
+}
+
+/* indices from a section of nbytes (count codes of c bytes) for a range of length words;
+ * returns 0, or -1 for a malformed section (the caller's numpy code then names the fault) */
+int sw_gap_read(const uint8_t *buf, int64_t nbytes, int c, int64_t count, int64_t length, int64_t *idx) {
+    if (count <= 0 || nbytes < c * count) return -1;
+    const uint8_t *pe = buf + c * count;
+    int64_t rest = nbytes - c * count, esc = 0, nlong = 0;
+    const uint64_t emax = c == 1 ? 0xFFu : 0xFFFFu, xmax = c == 1 ? 0xFFFFu : 0xFFFFFFFFu;
+    if (rest) { /* without exceptions, escape codes are gaps of their own value */
+        if (c == 1) {
+            for (int64_t j = 0; j < count; j++) esc += buf[j] == 0xFFu;
+        } else {
+            for (int64_t j = 0; j < count; j++) {
+                uint16_t x;
+                memcpy(&x, buf + 2 * j, 2);
+                esc += x == 0xFFFFu;
+            }
+        }
+        if (rest < esc * 2 * c) return -1;
+        for (int64_t j = 0; j < esc; j++) {
+            uint64_t x = 0;
+            memcpy(&x, pe + j * 2 * c, 2 * c);
+            nlong += x == xmax;
+        }
+        if (rest != esc * 2 * c + 8 * nlong) return -1;
+    }
+    const uint8_t *pl = pe + esc * 2 * c;
+    uint64_t lim = length > 1 ? (uint64_t)length : 1, pos = 0;
+    for (int64_t j = 0; j < count; j++) {
+        uint64_t d;
+        if (c == 1) {
+            d = buf[j];
+        } else {
+            uint16_t x;
+            memcpy(&x, buf + 2 * j, 2);
+            d = x;
+        }
+        if (d == emax && rest) {
+            d = 0;
+            memcpy(&d, pe, 2 * c);
+            pe += 2 * c;
+            if (d == xmax) {
+                memcpy(&d, pl, 8);
+                pl += 8;
+                if (d >= lim) return -1;
+            }
+        }
+        pos += d; /* gaps below 2^32 or below length, count <= length: no overflow */
+        idx[j] = (int64_t)pos;
+    }
+    return (int64_t)pos >= length ? -1 : 0;
+}

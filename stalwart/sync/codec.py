@@ -195,10 +195,11 @@ class GapCodes:
     """
 
     enc: int  # IDX_GAPS8 or IDX_GAPS16
-    gaps: np.ndarray
-    esc: np.ndarray  # positions of the escaped gaps
-    long: np.ndarray  # positions (among the escaped ones) of the gaps written as u64
+    gaps: np.ndarray | None  # the gaps (None: the native kernel writes them from ``idx``)
+    esc: np.ndarray | int  # positions of the escaped gaps (native: their number)
+    long: np.ndarray | None  # positions (among the escaped ones) of the gaps written as u64
     nbytes: int
+    idx: np.ndarray | None = None  # the indices (native)
 
 
 def _gap_size(d: np.ndarray, enc: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -210,8 +211,16 @@ def _gap_size(d: np.ndarray, enc: int) -> tuple[np.ndarray, np.ndarray, int]:
 
 def plan_gap_codes(idx: np.ndarray) -> GapCodes:
     """Choose 8- or 16-bit gap codes for ``idx`` (whichever is smaller), sizes exact."""
+    k = len(idx)
+    kern = _kernel()
+    if kern is not None and idx.dtype == np.int64 and idx.flags.c_contiguous:
+        e8, l8, e16, l16 = kern.gap_sizes(idx)
+        size8 = k + 2 * e8 + 8 * l8
+        size16 = 2 * k + 4 * e16 + 8 * l16
+        if size8 <= 2 * k or size16 >= size8:
+            return GapCodes(IDX_GAPS8, None, e8, None, size8, idx)
+        return GapCodes(IDX_GAPS16, None, e16, None, size16, idx)
     d = gaps_of(idx)
-    k = len(d)
     esc, long, size8 = _gap_size(d, IDX_GAPS8)
     if size8 <= 2 * k:
         return GapCodes(IDX_GAPS8, d, esc, long, size8)
@@ -224,6 +233,10 @@ def plan_gap_codes(idx: np.ndarray) -> GapCodes:
 def write_gap_codes(g: GapCodes, out: np.ndarray) -> int:
     """Write ``g`` into uint8 ``out``; returns bytes written."""
     code, exc = _CODE[g.enc]
+    if g.gaps is None:
+        if len(out) < g.nbytes or not out.flags.c_contiguous:
+            raise ValueError(f"{len(out)} bytes for a gap-code section of {g.nbytes}")
+        return _kernel().gap_write(g.idx, code.itemsize, g.esc, out)
     k = len(g.gaps)
     p = k * code.itemsize
     if code.itemsize == 1:
@@ -250,6 +263,12 @@ def read_gap_codes(buf: np.ndarray, enc: int, count: int, length: int, what: str
     """Indices (int64, sorted) from a gap-code index section."""
     code, exc = _CODE[enc]
     c = code.itemsize
+    kern = _kernel()
+    if kern is not None and count > 0 and buf.flags.c_contiguous:
+        idx = kern.gap_read(buf, c, count, length)
+        if idx is not None:
+            return idx
+        # malformed: the numpy code below says how
     if len(buf) < c * count:
         raise ProtocolError(f"{what}: index section of {len(buf)} bytes for {count} gap codes")
     if count == 0:

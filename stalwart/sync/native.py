@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from functools import cache
 
@@ -105,6 +106,13 @@ class SyncKernel:
         lib.sw_cast_f32_bf16.restype = ctypes.c_int
         lib.sw_cast_f32_bf16.argtypes = [_P, _P, _I64]
         self._cast = lib.sw_cast_f32_bf16
+        lib.sw_gap_sizes.restype = None
+        lib.sw_gap_sizes.argtypes = [_P, _I64, _P]
+        lib.sw_gap_write.restype = _I64
+        lib.sw_gap_write.argtypes = [_P, _I64, ctypes.c_int, _I64, _P]
+        lib.sw_gap_read.restype = ctypes.c_int
+        lib.sw_gap_read.argtypes = [_P, _I64, ctypes.c_int, _I64, _I64, _P]
+        self._sizes = np.zeros(4, np.int64)
 
     def diff(
         self, w: int, cur: int, base: int, n: int, off: int, idx: int, new: int, xor: int, room: int
@@ -119,6 +127,24 @@ class SyncKernel:
         """``n`` fp32 words at address ``src`` cast to bf16 at ``dst`` as torch casts them;
         False when a NaN was seen (then the caller casts with torch: NaN bits differ)."""
         return self._cast(src, dst, n) == 0
+
+    def gap_sizes(self, idx: np.ndarray) -> tuple[int, int, int, int]:
+        """Escaped and u64 gaps of sorted int64 ``idx`` (contiguous) with 8-bit, then 16-bit codes."""
+        self.lib.sw_gap_sizes(idx.ctypes.data, len(idx), self._sizes.ctypes.data)
+        e8, l8, e16, l16 = self._sizes.tolist()
+        return e8, l8, e16, l16
+
+    def gap_write(self, idx: np.ndarray, c: int, esc: int, out: np.ndarray) -> int:
+        """Write the gap-code section of ``idx`` with ``c``-byte codes into uint8 ``out`` (room
+        checked by the caller); returns its bytes."""
+        return self.lib.sw_gap_write(idx.ctypes.data, len(idx), c, esc, out.ctypes.data)
+
+    def gap_read(self, buf: np.ndarray, c: int, count: int, length: int) -> np.ndarray | None:
+        """Indices from a gap-code section (uint8, contiguous), or None if it is malformed."""
+        idx = np.empty(count, np.int64)
+        if self.lib.sw_gap_read(buf.ctypes.data, len(buf), c, count, length, idx.ctypes.data):
+            return None
+        return idx
 
     def scatter(
         self, dst: np.ndarray, idx: np.ndarray, vals: np.ndarray, delta: int = 0, xor: bool = False
@@ -145,7 +171,7 @@ class SyncKernel:
 @cache
 def kernel() -> SyncKernel | None:
     """The built kernel, or None (not wanted, or it cannot be built or loaded here)."""
-    if os.environ.get("STALWART_SYNC_NATIVE", "1") == "0":
+    if os.environ.get("STALWART_SYNC_NATIVE", "1") == "0" or sys.byteorder != "little":
         return None
     try:
         path = _build()

@@ -440,3 +440,48 @@ def test_native_cast_matches_torch():
         fill(0, n)
         assert np.array_equal(words, words_np(f[s : s + n].to(torch.bfloat16)))
         assert np.array_equal(src.read(0, s, n)[1], words_np(f[s : s + n].to(torch.bfloat16)))
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no C compiler: the numpy path is the only one")
+@SETTINGS
+@given(
+    gaps=st.lists(
+        st.one_of(st.integers(1, 300), st.integers(1, 70_000), st.integers(1, 2**33)), max_size=400
+    ),
+    first=st.integers(0, 70_000),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+    cut=st.integers(-3, 3),
+)
+def test_native_gap_codes_are_numpys(gaps, first, flips, cut):
+    """Same section bytes as numpy's, same indices decoded, and the same verdict on damaged sections."""
+    idx = np.cumsum(np.array([first, *gaps], dtype=np.int64))
+    g = plan_gap_codes(idx)
+    out = np.zeros(g.nbytes, np.uint8)
+    assert write_gap_codes(g, out) == g.nbytes
+    real = codec._kernel
+    codec._kernel = lambda: None
+    try:
+        gn = plan_gap_codes(idx)
+        ref = np.zeros(gn.nbytes, np.uint8)
+        write_gap_codes(gn, ref)
+    finally:
+        codec._kernel = real
+    assert (g.enc, g.nbytes) == (gn.enc, gn.nbytes) and out.tobytes() == ref.tobytes()
+    bad = np.concatenate([out, np.full(max(cut, 0), 0xFF, np.uint8)])[: len(out) + min(cut, 0)]
+    for pos, val in flips:
+        if len(bad):
+            bad[pos % len(bad)] = val
+    length = int(idx[-1]) + 1
+
+    def verdict():
+        try:
+            return read_gap_codes(bad, g.enc, len(idx), length, "t").tolist()
+        except ProtocolError:
+            return "error"
+
+    fast = verdict()
+    codec._kernel = lambda: None
+    try:
+        assert verdict() == fast
+    finally:
+        codec._kernel = real
