@@ -38,11 +38,16 @@ int sw_sync_simd(void) {
 
 /* ---------------------------------------------------------------- diff
  *
- * sw_diff_w<bytes>(cur, base, n, off, idx, nw, xw, room): the words i of [0, n) where
- * cur[i] != base[i], in order: idx[k] = off + i, nw[k] = cur[i], xw[k] = cur[i] ^ base[i].
- * Returns k, or -1 once fewer than SW_SLACK elements of room would be left (too many
- * changes: the caller takes another path; what was written is garbage).
+ * sw_diff_w<bytes>(cur, base, n, off, idx, nw, xw, room, pidx, pnew, pk, pdelta): first
+ * base[pidx[j] + pdelta] = pnew[j] for j < pk (changes the baseline still owes: sorted,
+ * inside [0, n), checked by the caller), then the words i of [0, n) where cur[i] != base[i],
+ * in order: idx[k] = off + i, nw[k] = cur[i], xw[k] = cur[i] ^ base[i]. The two run
+ * interleaved, SUB words at a time, so the baseline's lines are read from memory once
+ * while cur streams in. Returns k, or -1 once fewer than SW_SLACK elements of room would
+ * be left (too many changes: the caller takes another path; the pending changes are
+ * then all written, what was written to idx/nw/xw is garbage).
  */
+#define SUB 2048
 
 #define DIFF_SCALAR(T, NAME)                                                                  \
     static int64_t NAME(const T *cur, const T *base, int64_t i, int64_t n, int64_t off,       \
@@ -80,13 +85,13 @@ int sw_sync_simd(void) {
         return k;                                                                             \
     }
 
-DIFF_SCALAR(uint8_t, diff_tail8)
-DIFF_SCALAR(uint16_t, diff_tail16)
-DIFF_SCALAR(uint32_t, diff_tail32)
-DIFF_SCALAR(uint64_t, diff_tail64)
+DIFF_SCALAR(uint8_t, range8)
+DIFF_SCALAR(uint16_t, tail16)
+DIFF_SCALAR(uint32_t, tail32)
+DIFF_SCALAR(uint64_t, range64)
 
 #ifdef SW_AVX512
-/* indices off+i .. off+i+8*q+7 of the set bits of m (32 or 16 lanes), compressed to idx + k */
+/* indices first .. first + lanes - 1 of the set bits of m, compressed to idx + k */
 static inline void put_idx(int64_t *idx, int64_t k, int64_t first, uint32_t m, int lanes) {
     __m512i v = _mm512_add_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi64(first));
     const __m512i eight = _mm512_set1_epi64(8);
@@ -99,14 +104,8 @@ static inline void put_idx(int64_t *idx, int64_t k, int64_t first, uint32_t m, i
 }
 #endif
 
-int64_t sw_diff_w1(const uint8_t *cur, const uint8_t *base, int64_t n, int64_t off, int64_t *idx,
-                   uint8_t *nw, uint8_t *xw, int64_t room) {
-    return diff_tail8(cur, base, 0, n, off, idx, nw, xw, 0, room);
-}
-
-int64_t sw_diff_w2(const uint16_t *cur, const uint16_t *base, int64_t n, int64_t off, int64_t *idx,
-                   uint16_t *nw, uint16_t *xw, int64_t room) {
-    int64_t i = 0, k = 0;
+static int64_t range16(const uint16_t *cur, const uint16_t *base, int64_t i, int64_t n, int64_t off,
+                       int64_t *idx, uint16_t *nw, uint16_t *xw, int64_t k, int64_t room) {
 #ifdef SW_AVX512
     for (; i + 32 <= n; i += 32) {
         _mm_prefetch((const char *)(cur + i) + SW_PREFETCH, _MM_HINT_T0);
@@ -122,12 +121,11 @@ int64_t sw_diff_w2(const uint16_t *cur, const uint16_t *base, int64_t n, int64_t
         k += __builtin_popcount((uint32_t)m);
     }
 #endif
-    return diff_tail16(cur, base, i, n, off, idx, nw, xw, k, room);
+    return tail16(cur, base, i, n, off, idx, nw, xw, k, room);
 }
 
-int64_t sw_diff_w4(const uint32_t *cur, const uint32_t *base, int64_t n, int64_t off, int64_t *idx,
-                   uint32_t *nw, uint32_t *xw, int64_t room) {
-    int64_t i = 0, k = 0;
+static int64_t range32(const uint32_t *cur, const uint32_t *base, int64_t i, int64_t n, int64_t off,
+                       int64_t *idx, uint32_t *nw, uint32_t *xw, int64_t k, int64_t room) {
 #ifdef SW_AVX512
     for (; i + 16 <= n; i += 16) {
         _mm_prefetch((const char *)(cur + i) + SW_PREFETCH, _MM_HINT_T0);
@@ -143,13 +141,28 @@ int64_t sw_diff_w4(const uint32_t *cur, const uint32_t *base, int64_t n, int64_t
         k += __builtin_popcount((uint32_t)m);
     }
 #endif
-    return diff_tail32(cur, base, i, n, off, idx, nw, xw, k, room);
+    return tail32(cur, base, i, n, off, idx, nw, xw, k, room);
 }
 
-int64_t sw_diff_w8(const uint64_t *cur, const uint64_t *base, int64_t n, int64_t off, int64_t *idx,
-                   uint64_t *nw, uint64_t *xw, int64_t room) {
-    return diff_tail64(cur, base, 0, n, off, idx, nw, xw, 0, room);
-}
+#define DIFF(T, W, RANGE)                                                                     \
+    int64_t sw_diff_w##W(const T *cur, T *base, int64_t n, int64_t off, int64_t *idx, T *nw,  \
+                         T *xw, int64_t room, const int64_t *pidx, const T *pnew, int64_t pk,  \
+                         int64_t pdelta) {                                                    \
+        int64_t k = 0, p = 0;                                                                 \
+        for (int64_t s = 0; s < n; s += SUB) {                                                \
+            int64_t e = n - s < SUB ? n : s + SUB;                                            \
+            for (; p < pk && pidx[p] + pdelta < e; p++)                                       \
+                memcpy(base + (pidx[p] + pdelta), pnew + p, sizeof(T));                       \
+            if (k >= 0) k = RANGE(cur, base, s, e, off, idx, nw, xw, k, room);                \
+        }                                                                                     \
+        for (; p < pk; p++) memcpy(base + (pidx[p] + pdelta), pnew + p, sizeof(T));           \
+        return k;                                                                             \
+    }
+
+DIFF(uint8_t, 1, range8)
+DIFF(uint16_t, 2, range16)
+DIFF(uint32_t, 4, range32)
+DIFF(uint64_t, 8, range64)
 
 /* ---------------------------------------------------------------- scatter
  *
@@ -221,18 +234,22 @@ int sw_cast_f32_bf16(const uint32_t *restrict src, uint16_t *restrict dst, int64
 
 /* sizes[0..3] = escaped and u64 gaps with 8-bit codes, then with 16-bit codes */
 void sw_gap_sizes(const int64_t *idx, int64_t k, int64_t *sizes) {
-    int64_t e8 = 0, l8 = 0, e16 = 0, l16 = 0, prev = 0;
-    for (int64_t j = 0; j < k; j++) {
-        uint64_t d = (uint64_t)(idx[j] - prev);
-        prev = idx[j];
+    int64_t e8 = 0, l8 = 0, l16 = 0;
+    if (k) {
+        uint64_t d = (uint64_t)idx[0];
+        e8 = d >= 0xFFu;
+        l8 = d >= 0xFFFFu;
+        l16 = d >= 0xFFFFFFFFu;
+    }
+    for (int64_t j = 1; j < k; j++) { /* no carried dependency: vectorises */
+        uint64_t d = (uint64_t)(idx[j] - idx[j - 1]);
         e8 += d >= 0xFFu;
         l8 += d >= 0xFFFFu;
-        e16 += d >= 0xFFFFu;
         l16 += d >= 0xFFFFFFFFu;
     }
     sizes[0] = e8;
     sizes[1] = l8;
-    sizes[2] = e16;
+    sizes[2] = l8; /* a 16-bit code escapes what an 8-bit exception cannot hold */
     sizes[3] = l16;
 }
 

@@ -421,6 +421,9 @@ class Encoder:
         self._prepare = None  # plan_delta's per-block preparation
         self._hashed = 0
         self._prepared = 0
+        self._pending: tuple[np.ndarray, np.ndarray] | None = None  # plan_delta's pending baseline changes
+        self._pdone = 0
+        self._base: np.ndarray | None = None
         if zstd_level <= 1:  # a small match table: XOR planes and gap codes gain from entropy coding,
             # hardly from matches; the default table's cache misses halve the speed (and the ratio is no better)
             params = zstandard.ZstdCompressionParameters.from_level(zstd_level, hash_log=9)
@@ -430,6 +433,7 @@ class Encoder:
         self.min_compress_bytes = 256
         self._kernel = _kernel()
         self._native: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # idx, new, xor scratch
+        self._native_ptr: tuple[int, int, int] = (0, 0, 0)  # their addresses
         self._native_xor: np.ndarray | None = None  # XOR words of the last native diff
 
     def group_scratch(self, w: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -474,28 +478,54 @@ class Encoder:
         n = len(cur)
         return EntryPlan(IDX_DENSE, VAL_RAW, n, n, 0, n * cur.itemsize, values=cur)
 
-    def plan_delta(self, cur: np.ndarray, base: np.ndarray, digest=None, prepare=None) -> EntryPlan | None:
+    def plan_delta(
+        self, cur: np.ndarray, base: np.ndarray, digest=None, prepare=None, pending=None
+    ) -> EntryPlan | None:
         """Entry turning ``base`` into ``cur`` (same-length word arrays), or None if equal.
 
-        The range is compared block by block. ``prepare(lo, hi)``, if given, is called
-        for each block in order before its words are read (e.g. to cast the trainer's
-        words into ``cur`` or to bring ``base`` up to date), and ``digest`` (an object with
-        ``update(buffer)``) is fed every byte of ``cur`` in order, each block while it is
-        still in cache.
+        The range is compared block by block. ``pending`` (sorted int64 local indices, new
+        words), if given, are changes ``base`` still owes: they are written into it before
+        each block is compared (all of them, whatever happens). ``prepare(lo, hi)``, if
+        given, is called for each block in order before its words are read (e.g. to cast
+        the trainer's words into ``cur``), and ``digest`` (an object with ``update(buffer)``)
+        is fed every byte of ``cur`` in order, each block while it is still in cache.
         """
         self._digest = digest
         self._prepare = prepare
         self._hashed = 0
         self._prepared = 0
+        self._pending = None
+        self._pdone = 0
+        if pending is not None and len(pending[0]):
+            pidx, pnew = pending
+            if len(pnew) != len(pidx) or pidx[0] < 0 or pidx[-1] >= len(base):
+                raise ValueError(f"pending changes outside a range of {len(base)} words")
+            self._pending = (pidx, pnew)
         try:
             return self._plan_delta(cur, base)
         finally:
-            self._prepare_to(len(cur))
-            if digest is not None and self._hashed < len(cur):
-                digest.update(memoryview(cur[self._hashed :]).cast("B"))
-            self._digest = self._prepare = None
+            try:
+                self._scatter_pending(base, len(cur))
+            finally:
+                self._prepare_to(len(cur))
+                if digest is not None and self._hashed < len(cur):
+                    digest.update(memoryview(cur[self._hashed :]).cast("B"))
+                self._digest = self._prepare = self._pending = self._base = None
+
+    def _scatter_pending(self, base: np.ndarray, upto: int) -> None:
+        """Write the pending changes below word ``upto`` into ``base``."""
+        if self._pending is None:
+            return
+        pidx, pnew = self._pending
+        a = self._pdone
+        b = len(pidx) if upto >= len(base) else int(np.searchsorted(pidx, upto))
+        if b > a:
+            scatter_words(base, pidx[a:b], pnew[a:b])
+            self._pdone = b
 
     def _prepare_to(self, upto: int) -> None:
+        if self._pending is not None and self._base is not None:
+            self._scatter_pending(self._base, upto)
         if self._prepare is not None and upto > self._prepared:
             self._prepare(self._prepared, upto)
             self._prepared = upto
@@ -503,6 +533,7 @@ class Encoder:
     def _plan_delta(self, cur: np.ndarray, base: np.ndarray) -> EntryPlan | None:
         n = len(cur)
         w = cur.itemsize
+        self._base = base
         if n > self.max_words:
             raise ValueError(f"range of {n} words exceeds the encoder's {self.max_words}")
         self._native_xor = None
@@ -574,17 +605,36 @@ class Encoder:
                 np.empty(size * 8, np.uint8),
                 np.empty(size * 8, np.uint8),
             )
+            self._native_ptr = tuple(a.ctypes.data for a in self._native)
         sidx, snew, sxor = self._native
-        pi, pn, px = sidx.ctypes.data, snew.ctypes.data, sxor.ctypes.data
+        pi, pn, px = self._native_ptr
         pc, pb = cur.ctypes.data, base.ctypes.data
         blk = max(64, _BLOCK_BYTES // w)
+        pend = self._pending
+        if pend is not None and not (
+            pend[0].dtype == np.int64 and pend[1].itemsize == w
+            and pend[0].flags.c_contiguous and pend[1].flags.c_contiguous
+        ):  # fmt: skip
+            self._scatter_pending(base, n)  # not the kernel's arrays: scattered first
+            pend = None
+        ppi = ppn = 0
+        if pend is not None:
+            ppi, ppn = pend[0].ctypes.data, pend[1].ctypes.data
         k = 0
         for b0 in range(0, n, blk):
             b1 = min(n, b0 + blk)
-            self._prepare_to(b1)
+            if self._prepare is not None and b1 > self._prepared:
+                self._prepare(self._prepared, b1)
+                self._prepared = b1
+            a = b = 0
+            if pend is not None:  # the kernel writes the block's pending changes as it compares
+                a = self._pdone
+                b = len(pend[0]) if b1 >= n else int(np.searchsorted(pend[0], b1))
+                self._pdone = b
             got = kern.diff(
-                w, pc + b0 * w, pb + b0 * w, b1 - b0, b0, pi + 8 * k, pn + w * k, px + w * k, room - k
-            )
+                w, pc + b0 * w, pb + b0 * w, b1 - b0, b0, pi + 8 * k, pn + w * k, px + w * k, room - k,
+                ppi + 8 * a, ppn + w * a, b - a, -b0,
+            )  # fmt: skip
             if got < 0:
                 return None
             k += got

@@ -97,7 +97,7 @@ class SyncKernel:
         for w in (1, 2, 4, 8):
             f = getattr(lib, f"sw_diff_w{w}")
             f.restype = _I64
-            f.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _I64]
+            f.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64]
             self._diff[w] = f
             g = getattr(lib, f"sw_scatter_w{w}")
             g.restype = ctypes.c_int
@@ -115,13 +115,28 @@ class SyncKernel:
         self._sizes = np.zeros(4, np.int64)
 
     def diff(
-        self, w: int, cur: int, base: int, n: int, off: int, idx: int, new: int, xor: int, room: int
+        self,
+        w: int,
+        cur: int,
+        base: int,
+        n: int,
+        off: int,
+        idx: int,
+        new: int,
+        xor: int,
+        room: int,
+        pidx: int = 0,
+        pnew: int = 0,
+        pk: int = 0,
+        pdelta: int = 0,
     ) -> int:
         """Changed words of ``n`` words at addresses ``cur``/``base`` (``w`` bytes each): writes
         their indices (``off`` + i, int64), new words and XOR words at ``idx``/``new``/``xor``;
         returns their count, or -1 when they would not fit in ``room`` elements less the slack
-        (:attr:`slack` elements past the count may be written)."""
-        return self._diff[w](cur, base, n, off, idx, new, xor, room)
+        (:attr:`slack` elements past the count may be written). First, interleaved with the
+        comparison, writes ``pk`` pending baseline words ``base[pidx[j] + pdelta] = pnew[j]``
+        (sorted int64 indices inside the range; always all of them)."""
+        return self._diff[w](cur, base, n, off, idx, new, xor, room, pidx, pnew, pk, pdelta)
 
     def cast_f32_bf16(self, src: int, dst: int, n: int) -> bool:
         """``n`` fp32 words at address ``src`` cast to bf16 at ``dst`` as torch casts them;

@@ -62,6 +62,7 @@ class Source:
         self.tensors: list[torch.Tensor] = []
         self.schema: Schema | None = None
         self._cast: dict[tuple, torch.Tensor] = {}
+        self._stage_np: dict[tuple, np.ndarray] = {}
         self._host: torch.Tensor | None = None
         self._flat: list[torch.Tensor] = []  # each tensor flattened (a view)
         self._words: list[np.ndarray | None] = []  # host tensors sent as they are: their words (a view)
@@ -134,7 +135,15 @@ class Source:
             def fill(lo: int, hi: int) -> None:
                 stage[lo:hi].copy_(src[start + lo : start + hi])
 
-        return words_torch(stage)[:n].numpy(), fill
+        return self._stage_words(stage)[:n], fill
+
+    def _stage_words(self, stage: torch.Tensor) -> np.ndarray:
+        """The host stage's words as a numpy array (made once: torch views cost microseconds)."""
+        key = (stage.data_ptr(), stage.dtype)
+        words = self._stage_np.get(key)
+        if words is None:
+            words = self._stage_np[key] = words_torch(stage).numpy()
+        return words
 
     @staticmethod
     def _fast_cast(src: torch.Tensor, stage: torch.Tensor):

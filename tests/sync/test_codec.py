@@ -485,3 +485,30 @@ def test_native_gap_codes_are_numpys(gaps, first, flips, cut):
         assert verdict() == fast
     finally:
         codec._kernel = real
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("density", [0.001, 0.05, 0.6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8, torch.float64])
+def test_pending_changes_are_written_before_the_compare(monkeypatch, native_on, density, dtype):
+    """plan_delta(pending=...) plans against the baseline with its pending changes in, and leaves
+    every one of them written (also when the native diff gives up on dense changes midway)."""
+    if not native_on:
+        monkeypatch.setattr(codec, "_kernel", lambda: None)
+    elif native.kernel() is None:
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(3)
+    n = 700_001
+    old = random_tensor(dtype, n, rng)
+    mid = mutate(old, 0.02, rng, False)  # the baseline owes old -> mid
+    new = mutate(mid, density, rng, False)
+    ow, mw, nw = words_np(old), words_np(mid), words_np(new)
+    pidx = np.flatnonzero(ow != mw).astype(np.int64)
+    pend = (pidx, mw[pidx].copy())
+    base = ow.copy()
+    enc = Encoder(1 << 20)
+    got = enc.plan_delta(nw, base, pending=pend)
+    assert np.array_equal(base, mw)
+    want = Encoder(1 << 20).plan_delta(nw, mw.copy())
+    w = word_size(dtype)
+    assert _written(got, w) == _written(want, w)
