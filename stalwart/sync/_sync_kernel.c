@@ -216,7 +216,22 @@ SCATTER(uint64_t, sw_scatter_w8)
  */
 int sw_cast_f32_bf16(const uint32_t *restrict src, uint16_t *restrict dst, int64_t n) {
     uint32_t nan = 0;
-    for (int64_t i = 0; i < n; i++) {
+    int64_t i = 0;
+#ifdef SW_AVX512
+    const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    __mmask16 vnan = 0;
+    for (; i + 16 <= n; i += 16) {
+        _mm_prefetch((const char *)(src + i) + 2048, _MM_HINT_T0);
+        __m512i x = _mm512_loadu_si512((const void *)(src + i));
+        vnan |= _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, abs), inf);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, bias), lsb), 16);
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(r));
+    }
+    nan = vnan;
+#endif
+    for (; i < n; i++) {
         uint32_t x = src[i];
         nan |= (x & 0x7FFFFFFFu) > 0x7F800000u;
         dst[i] = (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
