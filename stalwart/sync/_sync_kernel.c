@@ -358,3 +358,34 @@ int sw_gap_read(const uint8_t *buf, int64_t nbytes, int c, int64_t count, int64_
     }
     return (int64_t)pos >= length ? -1 : 0;
 }
+
+/* ---------------------------------------------------------------- byte planes
+ *
+ * sw_shuffle(x, k, w, out): plane j of out (k bytes at out + j*k) holds byte j of every
+ * one of the k words of w bytes at x; sw_unshuffle is its inverse.
+ */
+void sw_shuffle(const uint8_t *restrict x, int64_t k, int w, uint8_t *restrict out) {
+    if (w == 2) {
+        uint8_t *restrict hi = out + k;
+        for (int64_t j = 0; j < k; j++) {
+            out[j] = x[2 * j];
+            hi[j] = x[2 * j + 1];
+        }
+        return;
+    }
+    for (int64_t j = 0; j < k; j++)
+        for (int b = 0; b < w; b++) out[b * k + j] = x[j * w + b];
+}
+
+void sw_unshuffle(const uint8_t *restrict planes, int64_t k, int w, uint8_t *restrict x) {
+    if (w == 2) {
+        const uint8_t *restrict hi = planes + k;
+        for (int64_t j = 0; j < k; j++) {
+            x[2 * j] = planes[j];
+            x[2 * j + 1] = hi[j];
+        }
+        return;
+    }
+    for (int64_t j = 0; j < k; j++)
+        for (int b = 0; b < w; b++) x[j * w + b] = planes[b * k + j];
+}

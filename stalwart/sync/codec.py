@@ -324,6 +324,10 @@ def shuffle_into(x: np.ndarray, w: int, out: np.ndarray) -> np.ndarray:
     if w == 1:
         dst[:] = u
         return dst
+    kern = _kernel()
+    if kern is not None and x.flags.c_contiguous and dst.flags.c_contiguous:
+        kern.shuffle(x, w, dst)
+        return dst
     tmp = np.empty(k, dtype=u.dtype)
     dst[:k] = u  # plane 0: the low byte (truncating copy)
     for j in range(1, w):
@@ -338,6 +342,10 @@ def unshuffle(planes: np.ndarray, w: int, k: int, out: np.ndarray | None = None)
     res = np.empty(k, dtype=dt) if out is None else out[: k * w].view(dt)
     if w == 1:
         res[:] = planes[:k]
+        return res.view(np.uint8)
+    kern = _kernel()
+    if kern is not None and len(planes) >= k * w and planes.flags.c_contiguous and res.flags.c_contiguous:
+        kern.unshuffle(planes, k, w, res)
         return res.view(np.uint8)
     tmp = np.empty(k, dtype=dt)
     res[:] = planes[:k]

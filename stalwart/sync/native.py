@@ -113,6 +113,10 @@ class SyncKernel:
         lib.sw_gap_read.restype = ctypes.c_int
         lib.sw_gap_read.argtypes = [_P, _I64, ctypes.c_int, _I64, _I64, _P]
         self._sizes = np.zeros(4, np.int64)
+        for name in ("sw_shuffle", "sw_unshuffle"):
+            f = getattr(lib, name)
+            f.restype = None
+            f.argtypes = [_P, _I64, ctypes.c_int, _P]
 
     def diff(
         self,
@@ -142,6 +146,14 @@ class SyncKernel:
         """``n`` fp32 words at address ``src`` cast to bf16 at ``dst`` as torch casts them;
         False when a NaN was seen (then the caller casts with torch: NaN bits differ)."""
         return self._cast(src, dst, n) == 0
+
+    def shuffle(self, x: np.ndarray, w: int, out: np.ndarray) -> None:
+        """Byte planes of the ``len(x)`` words (``w`` bytes) of contiguous ``x`` into ``out``."""
+        self.lib.sw_shuffle(x.ctypes.data, len(x), w, out.ctypes.data)
+
+    def unshuffle(self, planes: np.ndarray, k: int, w: int, out: np.ndarray) -> None:
+        """The ``k`` words (``w`` bytes) of byte planes ``planes`` into ``out`` (contiguous)."""
+        self.lib.sw_unshuffle(planes.ctypes.data, k, w, out.ctypes.data)
 
     def gap_sizes(self, idx: np.ndarray) -> tuple[int, int, int, int]:
         """Escaped and u64 gaps of sorted int64 ``idx`` (contiguous) with 8-bit, then 16-bit codes."""

@@ -30,6 +30,8 @@ from stalwart.sync.codec import (
     plan_gap_codes,
     read_entry_header,
     read_gap_codes,
+    shuffle_into,
+    unshuffle,
     word_size,
     words_np,
     write_gap_codes,
@@ -515,3 +517,14 @@ def test_pending_changes_are_written_before_the_compare(monkeypatch, native_on, 
     want = Encoder(1 << 20).plan_delta(nw, mw.copy())
     w = word_size(dtype)
     assert _written(got, w) == _written(want, w)
+
+
+@pytest.mark.parametrize("w", [2, 4, 8])
+def test_byte_planes_native_and_numpy(monkeypatch, w):
+    rng = np.random.default_rng(w)
+    x = rng.integers(0, 256, 1001 * w, dtype=np.uint8).view(f"<u{w}")
+    fast = shuffle_into(x, w, np.empty(1001 * w + 5, np.uint8)).copy()
+    back = unshuffle(fast, w, 1001).copy()
+    monkeypatch.setattr(codec, "_kernel", lambda: None)
+    assert np.array_equal(fast, shuffle_into(x, w, np.empty(1001 * w, np.uint8)))
+    assert np.array_equal(back, unshuffle(fast, w, 1001)) and np.array_equal(back.view(x.dtype), x)
