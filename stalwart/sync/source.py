@@ -63,6 +63,7 @@ class Source:
         self.schema: Schema | None = None
         self._cast: dict[tuple, torch.Tensor] = {}
         self._stage_np: dict[tuple, np.ndarray] = {}
+        self._fast: dict[int, tuple | None] = {}  # id of a flat tensor -> _fast_cast's answer
         self._host: torch.Tensor | None = None
         self._flat: list[torch.Tensor] = []  # each tensor flattened (a view)
         self._words: list[np.ndarray | None] = []  # host tensors sent as they are: their words (a view)
@@ -94,6 +95,7 @@ class Source:
             self.schema = Schema(specs)
         self.tensors = tensors
         self._flat = [t.reshape(-1) for t in tensors]
+        self._fast = {}  # keyed by the flat views just made (alive until the next refresh)
         self._words = [
             words_torch(t).numpy() if t.device.type == "cpu" and spec.dtype == t.dtype else None
             for t, spec in zip(tensors, specs)
@@ -145,19 +147,24 @@ class Source:
             words = self._stage_np[key] = words_torch(stage).numpy()
         return words
 
-    @staticmethod
-    def _fast_cast(src: torch.Tensor, stage: torch.Tensor):
+    def _fast_cast(self, src: torch.Tensor, stage: torch.Tensor):
         """(kernel, source address, stage address) when the native kernel casts ``src`` into
-        ``stage`` (fp32 -> bf16 on the host, the rollout's usual cast), else None."""
-        if (
-            src.dtype != torch.float32
-            or stage.dtype != torch.bfloat16
-            or src.device.type != "cpu"
-            or not src.is_contiguous()
-        ):
-            return None
-        kern = native.kernel()
-        return None if kern is None else (kern, src.data_ptr(), stage.data_ptr())
+        ``stage`` (fp32 -> bf16 on the host, the rollout's usual cast), else None; worked out
+        once per tensor and refresh."""
+        key = id(src)
+        got = self._fast.get(key, False)
+        if got is False:
+            got = None
+            if (
+                src.dtype == torch.float32
+                and stage.dtype == torch.bfloat16
+                and src.device.type == "cpu"
+                and src.is_contiguous()
+            ):
+                kern = native.kernel()
+                got = None if kern is None else (kern, src.data_ptr(), stage.data_ptr())
+            self._fast[key] = got
+        return got
 
     def _stage(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (device, dtype)
