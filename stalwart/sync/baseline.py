@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stalwart.sync.codec import torch_word_dtype
+from stalwart.sync.codec import scatter_words, torch_word_dtype
 from stalwart.sync.schema import Schema
 
 
@@ -113,7 +113,7 @@ class Baseline:
     def _scatter(self, i: int, start: int, idx: np.ndarray, new: np.ndarray) -> None:
         if self._np[i] is not None:
             dst = self._np[i][start:] if start else self._np[i]
-            dst[idx] = new
+            scatter_words(dst, idx, new)
         else:
             w = self.words[i]
             w[start:].index_put_(

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import zstandard
 
+from stalwart.sync import native
 from stalwart.sync.errors import ProtocolError
 
 IDX_DENSE, IDX_GAPS8, IDX_BITMAP, IDX_GAPS16 = 0, 1, 2, 3
@@ -67,6 +68,22 @@ _ITEMSIZE: dict[torch.dtype, int] = {}
 _SAMPLE_WORDS = 32 * 1024
 _MIN_INDEX_ZSTD = 4096  # index sections below this many bytes are never worth a zstd frame
 _BLOCK_BYTES = 1 << 19  # compare-and-gather block: both sides' words stay in a core's L2 cache
+
+
+def _kernel() -> native.SyncKernel | None:
+    """The native kernel (built on first use), or None: the numpy code below runs instead."""
+    return native.kernel()
+
+
+def scatter_words(dst: np.ndarray, idx: np.ndarray, vals: np.ndarray, xor: bool = False) -> None:
+    """``dst[idx] = vals`` (``^=`` with ``xor``): the native kernel's one pass where it can, else numpy."""
+    k = _kernel()
+    if k is not None and k.scatter(dst, idx, vals, 0, xor):
+        return
+    if xor:
+        dst[idx] ^= vals
+    else:
+        dst[idx] = vals
 
 
 def _nz(a: np.ndarray) -> np.ndarray:
@@ -178,10 +195,11 @@ class GapCodes:
     """
 
     enc: int  # IDX_GAPS8 or IDX_GAPS16
-    gaps: np.ndarray
-    esc: np.ndarray  # positions of the escaped gaps
-    long: np.ndarray  # positions (among the escaped ones) of the gaps written as u64
+    gaps: np.ndarray | None  # the gaps (None: the native kernel writes them from ``idx``)
+    esc: np.ndarray | int  # positions of the escaped gaps (native: their number)
+    long: np.ndarray | None  # positions (among the escaped ones) of the gaps written as u64
     nbytes: int
+    idx: np.ndarray | None = None  # the indices (native)
 
 
 def _gap_size(d: np.ndarray, enc: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -193,8 +211,16 @@ def _gap_size(d: np.ndarray, enc: int) -> tuple[np.ndarray, np.ndarray, int]:
 
 def plan_gap_codes(idx: np.ndarray) -> GapCodes:
     """Choose 8- or 16-bit gap codes for ``idx`` (whichever is smaller), sizes exact."""
+    k = len(idx)
+    kern = _kernel()
+    if kern is not None and idx.dtype == np.int64 and idx.flags.c_contiguous:
+        e8, l8, e16, l16 = kern.gap_sizes(idx)
+        size8 = k + 2 * e8 + 8 * l8
+        size16 = 2 * k + 4 * e16 + 8 * l16
+        if size8 <= 2 * k or size16 >= size8:
+            return GapCodes(IDX_GAPS8, None, e8, None, size8, idx)
+        return GapCodes(IDX_GAPS16, None, e16, None, size16, idx)
     d = gaps_of(idx)
-    k = len(d)
     esc, long, size8 = _gap_size(d, IDX_GAPS8)
     if size8 <= 2 * k:
         return GapCodes(IDX_GAPS8, d, esc, long, size8)
@@ -207,6 +233,10 @@ def plan_gap_codes(idx: np.ndarray) -> GapCodes:
 def write_gap_codes(g: GapCodes, out: np.ndarray) -> int:
     """Write ``g`` into uint8 ``out``; returns bytes written."""
     code, exc = _CODE[g.enc]
+    if g.gaps is None:
+        if len(out) < g.nbytes or not out.flags.c_contiguous:
+            raise ValueError(f"{len(out)} bytes for a gap-code section of {g.nbytes}")
+        return _kernel().gap_write(g.idx, code.itemsize, g.esc, out)
     k = len(g.gaps)
     p = k * code.itemsize
     if code.itemsize == 1:
@@ -233,6 +263,12 @@ def read_gap_codes(buf: np.ndarray, enc: int, count: int, length: int, what: str
     """Indices (int64, sorted) from a gap-code index section."""
     code, exc = _CODE[enc]
     c = code.itemsize
+    kern = _kernel()
+    if kern is not None and count > 0 and buf.flags.c_contiguous:
+        idx = kern.gap_read(buf, c, count, length)
+        if idx is not None:
+            return idx
+        # malformed: the numpy code below says how
     if len(buf) < c * count:
         raise ProtocolError(f"{what}: index section of {len(buf)} bytes for {count} gap codes")
     if count == 0:
@@ -288,6 +324,10 @@ def shuffle_into(x: np.ndarray, w: int, out: np.ndarray) -> np.ndarray:
     if w == 1:
         dst[:] = u
         return dst
+    kern = _kernel()
+    if kern is not None and x.flags.c_contiguous and dst.flags.c_contiguous:
+        kern.shuffle(x, w, dst)
+        return dst
     tmp = np.empty(k, dtype=u.dtype)
     dst[:k] = u  # plane 0: the low byte (truncating copy)
     for j in range(1, w):
@@ -302,6 +342,10 @@ def unshuffle(planes: np.ndarray, w: int, k: int, out: np.ndarray | None = None)
     res = np.empty(k, dtype=dt) if out is None else out[: k * w].view(dt)
     if w == 1:
         res[:] = planes[:k]
+        return res.view(np.uint8)
+    kern = _kernel()
+    if kern is not None and len(planes) >= k * w and planes.flags.c_contiguous and res.flags.c_contiguous:
+        kern.unshuffle(planes, k, w, res)
         return res.view(np.uint8)
     tmp = np.empty(k, dtype=dt)
     res[:] = planes[:k]
@@ -385,6 +429,9 @@ class Encoder:
         self._prepare = None  # plan_delta's per-block preparation
         self._hashed = 0
         self._prepared = 0
+        self._pending: tuple[np.ndarray, np.ndarray] | None = None  # plan_delta's pending baseline changes
+        self._pdone = 0
+        self._base: np.ndarray | None = None
         if zstd_level <= 1:  # a small match table: XOR planes and gap codes gain from entropy coding,
             # hardly from matches; the default table's cache misses halve the speed (and the ratio is no better)
             params = zstandard.ZstdCompressionParameters.from_level(zstd_level, hash_log=9)
@@ -392,6 +439,10 @@ class Encoder:
         else:
             self._cctx = zstandard.ZstdCompressor(level=zstd_level)
         self.min_compress_bytes = 256
+        self._kernel = _kernel()
+        self._native: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # idx, new, xor scratch
+        self._native_ptr: tuple[int, int, int] = (0, 0, 0)  # their addresses
+        self._native_xor: np.ndarray | None = None  # XOR words of the last native diff
 
     def group_scratch(self, w: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Two reused word arrays of ``n`` words (current and baseline words of several small
@@ -435,28 +486,54 @@ class Encoder:
         n = len(cur)
         return EntryPlan(IDX_DENSE, VAL_RAW, n, n, 0, n * cur.itemsize, values=cur)
 
-    def plan_delta(self, cur: np.ndarray, base: np.ndarray, digest=None, prepare=None) -> EntryPlan | None:
+    def plan_delta(
+        self, cur: np.ndarray, base: np.ndarray, digest=None, prepare=None, pending=None
+    ) -> EntryPlan | None:
         """Entry turning ``base`` into ``cur`` (same-length word arrays), or None if equal.
 
-        The range is compared block by block. ``prepare(lo, hi)``, if given, is called
-        for each block in order before its words are read (e.g. to cast the trainer's
-        words into ``cur`` or to bring ``base`` up to date), and ``digest`` (an object with
-        ``update(buffer)``) is fed every byte of ``cur`` in order, each block while it is
-        still in cache.
+        The range is compared block by block. ``pending`` (sorted int64 local indices, new
+        words), if given, are changes ``base`` still owes: they are written into it before
+        each block is compared (all of them, whatever happens). ``prepare(lo, hi)``, if
+        given, is called for each block in order before its words are read (e.g. to cast
+        the trainer's words into ``cur``), and ``digest`` (an object with ``update(buffer)``)
+        is fed every byte of ``cur`` in order, each block while it is still in cache.
         """
         self._digest = digest
         self._prepare = prepare
         self._hashed = 0
         self._prepared = 0
+        self._pending = None
+        self._pdone = 0
+        if pending is not None and len(pending[0]):
+            pidx, pnew = pending
+            if len(pnew) != len(pidx) or pidx[0] < 0 or pidx[-1] >= len(base):
+                raise ValueError(f"pending changes outside a range of {len(base)} words")
+            self._pending = (pidx, pnew)
         try:
             return self._plan_delta(cur, base)
         finally:
-            self._prepare_to(len(cur))
-            if digest is not None and self._hashed < len(cur):
-                digest.update(memoryview(cur[self._hashed :]).cast("B"))
-            self._digest = self._prepare = None
+            try:
+                self._scatter_pending(base, len(cur))
+            finally:
+                self._prepare_to(len(cur))
+                if digest is not None and self._hashed < len(cur):
+                    digest.update(memoryview(cur[self._hashed :]).cast("B"))
+                self._digest = self._prepare = self._pending = self._base = None
+
+    def _scatter_pending(self, base: np.ndarray, upto: int) -> None:
+        """Write the pending changes below word ``upto`` into ``base``."""
+        if self._pending is None:
+            return
+        pidx, pnew = self._pending
+        a = self._pdone
+        b = len(pidx) if upto >= len(base) else int(np.searchsorted(pidx, upto))
+        if b > a:
+            scatter_words(base, pidx[a:b], pnew[a:b])
+            self._pdone = b
 
     def _prepare_to(self, upto: int) -> None:
+        if self._pending is not None and self._base is not None:
+            self._scatter_pending(self._base, upto)
         if self._prepare is not None and upto > self._prepared:
             self._prepare(self._prepared, upto)
             self._prepared = upto
@@ -464,9 +541,14 @@ class Encoder:
     def _plan_delta(self, cur: np.ndarray, base: np.ndarray) -> EntryPlan | None:
         n = len(cur)
         w = cur.itemsize
+        self._base = base
         if n > self.max_words:
             raise ValueError(f"range of {n} words exceeds the encoder's {self.max_words}")
-        found = self._changed_grouped(cur, base) if w < 8 and n >= 64 else None
+        self._native_xor = None
+        if self._kernel is not None and cur.flags.c_contiguous and base.flags.c_contiguous:
+            found = self._changed_native(cur, base)
+        else:
+            found = self._changed_grouped(cur, base) if w < 8 and n >= 64 else None
         if found is None:  # word by word (dense-ish changes, 8-byte words, tiny ranges)
             self._prepare_to(n)
             mask = self._mask[:n]
@@ -500,12 +582,76 @@ class Encoder:
         return self._cap(self._plan_sparse(n, w, idx, new, self._xor_fn(new, old, base, idx, w)), cur)
 
     def _xor_fn(self, new, old, base, idx, w):
+        if self._native_xor is not None:
+            x = self._native_xor
+            return lambda: x
+
         def xor_sparse():
             x = self._xor_view(len(new), w)
             np.bitwise_xor(new, old if old is not None else base.take(idx), out=x)
             return x
 
         return xor_sparse
+
+    #: the native diff gives up (the word-by-word path takes over) past this share of changed words
+    native_limit = 0.4
+
+    def _changed_native(self, cur: np.ndarray, base: np.ndarray):
+        """(indices, new words, None) of the changed words in one native pass per block (the
+        XOR words in ``_native_xor``); None when more than :attr:`native_limit` of them changed.
+
+        Same blocks, preparation and hashing order as :meth:`_changed_grouped`.
+        """
+        kern = self._kernel
+        n = len(cur)
+        w = cur.itemsize
+        room = int(self.native_limit * n) + kern.slack + 64
+        if self._native is None or len(self._native[0]) < room or len(self._native[1]) < room * 8:
+            size = max(room, int(self.native_limit * self.max_words) + kern.slack + 64)
+            self._native = (
+                np.empty(size, np.int64),
+                np.empty(size * 8, np.uint8),
+                np.empty(size * 8, np.uint8),
+            )
+            self._native_ptr = tuple(a.ctypes.data for a in self._native)
+        sidx, snew, sxor = self._native
+        pi, pn, px = self._native_ptr
+        pc, pb = cur.ctypes.data, base.ctypes.data
+        blk = max(64, _BLOCK_BYTES // w)
+        pend = self._pending
+        if pend is not None and not (
+            pend[0].dtype == np.int64 and pend[1].itemsize == w
+            and pend[0].flags.c_contiguous and pend[1].flags.c_contiguous
+        ):  # fmt: skip
+            self._scatter_pending(base, n)  # not the kernel's arrays: scattered first
+            pend = None
+        ppi = ppn = 0
+        if pend is not None:
+            ppi, ppn = pend[0].ctypes.data, pend[1].ctypes.data
+        k = 0
+        for b0 in range(0, n, blk):
+            b1 = min(n, b0 + blk)
+            if self._prepare is not None and b1 > self._prepared:
+                self._prepare(self._prepared, b1)
+                self._prepared = b1
+            a = b = 0
+            if pend is not None:  # the kernel writes the block's pending changes as it compares
+                a = self._pdone
+                b = len(pend[0]) if b1 >= n else int(np.searchsorted(pend[0], b1))
+                self._pdone = b
+            got = kern.diff(
+                w, pc + b0 * w, pb + b0 * w, b1 - b0, b0, pi + 8 * k, pn + w * k, px + w * k, room - k,
+                ppi + 8 * a, ppn + w * a, b - a, -b0,
+            )  # fmt: skip
+            if got < 0:
+                return None
+            k += got
+            if self._digest is not None:
+                self._digest.update(memoryview(cur[b0:b1]).cast("B"))
+                self._hashed = b1
+        dt = cur.dtype
+        self._native_xor = sxor[: k * w].view(dt)
+        return sidx[:k].copy(), snew[: k * w].view(dt).copy(), None
 
     def _plan_dense(self, cur: np.ndarray, base: np.ndarray, k: int, w: int) -> EntryPlan:
         n = len(cur)
@@ -824,6 +970,9 @@ def apply_np(
     if a == b:
         return False
     ii = e.idx[a:b]
+    kern = _kernel()
+    if kern is not None and kern.scatter(dst, ii, e.values[a:b], dst_off - lo, e.xor):
+        return True
     if lo != dst_off:
         ii = ii + (dst_off - lo)
     if e.xor:

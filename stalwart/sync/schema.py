@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,16 +22,28 @@ class TensorSpec:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
+    # sizes, worked out on first use (read for every chunk and entry)
+    _numel: int = field(default=-1, init=False, repr=False, compare=False)
+    _word: int = field(default=-1, init=False, repr=False, compare=False)
+    _words: int = field(default=-1, init=False, repr=False, compare=False)
+
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
+        n = self._numel
+        if n < 0:
+            n = 1
+            for d in self.shape:
+                n *= d
+            object.__setattr__(self, "_numel", n)
         return n
 
     @property
     def word(self) -> int:
-        return word_size(self.dtype)
+        w = self._word
+        if w < 0:
+            w = word_size(self.dtype)
+            object.__setattr__(self, "_word", w)
+        return w
 
     @property
     def nbytes(self) -> int:
@@ -39,7 +51,11 @@ class TensorSpec:
 
     @property
     def words(self) -> int:
-        return self.nbytes // self.word
+        n = self._words
+        if n < 0:
+            n = self.nbytes // self.word
+            object.__setattr__(self, "_words", n)
+        return n
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": dtype_name(self.dtype), "shape": list(self.shape)}

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stalwart.sync import native
 from stalwart.sync.codec import torch_word_dtype, word_size, words_torch
 from stalwart.sync.errors import SyncError
 from stalwart.sync.schema import Schema, TensorSpec, small_words
@@ -61,6 +62,8 @@ class Source:
         self.tensors: list[torch.Tensor] = []
         self.schema: Schema | None = None
         self._cast: dict[tuple, torch.Tensor] = {}
+        self._stage_np: dict[tuple, np.ndarray] = {}
+        self._fast: dict[int, tuple | None] = {}  # id of a flat tensor -> _fast_cast's answer
         self._host: torch.Tensor | None = None
         self._flat: list[torch.Tensor] = []  # each tensor flattened (a view)
         self._words: list[np.ndarray | None] = []  # host tensors sent as they are: their words (a view)
@@ -92,6 +95,7 @@ class Source:
             self.schema = Schema(specs)
         self.tensors = tensors
         self._flat = [t.reshape(-1) for t in tensors]
+        self._fast = {}  # keyed by the flat views just made (alive until the next refresh)
         self._words = [
             words_torch(t).numpy() if t.device.type == "cpu" and spec.dtype == t.dtype else None
             for t, spec in zip(tensors, specs)
@@ -119,11 +123,48 @@ class Source:
             return self.read(i, start, n)[1], None
         stage = self._stage(t.device, spec.dtype)
         src = self._flat[i]
+        fast = self._fast_cast(src, stage)
+        if fast is not None:
+            kern, ps, pd = fast
+            ps += 4 * start
 
-        def fill(lo: int, hi: int) -> None:
-            stage[lo:hi].copy_(src[start + lo : start + hi])
+            def fill(lo: int, hi: int) -> None:
+                if not kern.cast_f32_bf16(ps + 4 * lo, pd + 2 * lo, hi - lo):
+                    stage[lo:hi].copy_(src[start + lo : start + hi])
 
-        return words_torch(stage)[:n].numpy(), fill
+        else:
+
+            def fill(lo: int, hi: int) -> None:
+                stage[lo:hi].copy_(src[start + lo : start + hi])
+
+        return self._stage_words(stage)[:n], fill
+
+    def _stage_words(self, stage: torch.Tensor) -> np.ndarray:
+        """The host stage's words as a numpy array (made once: torch views cost microseconds)."""
+        key = (stage.data_ptr(), stage.dtype)
+        words = self._stage_np.get(key)
+        if words is None:
+            words = self._stage_np[key] = words_torch(stage).numpy()
+        return words
+
+    def _fast_cast(self, src: torch.Tensor, stage: torch.Tensor):
+        """(kernel, source address, stage address) when the native kernel casts ``src`` into
+        ``stage`` (fp32 -> bf16 on the host, the rollout's usual cast), else None; worked out
+        once per tensor and refresh."""
+        key = id(src)
+        got = self._fast.get(key, False)
+        if got is False:
+            got = None
+            if (
+                src.dtype == torch.float32
+                and stage.dtype == torch.bfloat16
+                and src.device.type == "cpu"
+                and src.is_contiguous()
+            ):
+                kern = native.kernel()
+                got = None if kern is None else (kern, src.data_ptr(), stage.data_ptr())
+            self._fast[key] = got
+        return got
 
     def _stage(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (device, dtype)
@@ -140,7 +181,10 @@ class Source:
         spec = self.schema[i]
         if spec.dtype != t.dtype:  # cast (element == word for every castable dtype)
             stage = self._stage(t.device, spec.dtype)
-            stage[:n].copy_(self._flat[i][start : start + n])
+            src = self._flat[i]
+            fast = self._fast_cast(src, stage)
+            if fast is None or not fast[0].cast_f32_bf16(fast[1] + 4 * start, fast[2], n):
+                stage[:n].copy_(src[start : start + n])
             dev = words_torch(stage)[:n]
         else:
             dev = words_torch(t)[start : start + n]

@@ -251,25 +251,7 @@ def _plan_blocks(encoder: Encoder, source: Source, baseline: Baseline, pc: Piece
     cur, fill = source.read_blocks(pc.tensor, pc.start, pc.n)
     pend = baseline.take_pending(pc.tensor, pc.start)
     base = baseline.chunk_np(pc.tensor, pc.start, pc.n)
-    if pend is None:
-        return encoder.plan_delta(cur, base, digest, fill)
-    idx, new = pend
-    done = [0]
-
-    def prepare(lo: int, hi: int) -> None:
-        if fill is not None:
-            fill(lo, hi)
-        a = done[0]
-        b = len(idx) if hi >= pc.n else int(np.searchsorted(idx, hi))
-        if b > a:
-            base[idx[a:b]] = new[a:b]
-            done[0] = b
-
-    try:
-        return encoder.plan_delta(cur, base, digest, prepare)
-    finally:  # the baseline must hold every committed change, whatever happened
-        if done[0] < len(idx):
-            base[idx[done[0] :]] = new[done[0] :]
+    return encoder.plan_delta(cur, base, digest, fill, pend)  # writes every pending change, whatever happens
 
 
 def _digest(hashing: dict[int, StreamDigest], pc: Piece) -> StreamDigest:

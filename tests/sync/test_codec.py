@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stalwart.sync import codec, native
 from stalwart.sync.bucket import BucketWriter
 from stalwart.sync.codec import (
     ENTRY_OVERHEAD,
@@ -29,6 +30,8 @@ from stalwart.sync.codec import (
     plan_gap_codes,
     read_entry_header,
     read_gap_codes,
+    shuffle_into,
+    unshuffle,
     word_size,
     words_np,
     write_gap_codes,
@@ -324,3 +327,204 @@ def test_mid_density_large_chunks_roundtrip(density):
     out, plans = roundtrip(base, new, 1 << 17, "auto")
     assert bits(out) == bits(new)
     assert sum(p.count for p in plans) == int(np.count_nonzero(words_np(base) != words_np(new)))
+
+
+# ---------------------------------------------------------------- native kernel vs numpy
+
+
+def _written(plan, w: int) -> bytes:
+    buf = np.zeros(plan.nbytes + 16, np.uint8)
+    end = Encoder.write(plan, 0, 0, w, buf, 0)
+    return buf[:end].tobytes()
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no C compiler: the numpy path is the only one")
+@SETTINGS
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.int8, torch.float64, torch.complex128]),
+    n=st.integers(1, 70000),
+    density=st.sampled_from([0.0005, 0.01, 0.05, 0.2, 0.39, 0.41, 0.9]),
+    compression=st.sampled_from(["auto", "off"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_native_diff_writes_the_numpy_entries(dtype, n, density, compression, seed):
+    """The native diff finds the same words and the entries are the same bytes as numpy's."""
+    rng = np.random.default_rng(seed)
+    base = random_tensor(dtype, n, rng)
+    new = mutate(base, density, rng, True)
+    w = word_size(dtype)
+    bw, nw = words_np(base), words_np(new)
+    fast = Encoder(1 << 17, compression=compression)
+    slow = Encoder(1 << 17, compression=compression)
+    slow._kernel = None
+    for s in range(0, n, 1 << 17):
+        e = min(n, s + (1 << 17))
+        pf, ps = fast.plan_delta(nw[s:e], bw[s:e]), slow.plan_delta(nw[s:e], bw[s:e])
+        assert (pf is None) == (ps is None)
+        if pf is None:
+            continue
+        assert _written(pf, w) == _written(ps, w)
+        if ps.idx is not None:
+            assert np.array_equal(pf.idx, ps.idx) and pf.idx.dtype == np.int64
+            assert np.array_equal(pf.new, ps.new)
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no C compiler: the numpy path is the only one")
+@pytest.mark.parametrize("w", [1, 2, 4, 8])
+def test_native_scatter(w):
+    k = native.kernel()
+    rng = np.random.default_rng(w)
+    dt = np.dtype(f"<i{w}")
+    dst = rng.integers(-100, 100, 1000).astype(dt)
+    idx = np.sort(rng.choice(990, 300, replace=False)).astype(np.int64)
+    vals = rng.integers(-100, 100, 300).astype(dt)
+    want = dst.copy()
+    want[idx + 5] ^= vals
+    assert k.scatter(dst, idx, vals, 5, xor=True)
+    assert np.array_equal(dst, want)
+    want[idx] = vals
+    assert k.scatter(dst, idx, vals)
+    assert np.array_equal(dst, want)
+    for bad, delta in ((np.array([0, 1000], np.int64), 0), (np.array([3], np.int64), -4)):
+        with pytest.raises(IndexError):
+            k.scatter(dst, bad, vals[: len(bad)], delta)
+        assert np.array_equal(dst, want)  # nothing written
+    assert not k.scatter(dst, idx.astype(np.int32), vals)  # not the kernel's arrays: the caller's numpy
+
+
+def test_numpy_fallback_roundtrip(monkeypatch):
+    """Without the native kernel (no compiler), the numpy code encodes and applies the same deltas."""
+    monkeypatch.setattr(codec, "_kernel", lambda: None)
+    rng = np.random.default_rng(5)
+    for dtype in (torch.bfloat16, torch.float32, torch.int8, torch.float64):
+        for density in (0.001, 0.05, 0.5):
+            base = random_tensor(dtype, 50000, rng)
+            new = mutate(base, density, rng, True)
+            out, _ = roundtrip(base, new, 8192)
+            assert bits(out) == bits(new)
+
+
+def test_native_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("STALWART_SYNC_NATIVE", "0")
+    native.kernel.cache_clear()
+    try:
+        assert native.kernel() is None
+    finally:
+        monkeypatch.delenv("STALWART_SYNC_NATIVE")
+        native.kernel.cache_clear()
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no C compiler: the numpy path is the only one")
+def test_native_cast_matches_torch():
+    """fp32 -> bf16 in the kernel: torch's bits for every non-NaN input (denormals, infinities,
+    ties, overflow to infinity); a NaN is reported so the caller casts with torch."""
+    from stalwart.sync.source import Source
+
+    rng = np.random.default_rng(11)
+    u = rng.integers(0, 2**32, 200_003, dtype=np.uint64).astype(np.uint32)
+    u[:1000] &= 0x807FFFFF  # denormals
+    u[1000:2000] = (u[1000:2000] & 0xFFFF0000) | 0x8000  # ties
+    u[2000:2004] = [0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x80000000]
+    f = torch.from_numpy(u.view(np.float32).copy())
+    f[np.isnan(f.numpy())] = 1.5
+    want = f.to(torch.bfloat16)
+    out = torch.empty_like(want)
+    assert native.kernel().cast_f32_bf16(f.data_ptr(), out.data_ptr(), f.numel())
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    for at in (-1, 7):  # in the scalar tail, in the vector loop
+        g = f.clone()
+        g[at] = float("nan")
+        assert not native.kernel().cast_f32_bf16(g.data_ptr(), out.data_ptr(), g.numel())
+    f[7] = float("nan")
+    # the Source falls back to torch's cast for such a block: its words are torch's
+    src = Source({"w": f}, dtype=torch.bfloat16, include_buffers=True, chunk_words=1 << 16)
+    src.refresh()
+    for s in range(0, f.numel(), 1 << 16):
+        n = min(1 << 16, f.numel() - s)
+        words, fill = src.read_blocks(0, s, n)
+        fill(0, n)
+        assert np.array_equal(words, words_np(f[s : s + n].to(torch.bfloat16)))
+        assert np.array_equal(src.read(0, s, n)[1], words_np(f[s : s + n].to(torch.bfloat16)))
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no C compiler: the numpy path is the only one")
+@SETTINGS
+@given(
+    gaps=st.lists(
+        st.one_of(st.integers(1, 300), st.integers(1, 70_000), st.integers(1, 2**33)), max_size=400
+    ),
+    first=st.integers(0, 70_000),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+    cut=st.integers(-3, 3),
+)
+def test_native_gap_codes_are_numpys(gaps, first, flips, cut):
+    """Same section bytes as numpy's, same indices decoded, and the same verdict on damaged sections."""
+    idx = np.cumsum(np.array([first, *gaps], dtype=np.int64))
+    g = plan_gap_codes(idx)
+    out = np.zeros(g.nbytes, np.uint8)
+    assert write_gap_codes(g, out) == g.nbytes
+    real = codec._kernel
+    codec._kernel = lambda: None
+    try:
+        gn = plan_gap_codes(idx)
+        ref = np.zeros(gn.nbytes, np.uint8)
+        write_gap_codes(gn, ref)
+    finally:
+        codec._kernel = real
+    assert (g.enc, g.nbytes) == (gn.enc, gn.nbytes) and out.tobytes() == ref.tobytes()
+    bad = np.concatenate([out, np.full(max(cut, 0), 0xFF, np.uint8)])[: len(out) + min(cut, 0)]
+    for pos, val in flips:
+        if len(bad):
+            bad[pos % len(bad)] = val
+    length = int(idx[-1]) + 1
+
+    def verdict():
+        try:
+            return read_gap_codes(bad, g.enc, len(idx), length, "t").tolist()
+        except ProtocolError:
+            return "error"
+
+    fast = verdict()
+    codec._kernel = lambda: None
+    try:
+        assert verdict() == fast
+    finally:
+        codec._kernel = real
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("density", [0.001, 0.05, 0.6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8, torch.float64])
+def test_pending_changes_are_written_before_the_compare(monkeypatch, native_on, density, dtype):
+    """plan_delta(pending=...) plans against the baseline with its pending changes in, and leaves
+    every one of them written (also when the native diff gives up on dense changes midway)."""
+    if not native_on:
+        monkeypatch.setattr(codec, "_kernel", lambda: None)
+    elif native.kernel() is None:
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(3)
+    n = 700_001
+    old = random_tensor(dtype, n, rng)
+    mid = mutate(old, 0.02, rng, False)  # the baseline owes old -> mid
+    new = mutate(mid, density, rng, False)
+    ow, mw, nw = words_np(old), words_np(mid), words_np(new)
+    pidx = np.flatnonzero(ow != mw).astype(np.int64)
+    pend = (pidx, mw[pidx].copy())
+    base = ow.copy()
+    enc = Encoder(1 << 20)
+    got = enc.plan_delta(nw, base, pending=pend)
+    assert np.array_equal(base, mw)
+    want = Encoder(1 << 20).plan_delta(nw, mw.copy())
+    w = word_size(dtype)
+    assert _written(got, w) == _written(want, w)
+
+
+@pytest.mark.parametrize("w", [2, 4, 8])
+def test_byte_planes_native_and_numpy(monkeypatch, w):
+    rng = np.random.default_rng(w)
+    x = rng.integers(0, 256, 1001 * w, dtype=np.uint8).view(f"<u{w}")
+    fast = shuffle_into(x, w, np.empty(1001 * w + 5, np.uint8)).copy()
+    back = unshuffle(fast, w, 1001).copy()
+    monkeypatch.setattr(codec, "_kernel", lambda: None)
+    assert np.array_equal(fast, shuffle_into(x, w, np.empty(1001 * w, np.uint8)))
+    assert np.array_equal(back, unshuffle(fast, w, 1001)) and np.array_equal(back.view(x.dtype), x)
