@@ -19,6 +19,7 @@ the agent: across every worker restart, until the agent exits.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 
-from stalwart.ckpt.shm import reclaim_orphans
+from stalwart.ckpt.shm import read_owner, reclaim_orphans
 from stalwart.launchers.membership import Membership, standin_id
 
 log = logging.getLogger("stalwart.launchers")
@@ -134,6 +135,14 @@ class NodeServices:
             log.error("stalwart: the job re-formed without this node: killing its worker (pid %s)", pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        # the others gave this node's keeper slot to a stand-in: this node comes back as a new one (its keeper
+        # leaves too, as with a lost node; its restarted workers start a fresh keeper that takes the slot back)
+        for d in glob.glob(os.path.join(_shm_base(), "stalwart-*")):
+            owner = read_owner(d) or {}
+            if owner.get("agent_pid") == os.getpid() and owner.get("node_id") == self.node_id and owner.get("keeper_pid"):
+                log.error("stalwart: ... and its keeper (pid %s)", owner["keeper_pid"])
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(owner["keeper_pid"]), signal.SIGKILL)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.reconcile_s):
