@@ -548,8 +548,13 @@ class Keeper:
         of order); tier persistence is sequential and needs no second look."""
         now = time.monotonic()
         for i in nodes:
-            if kind == "mem" and self.group.link.check(f"{self._key(kind, 'left')}/node{i}"):
-                return f"node {i}'s trainers all left"
+            if kind == "mem" and since is not None:
+                if self.group.link.check(f"{self._key(kind, 'left')}/node{i}"):
+                    # a second's grace: that node may still publish what its trainers reported before leaving
+                    if now - since.setdefault(-1 - i, now) >= 1.0:
+                        return f"node {i}'s trainers all left"
+                    continue
+                since.pop(-1 - i, None)
             latest = self.group.link.get(f"{self._key(kind, 'latest')}/node{i}")
             if latest is None or int(latest) <= step:
                 if since is not None:
