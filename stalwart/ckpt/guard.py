@@ -762,18 +762,22 @@ class Guard:
                 if self.rank == 0 or not ok:
                     warnings.warn(msg, stacklevel=2)
                     log.warning(msg)
-            if not candidates and status.get("peers_hold") and self.rank == 0:
-                msg = ("stalwart: this job's keepers held memory snapshots before, but no step is left in memory or"
-                       " on any tier (memory snapshots are dropped when the snapshot layout changes, e.g. a new world"
-                       " size, until the first snapshot of the new layout); training starts from step 0")
-                self.stats.fallbacks.append(msg)
-                log.error("%s", msg)
-                warnings.warn(msg, stacklevel=2)
             # checkpoints exist but hold another model: starting over silently would discard them
             if candidates and not _all_true(incompatible is None, group):
                 raise StalwartError(
                     f"the checkpoints under {self.root} do not fit this model ({incompatible or 'on another rank'});"
                     " use another root=, or resume=False to start over") from None
+            if (candidates or status.get("peers_hold")) and self.rank == 0:
+                msg = ("stalwart: no checkpoint could be restored (every step in memory and on the tiers failed, see"
+                       " the warnings above) or none is left (memory snapshots are dropped when the snapshot layout"
+                       " changes, e.g. a new world size, until the first snapshot of the new layout);"
+                       " training starts from step 0" if candidates else
+                       "stalwart: this job's keepers held memory snapshots before, but no step is left in memory or"
+                       " on any tier (memory snapshots are dropped when the snapshot layout changes, e.g. a new world"
+                       " size, until the first snapshot of the new layout); training starts from step 0")
+                self.stats.fallbacks.append(msg)
+                log.error("%s", msg)
+                warnings.warn(msg, stacklevel=2)
             return None
         finally:
             _destroy(group)
