@@ -56,8 +56,8 @@ def _compiler() -> str:
     for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cand and shutil.which(cand.split()[0]):
             return cand
-    raise NativeBuildError("no C compiler found to build the host optimizer kernel (stalwart/offload/_host_kernel.c): "
-                           "install gcc or set CC")
+    raise NativeBuildError("no C compiler found to build stalwart's native kernels (stalwart/offload/_host_kernel.c,"
+                           " stalwart/sync/_sync_kernel.c): install gcc or set CC")
 
 
 def _cpu_flags() -> str:
@@ -71,37 +71,38 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _compile(cc: str, flags: tuple[str, ...], out: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*cc.split(), *flags, "-o", out, SOURCE], capture_output=True, text=True)
+def _compile(cc: str, flags: tuple[str, ...], out: str, source: str = SOURCE) -> subprocess.CompletedProcess:
+    return subprocess.run([*cc.split(), *flags, "-o", out, source], capture_output=True, text=True)
 
 
-@cache
-def library_path() -> str:
-    """Path of the built kernel library, compiling it if this machine has no build yet."""
+def build_library(source: str, name: str, base_flags: tuple[str, ...], native_flags: tuple[str, ...], root: str) -> str:
+    """Compile ``source`` into ``root`` as ``<name>-<key>.so`` (``native_flags`` first, then
+    without them), once per source, flags, compiler version and CPU; returns its path.
+    Also used by the weight-sync kernel (:mod:`stalwart.sync.native`)."""
     cc = _compiler()
-    with open(SOURCE, "rb") as f:
+    with open(source, "rb") as f:
         src = f.read()
     try:
         version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True).stdout
     except OSError as e:
         raise NativeBuildError(f"cannot run the C compiler {cc!r}: {e}") from None
-    root = cache_dir()
     os.makedirs(root, exist_ok=True)
-    for arch in (NATIVE_FLAGS, ()):
-        flags = (*BASE_FLAGS, *arch)
+    last_error = ""
+    for arch in (native_flags, ()):
+        flags = (*base_flags, *arch)
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), platform.machine().encode(),
                                           (_cpu_flags() if arch else "").encode()])).hexdigest()[:20]
-        path = os.path.join(root, f"host_kernel-{key}.so")
+        path = os.path.join(root, f"{name}-{key}.so")
         if os.path.exists(path):
             return path
-        with open(os.path.join(root, f".host_kernel-{key}.lock"), "w") as lock:
+        with open(os.path.join(root, f".{name}-{key}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building the same key
             if os.path.exists(path):
                 return path
             fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=root)
             os.close(fd)
             try:
-                res = _compile(cc, flags, tmp)
+                res = _compile(cc, flags, tmp, source)
                 if res.returncode == 0:
                     os.replace(tmp, path)
                     return path
@@ -109,7 +110,13 @@ def library_path() -> str:
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-    raise NativeBuildError(f"compiling {SOURCE} with {cc} failed: {last_error[-2000:]}")
+    raise NativeBuildError(f"compiling {source} with {cc} failed: {last_error[-2000:]}")
+
+
+@cache
+def library_path() -> str:
+    """Path of the built kernel library, compiling it if this machine has no build yet."""
+    return build_library(SOURCE, "host_kernel", BASE_FLAGS, NATIVE_FLAGS, cache_dir())
 
 
 @cache

@@ -15,19 +15,14 @@ and the codec then runs its numpy code, which gives the same bits.
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
 import logging
 import os
-import platform
-import subprocess
 import sys
-import tempfile
 from functools import cache
 
 import numpy as np
 
-from stalwart.offload.native import NativeBuildError, _compiler, _cpu_flags
+from stalwart.offload.native import NativeBuildError, build_library
 
 log = logging.getLogger(__name__)
 
@@ -48,41 +43,7 @@ def cache_dir() -> str:
 
 
 def _build() -> str:
-    cc = _compiler()
-    with open(SOURCE, "rb") as f:
-        src = f.read()
-    try:
-        version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True).stdout
-    except OSError as e:
-        raise NativeBuildError(f"cannot run the C compiler {cc!r}: {e}") from None
-    root = cache_dir()
-    os.makedirs(root, exist_ok=True)
-    last_error = ""
-    for arch in (NATIVE_FLAGS, ()):
-        flags = (*BASE_FLAGS, *arch)
-        key = hashlib.sha256(
-            b"\0".join([src, " ".join(flags).encode(), version.encode(), platform.machine().encode(),
-                        (_cpu_flags() if arch else "").encode()])
-        ).hexdigest()[:20]  # fmt: skip
-        path = os.path.join(root, f"sync_kernel-{key}.so")
-        if os.path.exists(path):
-            return path
-        with open(os.path.join(root, f".sync_kernel-{key}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
-            if os.path.exists(path):
-                return path
-            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=root)
-            os.close(fd)
-            try:
-                res = subprocess.run([*cc.split(), *flags, "-o", tmp, SOURCE], capture_output=True, text=True)
-                if res.returncode == 0:
-                    os.replace(tmp, path)
-                    return path
-                last_error = res.stderr.strip()
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-    raise NativeBuildError(f"compiling {SOURCE} with {cc} failed: {last_error[-2000:]}")
+    return build_library(SOURCE, "sync_kernel", BASE_FLAGS, NATIVE_FLAGS, cache_dir())
 
 
 class SyncKernel:
