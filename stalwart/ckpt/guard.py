@@ -73,6 +73,15 @@ class _LiveMark:
     step: int
     optimizer: int  # id() of the optimizer the mark is valid with
     rng: bytes | None  # this process's RNG streams as captured by that snapshot
+    taken: bool = True  # the keeper took the snapshot (False: back-pressure skipped it; the tensors still hold it)
+    # What a restore of ``step`` needs besides the kept tensors, for when the snapshot never
+    # committed (a node died before its keeper's share of the step was in): copies of the eager
+    # items (buffers, scheduler tensors, per-rank data position; small, they change in forward),
+    # the objects (scheduler, data position, step), and the layout the snapshot was planned for.
+    eager: dict | None = None
+    objects: dict | None = None
+    saved: dict | None = None  # name -> TensorSpec of the snapshot's layout
+    mesh: Mesh | None = None
 
 
 #: in-process recovery (:mod:`stalwart.elastic.inprocess`): id(module) -> its live mark; set when a
@@ -226,6 +235,7 @@ class Guard:
         self._watcher: threading.Thread | None = None
         self._entered = False
         self._in_process = in_process()
+        self._collected: list[Collected] | None = None  # the newest snapshot's items (in-process: for _mark_live)
 
     # ------------------------------------------------------------------ setup
     def _default_providers(self, model, optimizer, scheduler, extra) -> list[StateProvider]:
@@ -446,6 +456,7 @@ class Guard:
         ``self._refusal`` says why.
         """
         collected = self._collect()
+        self._collected = collected if self._in_process else None  # for the live mark (see _mark_live)
         plan = self._ensure_plan(collected)
         wait_s = self.timeouts.slot_s if must else min(30.0, self.timeouts.slot_s)
         reply = self._call("acquire", rank=self.rank, step=step, must=must, session=self._session, timeout=wait_s)
@@ -501,13 +512,20 @@ class Guard:
         self.stats.step_call_s += time.perf_counter() - t0
 
     def _mark_live(self, taken: bool) -> None:
+        """The live tensors hold step ``step_count`` until the next optimizer step: remember it,
+        with the small state a restore of it needs besides them (even when the keeper did not
+        take this snapshot, the process still holds the step)."""
         key = id(unwrap(self.model))
-        if not taken or self.optimizer is None:
+        collected, self._collected = self._collected, None
+        if self.optimizer is None or collected is None:
             _LIVE.pop(key, None)
             return
         rng = next((p.last_blob.tobytes() for p in self.providers if isinstance(p, RNGProvider) and p.last_blob is not None),
                    None)
-        _LIVE[key] = _LiveMark(self.step_count, id(self.optimizer), rng)
+        eager = {i.spec.name: i.tensor.detach().to("cpu", copy=True) for c in collected for i in c.items
+                 if not i.lazy and i.tensor is not None}
+        _LIVE[key] = _LiveMark(self.step_count, id(self.optimizer), rng, taken, eager,
+                               self._objects(collected), dict(self.plan.layout.tensors), self.plan.layout.mesh)
 
     def _live_mark(self) -> _LiveMark | None:
         mark = _LIVE.get(id(unwrap(self.model))) if self._in_process else None
@@ -724,10 +742,15 @@ class Guard:
             keep = None
             if self._in_process:  # the same on every rank: all ranks kept the newest step's tensors, or none keeps
                 newest = candidates[0] if candidates else None
-                if _all_true(mark is not None and newest == (mark.step, 0, "memory"), group):
+                if _all_true(mark is not None and mark.taken and newest == (mark.step, 0, "memory"), group):
                     keep = mark
-                elif mark is not None:
-                    status = self._await_redundancy(self._call("status"))
+                else:
+                    live = self._restore_live(mark, newest[0] if newest else None, group)
+                    if live is not None:
+                        return live
+                    if mark is not None:
+                        status = self._await_redundancy(self._call("status"))
+                        memory_dirs = {m["step"]: m["dir"] for m in status.get("memory", [])}
             incompatible: str | None = None
             for step, order, name in candidates:
                 ok, reason, loaded = self._try_candidate(step, order, name, memory_dirs,
@@ -781,6 +804,63 @@ class Guard:
             return None
         finally:
             _destroy(group)
+
+    def _restore_live(self, mark: _LiveMark | None, newest: int | None, group) -> int | None:
+        """In-process recovery of a step newer than every committed snapshot (a node died before
+        its share of the step committed, e.g. before erasure coding caught up): when every rank's
+        tensors hold that same step and are whole replicas (DDP), they are kept, and the rest of
+        the step's state comes from the live mark (eager items, objects, RNG). Collective: every
+        rank calls it. Returns the step, or None (nothing restored: the ordinary restore follows)."""
+        newer = mark is not None and mark.eager is not None and (newest is None or mark.step > newest)
+        lo, hi = _agree_range(mark.step if newer else -1, group)
+        if hi < 0:
+            return None  # no rank holds a step newer than the committed ones: the ordinary restore
+        if lo != hi:
+            if self.rank == 0:
+                log.warning("stalwart: the ranks' live tensors hold different steps (%s..%s, or none on some rank) and"
+                            " no snapshot of the newest one committed: restoring the newest committed step", lo, hi)
+            return None
+        step = hi
+        objects = _agree_on_objects(mark.objects, group)  # rank 0's, as a manifest stores them
+        ctx = RestoreContext(self.mesh, self.rank, step, mark.saved, objects, mark.mesh == self.mesh)
+        targets = [p.targets(ctx) for p in self.providers]
+        if self._loader is None:
+            targets.append(data_targets(ctx))
+        kept = self._kept_names(targets)
+        tensors: dict[str, torch.Tensor] = {}
+        missing: list[str] = []
+        kept_bytes = 0
+        for t in targets:
+            for i in t.items:
+                size = math.prod(i.spec.shape) * i.spec.dtype.itemsize
+                if i.spec.name in kept:
+                    kept_bytes += size
+                    continue
+                have = mark.eager.get(i.spec.name)
+                # a copy is this rank's view of the item: usable when the item is whole, or the topology unchanged
+                if (have is not None and tuple(have.shape) == tuple(i.tensor.shape)
+                        and (ctx.same_topology or isinstance(i.spec.placement, Replicated))):
+                    tensors[i.spec.name] = have
+                    kept_bytes += have.numel() * have.element_size()
+                else:
+                    missing.append(i.spec.name)
+        if not _all_true(not missing, group):
+            msg = (f"stalwart: step {step} is held by every rank's live tensors but never committed, and rank"
+                   f" {self.rank} cannot keep it ({', '.join(missing[:3]) if missing else 'another rank cannot'}"
+                   f"{' ...' if len(missing) > 3 else ''}: not a whole replica); restoring the newest committed step")
+            self.stats.fallbacks.append(msg)
+            if self.rank == 0 or missing:
+                log.warning("%s", msg)
+            return None
+        self._apply(tensors, ctx, kept, mark.rng)
+        unwrap(self.model).zero_grad(set_to_none=True)  # the failed attempt's partial gradients
+        self.step_count = step
+        self.last_snapshot_step = None  # no snapshot of it exists: the next one is taken as usual
+        self.stats.restored_step, self.stats.restored_from = step, KEPT_SOURCE
+        self.stats.restore_sources = {KEPT_SOURCE: kept_bytes}
+        log.warning("stalwart: rank %s restored step %s %s (%.1f MiB; no snapshot of it committed%s)", self.rank, step,
+                    KEPT_SOURCE, kept_bytes / 2**20, f", newest committed: step {newest}" if newest is not None else "")
+        return step
 
     def _kept_names(self, targets: list[Collected]) -> set[str]:
         """Tensors this process may keep (in-process recovery of the step its tensors hold):
@@ -994,6 +1074,33 @@ def _agree_on_candidates(mine: list[tuple[int, int, str]], group) -> list[tuple[
         length = int(b[:8].view(torch.int64).item())
         union.update(tuple(c) for c in json.loads(bytes(b[8 : 8 + length].tolist())))
     return sorted(union, key=lambda c: (-c[0], c[1]))
+
+
+def _agree_range(value: int, group) -> tuple[int, int]:
+    """(min, max) of ``value`` over the ranks."""
+    if group is None:
+        return value, value
+    import torch.distributed as dist
+
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t[0].item()), -int(t[1].item())
+
+
+def _agree_on_objects(objects: dict, group) -> dict:
+    """Rank 0's JSON objects on every rank (O(size) per rank: the others add zeros)."""
+    if group is None:
+        return objects
+    import torch.distributed as dist
+
+    data = json.dumps(objects).encode() if dist.get_rank(group) == 0 else b""
+    n = torch.tensor([len(data)], dtype=torch.int64)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8)
+    if data:
+        buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    return json.loads(bytes(buf.tolist()))
 
 
 def _destroy(group) -> None:

@@ -99,3 +99,47 @@ def test_tensors_that_moved_past_the_snapshot_are_copied_back(tmp_path, monkeypa
         assert KEPT_SOURCE not in guard.stats.restore_sources, guard.stats.restore_sources
         assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters(), strict=True))
     _LIVE.clear()
+
+
+@pytest.mark.timeout(120)
+def test_a_step_no_snapshot_committed_is_kept_from_the_live_tensors(tmp_path, monkeypatch):
+    """The survivors' tensors hold a step whose snapshot never committed (a node died before its
+    share did, and no parity held the step before): the live step is kept with its buffers,
+    scheduler, data position and RNG as of that step's guard.step(), instead of starting over."""
+    monkeypatch.setenv("STALWART_INPROC_EPOCH", "1")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    batches = [torch.randn(4, 8) for _ in range(10)]
+    _LIVE.clear()
+    with pytest.raises(RuntimeError), stalwart.protect(model, opt, root=str(tmp_path / "a"), every=1, scheduler=sched,
+                                                       tiers=["memory"]) as guard:
+        for i, x in enumerate(guard.resume(batches)):
+            model(x).square().mean().backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            guard.step()
+            if i == 2:
+                break
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        weights = [p.detach().clone() for p in model.parameters()]
+        rng = torch.get_rng_state()
+        torch.rand(3)  # the failed attempt: RNG advanced, BatchNorm statistics updated, partial gradients
+        model(torch.randn(4, 8)).sum().backward()
+        assert not torch.equal(buffers["1.running_mean"], model[1].running_mean)
+        raise RuntimeError("Connection closed by peer")
+    # a keeper that holds no snapshot of step 3 (its commit never happened): before, a restore found
+    # nothing and training started over from step 0
+    with stalwart.protect(model, opt, root=str(tmp_path / "b"), every=1, scheduler=sched, tiers=["memory"]) as guard:
+        assert guard.step_count == 3, guard.stats
+        assert guard.stats.restored_from == KEPT_SOURCE and KEPT_SOURCE in guard.stats.restore_sources, guard.stats
+        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+        assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers()), "buffers not those of step 3"
+        assert all(p.grad is None for p in model.parameters()), "the failed attempt's gradients survived the restore"
+        assert torch.equal(torch.get_rng_state(), rng), "RNG streams not those of step 3"
+        assert sched.last_epoch == 3
+        nxt = next(iter(guard.resume(batches)))
+        assert torch.equal(nxt, batches[3]), "the data position is not that of step 3"
+    _LIVE.clear()
