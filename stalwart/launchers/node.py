@@ -172,9 +172,8 @@ class NodeServices:
             for v in sorted(mine - set(self.standins)):
                 self.standins[v] = self._spawn_standin(v, json.loads(config))
             if self._standby is None or self._standby.poll() is not None:
-                from stalwart.ckpt.keeper import STANDBY_ARG
-
-                self._standby = self._start_keeper_process([STANDBY_ARG], stdin=subprocess.PIPE)
+                # imports at the lowest CPU priority: this runs while the survivors take their first steps
+                self._standby = self._start_keeper_process([], stdin=subprocess.PIPE, module="stalwart.launchers.standby")
 
     def _spawn_standin(self, slot: int, config: dict) -> tuple[str, subprocess.Popen]:
         from stalwart.ckpt.keeper import standin_args
@@ -198,9 +197,9 @@ class NodeServices:
         return sid, proc
 
     @staticmethod
-    def _start_keeper_process(args: list[str], stdin) -> subprocess.Popen:
+    def _start_keeper_process(args: list[str], stdin, module: str = "stalwart.ckpt.keeper") -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "CUDA_VISIBLE"))}
-        return subprocess.Popen([sys.executable, "-m", "stalwart.ckpt.keeper", *args], start_new_session=True,
+        return subprocess.Popen([sys.executable, "-m", module, *args], start_new_session=True,
                                 stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
                                 env=env, text=True)
 
