@@ -26,9 +26,8 @@ that saving work spreads across replicas.
 
 from __future__ import annotations
 
-import json
-
 import bisect
+import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
