@@ -301,8 +301,8 @@ def test_patched_headers_equal_rebuilt_ones():
 
 
 def test_rng_blob_follows_every_numpy_generator_change():
-    """The NumPy part of the RNG blob is reused while the generator did not move; a cached
-    gaussian being consumed changes the state without moving it, and must be seen."""
+    """The RNG blob is read from the generators' own state, not rebuilt from getstate(): every
+    change is seen, including a cached gaussian consumed (which moves no generator)."""
     import random
 
     import numpy as np
@@ -313,11 +313,12 @@ def test_rng_blob_follows_every_numpy_generator_change():
     random.seed(5)
     steps = [lambda: None, lambda: np.random.rand(3), lambda: np.random.standard_normal(),
              lambda: np.random.standard_normal(), lambda: None, lambda: np.random.seed(9), lambda: None,
-             lambda: np.random.standard_normal(), lambda: np.random.randint(0, 5)]
+             lambda: np.random.standard_normal(), lambda: np.random.randint(0, 5),
+             lambda: random.gauss(0, 1), lambda: random.random(), lambda: random.seed(7), lambda: random.gauss(0, 1)]
     for change in steps:
         change()
         blob = pack_rng()
-        expect = (np.random.standard_normal(), np.random.rand(), random.random(), torch.rand(1).item())
+        expect = (np.random.standard_normal(), np.random.rand(), random.gauss(0, 1), random.random(), torch.rand(1).item())
         unpack_rng(blob.tobytes())
-        assert (np.random.standard_normal(), np.random.rand(), random.random(), torch.rand(1).item()) == expect
+        assert (np.random.standard_normal(), np.random.rand(), random.gauss(0, 1), random.random(), torch.rand(1).item()) == expect
         unpack_rng(blob.tobytes())

@@ -144,6 +144,12 @@ class _Collected:
         return list(map(torch.Tensor.data_ptr, ts)), list(map(torch.Tensor.size, ts)), list(map(_DTYPE, ts))
 
     def unchanged(self) -> bool:
+        try:
+            return self._unchanged()
+        except TypeError:  # parameter or buffer mappings that are not dicts: rebuilt instead
+            return False
+
+    def _unchanged(self) -> bool:
         mods, is_ = self.modules, operator.is_
         return (list(map(_CHILDREN, mods)) == self.children
                 and all(map(is_, map(_PARAMS, mods), self.dicts)) and all(map(is_, map(_BUFFERS, mods), self.dicts[len(mods):]))
