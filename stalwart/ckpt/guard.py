@@ -30,7 +30,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -397,12 +397,18 @@ class Guard:
     def _collect(self) -> list[Collected]:
         return [p.collect(self.mesh, self.rank) for p in self.providers]
 
-    def _ensure_plan(self, collected: list[Collected]) -> SnapshotPlan:
+    def _next_plan(self, collected: list[Collected]) -> tuple[SnapshotPlan, bool]:
+        """This step's plan, and whether it keeps the last one's layout (then the keeper
+        already knows it: see :meth:`_install_plan`)."""
         # the cached plan is validated against this step's state, not rebuilt (see build_plan)
         plan = build_plan(collected, self.mesh, self.rank, self._aliases, previous=self.plan)
         if self.plan is not None and plan.signature == self.plan.signature:
             self.plan = plan  # same layout: keep the mapped slots, take this step's tensor references
-            return plan
+            return plan, True
+        return plan, False
+
+    def _install_plan(self, plan: SnapshotPlan) -> None:
+        """Tell the keeper about a new layout and map its slot files for it."""
         if self.max_host_memory is not None and plan.file_size * self.slots > self.max_host_memory:
             allowed = self.max_host_memory // max(plan.file_size, 1)
             raise StalwartError(
@@ -426,7 +432,27 @@ class Guard:
             log.info("stalwart: host snapshot pool %s slots x %.1f MiB per rank = %.1f MiB on node %d",
                      len(self.maps), plan.file_size / 2**20, self.stats.pool_bytes / 2**20, self.where.node_rank)
         self.plan = plan
-        return plan
+
+    def _acquire_early(self, step: int, request: dict) -> Callable[[], dict | None] | None:
+        """Ask the keeper for ``step``'s slot before the state is collected (the keeper answers
+        while this rank collects: its round trip leaves the training loop's blocking time).
+        Returns the function reading the reply (None when the keeper was lost), or None
+        when the request could not be sent (it is then made after collecting)."""
+        if self.plan is None or self._keeper_lost or self.client.chan is None:
+            return None
+        try:
+            pending = self.client.begin("acquire", **request)
+        except KeeperGone:
+            return None
+
+        def reply() -> dict | None:
+            try:
+                return pending()
+            except KeeperGone as e:
+                self._reconnect(e)  # the new keeper learns the plan first: asked again below
+                return None
+
+        return reply
 
     def _objects(self, collected: list[Collected]) -> dict:
         objects: dict = {}
@@ -455,11 +481,25 @@ class Guard:
         Returns whether this rank's state of ``step`` is (being) captured; when not,
         ``self._refusal`` says why.
         """
-        collected = self._collect()
-        self._collected = collected if self._in_process else None  # for the live mark (see _mark_live)
-        plan = self._ensure_plan(collected)
         wait_s = self.timeouts.slot_s if must else min(30.0, self.timeouts.slot_s)
-        reply = self._call("acquire", rank=self.rank, step=step, must=must, session=self._session, timeout=wait_s)
+        request = dict(rank=self.rank, step=step, must=must, session=self._session, timeout=wait_s)
+        early = None if must else self._acquire_early(step, request)
+        try:
+            collected = self._collect()
+            self._collected = collected if self._in_process else None  # for the live mark (see _mark_live)
+            plan, same = self._next_plan(collected)
+        except BaseException:
+            if early is not None:
+                with contextlib.suppress(Exception):
+                    self._give_back(step, early())
+            raise
+        reply = early() if early is not None else None
+        if not same or self.plan is None:  # a new layout (or a new keeper): a slot given for the old one is returned
+            self._give_back(step, reply)
+            reply = None
+            self._install_plan(plan)
+        if reply is None:
+            reply = self._call("acquire", **request)
         if reply.get("complete"):
             self.last_snapshot_step = step
             return True
@@ -497,6 +537,12 @@ class Guard:
         self.last_snapshot_step = step
         self.stats.snapshots += 1
         return True
+
+    def _give_back(self, step: int, reply: dict | None) -> None:
+        """Return a slot the keeper gave for ``step`` that this rank will not fill."""
+        if reply is not None and reply.get("slot") is not None:
+            with contextlib.suppress(StalwartError):
+                self._call("abandon", rank=self.rank, step=step, slot=reply["slot"])
 
     def step(self) -> None:
         """Mark the end of a training step (after ``optimizer.step()``); maybe snapshot."""

@@ -166,7 +166,7 @@ class Keeper:
     def adopt_slot(self, s: Slot) -> None:
         """Take a slot directory with a manifest as a complete memory snapshot."""
         m = read_manifest(s.dir)
-        s.step, s.complete = m.step, True
+        s.step, s.complete, s.manifest = m.step, True, m
         s.records = [f.to_json() for f in m.files]
         s.done = {f.rank: f.to_json() for f in m.files if f.rank is not None and os.path.exists(os.path.join(s.dir, f.path))}
         s.objects = m.objects
@@ -218,7 +218,7 @@ class Keeper:
                 os.remove(os.path.join(slot.dir, name))
         slot.step, slot.attempt, slot.complete, slot.done, slot.objects = None, 0, False, {}, {}
         slot.protected, slot.sid, slot.records, slot.owners, slot.incs = False, None, [], {}, {}
-        slot.rebuilt = False
+        slot.rebuilt, slot.manifest = False, None
 
     # ------------------------------------------------------------------ ops
     def _conflict(self, rank: int, pid) -> str | None:
@@ -477,7 +477,7 @@ class Keeper:
         slot.sid = snapshot_id(records)
         manifest = self._manifest(slot, records)
         atomic_write(os.path.join(slot.dir, MANIFEST_NAME), manifest.dumps(), fsync=False)
-        slot.complete = True
+        slot.complete, slot.manifest = True, manifest
         self.ledger.finish(self.ledger.get(slot.step, slot.attempt), COMPLETE)
         for other in self.slots:  # an older copy of the same step (an earlier run's) is superseded
             if other is not slot and other.complete and other.step == slot.step and not other.pinned:
@@ -668,7 +668,7 @@ class Keeper:
                 slot.persisting = True
                 step = slot.step
                 records = [FileRecord.from_json(slot.done[r]) for r in sorted(slot.done)]
-                manifest_base = read_manifest(slot.dir)
+                manifest_base = slot.manifest or read_manifest(slot.dir)
                 incs = dict(slot.incs)
                 holders = sorted(set(slot.owners.values())) or list(self.group.active if self.group else [self.node])
             try:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from stalwart.ckpt.protocol import Channel, KeeperGone, connect
 from stalwart.ckpt.redundancy import ECConfig
@@ -187,6 +188,13 @@ class KeeperClient:
         if self.chan is None:
             raise KeeperGone("not connected to a keeper")
         return self.chan.call(op, reply_timeout=self._reply_timeout(kwargs), **kwargs)
+
+    def begin(self, op: str, **kwargs) -> Callable[[], dict]:
+        """:meth:`call` in two halves (see :meth:`Channel.begin`): the returned function,
+        which must be called, reads the reply."""
+        if self.chan is None:
+            raise KeeperGone("not connected to a keeper")
+        return self.chan.begin(op, reply_timeout=self._reply_timeout(kwargs), **kwargs)
 
     def call_background(self, op: str, **kwargs) -> dict:
         """A request from a background thread, on its own connection."""

@@ -10,6 +10,7 @@ import contextlib
 import json
 import socket
 import threading
+from collections.abc import Callable
 
 from stalwart.errors import StalwartError
 
@@ -55,17 +56,37 @@ class Channel:
     def call(self, op: str, reply_timeout: float | None = None, **kwargs) -> dict:
         """Send ``op`` and return its reply; a keeper that does not answer within
         ``reply_timeout`` seconds (None: wait) is treated as gone and the channel closed."""
-        with self._lock:
+        return self.begin(op, reply_timeout, **kwargs)()
+
+    def begin(self, op: str, reply_timeout: float | None = None, **kwargs) -> Callable[[], dict]:
+        """:meth:`call` in two halves: send ``op`` now and return the function that reads its
+        reply, so the caller works while the keeper answers. The channel stays held until
+        that function is called, which the caller must do (also when it fails meanwhile)."""
+        self._lock.acquire()
+        try:
             self.send({"op": op, **kwargs})
+        except BaseException:
+            self._lock.release()
+            raise
+
+        def reply() -> dict:
             try:
-                self.sock.settimeout(reply_timeout)
-                reply = self.recv()
-            except TimeoutError:
-                self.close()  # a late reply would be read as the answer to the next request
-                raise KeeperGone(f"the keeper did not answer '{op}' within {reply_timeout:.0f}s (stopped or overloaded?)") from None
+                return self._reply(op, reply_timeout)
             finally:
-                with contextlib.suppress(OSError):
-                    self.sock.settimeout(None)
+                self._lock.release()
+
+        return reply
+
+    def _reply(self, op: str, reply_timeout: float | None) -> dict:
+        try:
+            self.sock.settimeout(reply_timeout)
+            reply = self.recv()
+        except TimeoutError:
+            self.close()  # a late reply would be read as the answer to the next request
+            raise KeeperGone(f"the keeper did not answer '{op}' within {reply_timeout:.0f}s (stopped or overloaded?)") from None
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.settimeout(None)
         if reply is None:
             raise KeeperGone(f"the keeper closed the connection during '{op}'")
         if not reply.get("ok", False):

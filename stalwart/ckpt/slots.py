@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Slot:
     owners: dict = field(default_factory=dict)  # rank -> node holding its file (multi-node)
     incs: dict = field(default_factory=dict)  # node -> incarnation of the keeper that committed it
     rebuilt: bool = False  # decoded from the redundancy group's survivors (not copied by a trainer)
+    manifest: Any = None  # the committed Manifest, kept parsed: persisting does not read it back
 
     @property
     def pinned(self) -> bool:

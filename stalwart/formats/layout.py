@@ -27,6 +27,7 @@ that saving work spreads across replicas.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -1130,6 +1131,24 @@ class Layout:
             "groups": {g: v.to_json() for g, v in self.groups.items()},
             "tensors": {n: t.to_json() for n, t in self.tensors.items()},
         }
+
+    def json_parts(self) -> tuple[str, str, str]:
+        """:meth:`to_json`'s mesh, groups and tensors as compact JSON text, encoded once: a
+        layout does not change after construction, and a keeper writes a manifest of the
+        same layout every step (45,000 tensor specs took ~70 ms to encode each time)."""
+        parts = self.__dict__.get("_json_parts")
+        if parts is None:
+            obj = self.to_json()
+            parts = self._json_parts = tuple(
+                json.dumps(obj[k], separators=(",", ":"), ensure_ascii=True) for k in ("mesh", "groups", "tensors"))
+        return parts
+
+    def has_panels(self) -> bool:
+        """Whether any tensor is stored as panels (a version-2 feature); computed once."""
+        found = self.__dict__.get("_has_panels")
+        if found is None:
+            found = self._has_panels = any(t.panels is not None for t in self.tensors.values())
+        return found
 
     @staticmethod
     def from_json(obj: Mapping) -> Layout:

@@ -162,6 +162,35 @@ def test_resized_and_swapped_storages_are_seen():
     assert_plan_matches_live(plan, model, opt)
 
 
+def test_replaced_added_and_reinterpreted_module_tensors_are_seen():
+    model = Tied()
+    model.scale = nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    planner = Planner(model, opt)
+    planner.step()
+    # a new Parameter object under the same name, equal in value (a one-element tensor
+    # compares equal with ==: the check must be by identity)
+    old = model.scale
+    model.scale = nn.Parameter(torch.ones(1))
+    plan, _ = planner.step()
+    assert entries(plan)["scale"] is not old and entries(plan)["scale"].data_ptr() == model.scale.data_ptr()
+    # a buffer replaced by an equal one, through the dict (no registration hook runs)
+    model._buffers["count"] = torch.zeros(3)
+    plan, _ = planner.step()
+    assert entries(plan)["count"].data_ptr() == model.count.data_ptr()
+    # a submodule added, and one replaced by another of the same shape
+    model.extra = nn.Linear(2, 2)
+    plan, _ = planner.step()
+    assert {"extra.weight", "extra.bias"} <= set(entries(plan))
+    model.extra = nn.Linear(2, 2)
+    plan, _ = planner.step()
+    assert entries(plan)["extra.weight"].data_ptr() == model.extra.weight.data_ptr()
+    # the same storage seen as another dtype of the same size
+    model.count.data = model.count.data.view(torch.int32)
+    plan, _ = planner.step()
+    assert plan.layout.tensors["count"].dtype == torch.int32
+
+
 def test_optimizer_state_replaced_by_load_state_dict():
     model = Tied()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -269,3 +298,27 @@ def test_patched_headers_equal_rebuilt_ones():
     for _ in range(3):
         tables = {n: gen.integers(0, 2**64 - 1, size=c, dtype=np.uint64) for n, c in image.block_counts.items()}
         assert bytes(final_header(image, tables)) == image.header(tables)
+
+
+def test_rng_blob_follows_every_numpy_generator_change():
+    """The RNG blob is read from the generators' own state, not rebuilt from getstate(): every
+    change is seen, including a cached gaussian consumed (which moves no generator)."""
+    import random
+
+    import numpy as np
+
+    from stalwart.ckpt.providers.rng import pack_rng, unpack_rng
+
+    np.random.seed(5)
+    random.seed(5)
+    steps = [lambda: None, lambda: np.random.rand(3), lambda: np.random.standard_normal(),
+             lambda: np.random.standard_normal(), lambda: None, lambda: np.random.seed(9), lambda: None,
+             lambda: np.random.standard_normal(), lambda: np.random.randint(0, 5),
+             lambda: random.gauss(0, 1), lambda: random.random(), lambda: random.seed(7), lambda: random.gauss(0, 1)]
+    for change in steps:
+        change()
+        blob = pack_rng()
+        expect = (np.random.standard_normal(), np.random.rand(), random.gauss(0, 1), random.random(), torch.rand(1).item())
+        unpack_rng(blob.tobytes())
+        assert (np.random.standard_normal(), np.random.rand(), random.gauss(0, 1), random.random(), torch.rand(1).item()) == expect
+        unpack_rng(blob.tobytes())

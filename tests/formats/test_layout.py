@@ -52,6 +52,21 @@ def test_split_then_assemble_is_identity_and_sources_cover_once(data):
     assert again.to_json() == layout.to_json()
 
 
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_manifest_dumps_with_cached_layout_text_is_the_plain_encoding(data):
+    from stalwart.formats.datafile import FileRecord
+    from stalwart.formats.manifest import Manifest
+
+    layout = data.draw(layouts(data.draw(tensor_specs())))
+    files = [FileRecord(f"rank-{r}.safetensors", 100 + r, 40, "d" * 32, r) for r in range(layout.world_size)]
+    objects = data.draw(st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=8), max_size=3))
+    for step in (1, 2):  # the second dump reuses the layout's cached encoding
+        m = Manifest(layout, files, step, objects, {"t": ["a"]}, {"framework": "X"}, created="2026-12-03T00:00:00+00:00")
+        plain = json.dumps(m.to_json(), separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+        assert m.dumps() == plain
+
 def test_zero2_partition_matches_deepspeed():
     # formats.md 1.3: emb 13x10, l1 7x10 + bias 7 at DP=2: 207 -> 208 -> 104 per rank.
     t = {"emb.weight": torch.zeros(13, 10), "l1.weight": torch.zeros(7, 10), "l1.bias": torch.zeros(7)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Set
 
 import torch
@@ -113,6 +114,50 @@ def _walk(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
+_CHILDREN, _PARAMS, _BUFFERS = (operator.attrgetter(a) for a in ("_modules", "_parameters", "_buffers"))
+_DTYPE = operator.attrgetter("dtype")
+
+
+class _Collected:
+    """A model's collected items with what they were collected from, checked cheaply at
+    every snapshot (C-level maps, identity comparisons, no names rebuilt): every module
+    keeps its children, parameters and buffers (the same objects under the same names),
+    and every tensor its storage (``p.data = new`` keeps the Parameter but not the storage
+    the items alias), size and dtype."""
+
+    def __init__(self, mesh: Mesh, modules: list[torch.nn.Module], tensors: list[torch.Tensor], out: Collected) -> None:
+        self.mesh, self.modules, self.tensors, self.out = mesh, modules, tensors, out
+        self.children = [dict(d) for d in map(_CHILDREN, modules)]  # modules compare by identity
+        self.dicts = list(map(_PARAMS, modules)) + list(map(_BUFFERS, modules))
+        self.sizes = list(map(len, self.dicts))
+        # tensors do not compare by identity (==): their dict entries are checked with `is`
+        self.entry_dicts = [d for d in self.dicts for _ in d]
+        self.entry_keys = [k for d in self.dicts for k in d]
+        self.entry_values = [v for d in self.dicts for v in d.values()]
+        self.dtensors = any(map(_is_dtensor, tensors))
+        self.storage = self._storage()
+
+    def _storage(self) -> tuple[list, list, list]:
+        ts = self.tensors
+        if self.dtensors:  # DTensors have no storage of their own: their local shards'
+            ts = [t._local_tensor if _is_dtensor(t) else t for t in ts]
+        return list(map(torch.Tensor.data_ptr, ts)), list(map(torch.Tensor.size, ts)), list(map(_DTYPE, ts))
+
+    def unchanged(self) -> bool:
+        try:
+            return self._unchanged()
+        except TypeError:  # parameter or buffer mappings that are not dicts: rebuilt instead
+            return False
+
+    def _unchanged(self) -> bool:
+        mods, is_ = self.modules, operator.is_
+        return (list(map(_CHILDREN, mods)) == self.children
+                and all(map(is_, map(_PARAMS, mods), self.dicts)) and all(map(is_, map(_BUFFERS, mods), self.dicts[len(mods):]))
+                and list(map(len, self.dicts)) == self.sizes
+                and all(map(is_, map(dict.get, self.entry_dicts, self.entry_keys), self.entry_values))
+                and self._storage() == self.storage)
+
+
 class ModuleProvider(StateProvider):
     """Params (lazy) and persistent buffers (eager, they change in forward) of a model.
 
@@ -127,7 +172,7 @@ class ModuleProvider(StateProvider):
         self.model = unwrap(model)
         self.prefix = prefix
         self._persistent: set[str] | None = None
-        self._cache: tuple | None = None
+        self._cache: _Collected | None = None
 
     def _named(self) -> list[tuple[str, torch.Tensor, str]]:
         """What ``named_parameters(remove_duplicate=False)`` then ``named_buffers()`` (persistent
@@ -150,19 +195,12 @@ class ModuleProvider(StateProvider):
         return params + buffers
 
     def collect(self, mesh: Mesh, rank: int) -> Collected:
+        cache = self._cache
+        if cache is not None and cache.mesh == mesh and cache.unchanged():
+            return cache.out  # same tensors, same structure: the very same items (see build_plan)
         named = self._named()
-        # data_ptr: ``p.data = new`` keeps the Parameter (its id) but not its storage, and the
-        # cached items hold the old storage's alias
-        ts = [t for _, t, _ in named]
-        ptrs = list(map(torch.Tensor.data_ptr, ts))
-        if 0 in ptrs:  # DTensors have no storage of their own (0): their local shards' pointers
-            ptrs = [(t._local_tensor if _is_dtensor(t) else t).data_ptr() for t in ts]
-        fingerprint = (mesh, [n for n, _, _ in named], list(map(id, ts)), ptrs, list(map(torch.Tensor.size, ts)),
-                       [t.dtype for t in ts])
-        if self._cache is not None and self._cache[0] == fingerprint:
-            return self._cache[1]  # same tensors, same structure: the very same items (see build_plan)
         out = self._collect(mesh, named)
-        self._cache = (fingerprint, out)
+        self._cache = _Collected(mesh, [m for _, m in _walk(self.model)], [t for _, t, _ in named], out)
         return out
 
     def _collect(self, mesh: Mesh, named) -> Collected:

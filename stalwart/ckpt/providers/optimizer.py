@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 
 import torch
@@ -24,6 +25,37 @@ def slot_name(fqn: str, slot: str, prefix: str = "") -> str:
     return f"{prefix}optim.{fqn}.{slot}"
 
 
+class _StateSeen:
+    """The optimizer state the cached items were made from, checked cheaply at every
+    snapshot (C-level maps, identity comparisons): the same params hold the same slot
+    dicts with the same values, and every tensor keeps its size. A new state entry, a
+    replaced tensor (load_state_dict, a reset) or one resized in place is noticed."""
+
+    def __init__(self, mesh: Mesh, state: Mapping, items: list[Item], scalar_slots: list) -> None:
+        self.mesh, self.items, self.scalar_slots = mesh, items, scalar_slots
+        self.params = list(state)
+        self.dicts = list(state.values())
+        self.lens = list(map(len, self.dicts))
+        self.entry_dicts = [d for d in self.dicts for _ in d]
+        self.entry_keys = [k for d in self.dicts for k in d]
+        self.entry_values = [v for d in self.dicts for v in d.values()]
+        self.tensors = [v for v in self.entry_values if isinstance(v, torch.Tensor)]
+        self.sizes = list(map(torch.Tensor.numel, self.tensors))
+
+    def unchanged(self, state: Mapping) -> bool:
+        try:
+            return self._unchanged(state)
+        except TypeError:  # a slot mapping that is not a dict: checked the slow way, by rebuilding
+            return False
+
+    def _unchanged(self, state: Mapping) -> bool:
+        is_ = operator.is_
+        return (len(state) == len(self.params) and all(map(is_, state, self.params))
+                and all(map(is_, state.values(), self.dicts)) and list(map(len, self.dicts)) == self.lens
+                and all(map(is_, map(dict.get, self.entry_dicts, self.entry_keys), self.entry_values))
+                and list(map(torch.Tensor.numel, self.tensors)) == self.sizes)
+
+
 class OptimizerProvider(StateProvider):
     """Stores ``optim.<param>.<slot>`` for every tensor slot of every param (exp_avg,
     exp_avg_sq, max_exp_avg_sq, momentum_buffer, step, ...) under the param's own
@@ -38,7 +70,7 @@ class OptimizerProvider(StateProvider):
         self.model = unwrap(model)
         self.prefix = prefix
         self._fqn_cache: dict[int, str] = {}
-        self._cache: tuple | None = None
+        self._cache: _StateSeen | None = None
         self._names_cache: dict[tuple, dict] = {}  # a group's param ids -> its encoded param names
         self._names_for: dict[int, str] | None = None  # the name map _names_cache was made with
         self._hyper: tuple | None = None  # (repr of the groups' hyper-parameters, group count, their encoding)
@@ -70,19 +102,14 @@ class OptimizerProvider(StateProvider):
         # identities of the state's values and the tensors' sizes: a new state entry, a
         # replaced tensor (load_state_dict, a reset) or one resized in place is noticed
         state = self.optimizer.state
-        values = [v for st in state.values() for v in st.values()]
-        try:
-            sizes = list(map(torch.Tensor.numel, values))
-        except TypeError:  # non-tensor slots (e.g. an int step)
-            sizes = [v.numel() if isinstance(v, torch.Tensor) else None for v in values]
-        fingerprint = (mesh, list(map(id, state)), [tuple(st) for st in state.values()], list(map(id, values)), sizes)
-        if self._cache is not None and self._cache[0] == fingerprint:
-            items, scalar_slots = self._cache[1], self._cache[2]
+        cache = self._cache
+        if cache is not None and cache.mesh == mesh and cache.unchanged(state):
+            items, scalar_slots = cache.items, cache.scalar_slots
         else:
             items = self._items(mesh, fqns)
             scalar_slots = [(p, fqns[id(p)], k) for p, st in self.optimizer.state.items() if id(p) in fqns
                             for k, v in st.items() if not isinstance(v, torch.Tensor)]
-            self._cache = (fingerprint, items, scalar_slots)
+            self._cache = _StateSeen(mesh, state, items, scalar_slots)
         scalars: dict[str, dict] = {}
         for p, fqn, slot in scalar_slots:  # values may change every step; which slots exist is in the fingerprint
             scalars.setdefault(fqn, {})[slot] = self.optimizer.state[p][slot]

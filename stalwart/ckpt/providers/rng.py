@@ -11,6 +11,7 @@ there is no right row for a rank that did not exist.
 
 from __future__ import annotations
 
+import ctypes
 import random
 import struct
 import warnings
@@ -33,13 +34,74 @@ def _cuda_states() -> list[torch.Tensor]:
     return []
 
 
-def pack_rng() -> np.ndarray:
-    version, words, gauss = random.getstate()
-    py = _PY.pack(version, *words, gauss if gauss is not None else 0.0, gauss is not None)
+_MT_RAW = 624 * 4 + 4  # numpy's mt19937_state: uint32 key[624], int pos
+_np_packed: tuple[bytes, bytes] | None = None  # (raw key + pos, its _NP packing) while the cached gaussian is unset
+_np_raw_ok: bool | None = None  # whether the raw read matched get_state() (checked on first use)
+
+
+def _np_raw() -> bytes | None:
+    """The global NumPy generator's key and position read from its C state (~1 us; get_state()
+    copies the key element by element, ~90 us), or None when not readable that way."""
+    if _np_raw_ok is False:
+        return None
+    try:
+        return ctypes.string_at(np.random.mtrand._rand._bit_generator.ctypes.state_address, _MT_RAW)
+    except Exception:
+        return None
+
+
+def _pack_numpy() -> bytes:
+    """``_NP.pack(*np.random.get_state()[1:])``, reused while the generator did not move.
+
+    Unchanged key and position mean unchanged state only while no gaussian is cached
+    (consuming a cached one changes ``has_gauss`` without moving the generator), so the
+    packing is reused only in that case and get_state() is called otherwise."""
+    global _np_packed, _np_raw_ok
+    raw = _np_raw()
+    if raw is not None and _np_packed is not None and _np_packed[0] == raw:
+        return _np_packed[1]
     name, key, pos, has_gauss, cached = np.random.get_state()
     assert name == "MT19937"
     # == _NP.pack(*key, pos, has_gauss, cached), without 624 Python ints (RNG is packed every snapshot)
-    npb = np.asarray(key, dtype="<u4").tobytes() + _NP_TAIL.pack(int(pos), int(has_gauss), float(cached))
+    key_bytes = np.asarray(key, dtype="<u4").tobytes()
+    npb = key_bytes + _NP_TAIL.pack(int(pos), int(has_gauss), float(cached))
+    if raw is not None and _np_raw_ok is None:
+        _np_raw_ok = raw == key_bytes + struct.pack("<i", int(pos))
+    _np_packed = (raw, npb) if raw is not None and _np_raw_ok and not has_gauss else None
+    return npb
+
+
+_PY_RAW = 4 + 624 * 4  # CPython's RandomObject after its object header: int index, uint32 state[624]
+_py_raw_ok: bool | None = None  # whether the raw read matched random.getstate() (checked on first use)
+
+
+def _pack_python() -> bytes:
+    """``_PY.pack(*random.getstate())`` for the global ``random`` generator.
+
+    ``getstate()`` makes 625 Python ints that ``_PY.pack`` parses again, which costs
+    0.1-0.4 ms right after a training step (cold caches); the generator's words are read
+    from the object instead, after checking once that doing so gives exactly what
+    ``getstate()`` gives (else ``getstate()`` is used)."""
+    global _py_raw_ok
+    inst = random._inst
+    gauss = inst.gauss_next
+    if _py_raw_ok is not False and type(inst) is random.Random:
+        raw = ctypes.string_at(id(inst) + object.__basicsize__, _PY_RAW)
+        packed = (struct.pack("<i", random.Random.VERSION) + raw[4:] + raw[:4]
+                  + struct.pack("<d?", gauss if gauss is not None else 0.0, gauss is not None))
+        if _py_raw_ok:
+            return packed
+        version, words, gauss = random.getstate()
+        _py_raw_ok = packed == _PY.pack(version, *words, gauss if gauss is not None else 0.0, gauss is not None)
+        if _py_raw_ok:
+            return packed
+    version, words, gauss = random.getstate()
+    return _PY.pack(version, *words, gauss if gauss is not None else 0.0, gauss is not None)
+
+
+def pack_rng() -> np.ndarray:
+    py = _pack_python()
+    npb = _pack_numpy()
     cpu = torch.get_rng_state().numpy().tobytes()
     cuda = b"".join(s.numpy().tobytes() for s in _cuda_states())
     header = struct.pack("<IIII", len(py), len(npb), len(cpu), len(cuda))
