@@ -1139,14 +1139,14 @@ def _agree_on_objects(objects: dict, group) -> dict:
         return objects
     import torch.distributed as dist
 
-    data = json.dumps(objects).encode() if dist.get_rank(group) == 0 else b""
+    data = json.dumps(objects).encode() if dist.get_rank() == 0 else b""  # side groups are unregistered
     n = torch.tensor([len(data)], dtype=torch.int64)
     dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
     buf = torch.zeros(int(n.item()), dtype=torch.uint8)
     if data:
         buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-    return json.loads(bytes(buf.tolist()))
+    return json.loads(buf.numpy().tobytes())
 
 
 def _destroy(group) -> None:
