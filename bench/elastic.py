@@ -109,6 +109,15 @@ RESTART_PHASES = [("detection", "old_gone"), ("rendezvous", "created"), ("start+
 # again -> restored -> first step
 IN_PROCESS_PHASES = [("detection", "error"), ("re-form", "pg"), ("model build", "model"), ("restore", "restored"),
                      ("first step", "first_step")]
+# torchft: SIGKILL -> the survivor's step failed (not committed) -> the Lighthouse's new quorum reconfigured
+# its gloo group -> the first committed step (no restore: the survivor keeps its own replica's state)
+TORCHFT_PHASES = [("detection", "error"), ("quorum + pg", "pg"), ("first step", "first_step")]
+# nvrx in-process restart: SIGKILL -> the survivor's step raised -> the Wrapper restarted the function and the
+# group is re-created at the new world size -> DDP wrapped again -> the first step (state kept in memory)
+NVRX_PHASES = [("detection", "error"), ("restart + pg", "pg"), ("model build", "model"), ("first step", "first_step")]
+PHASE_TITLES = {id(RESTART_PHASES): "restarted workers", id(IN_PROCESS_PHASES): "survivors kept in process",
+                id(TORCHFT_PHASES): "torchft survivors (kept in process)",
+                id(NVRX_PHASES): "nvrx survivors (in-process restart)"}
 
 
 def free_port() -> int:
@@ -296,6 +305,13 @@ class System:
     def cleanup(self, trial: Trial) -> None:
         pass
 
+    def timeouts(self) -> str:
+        """The failure-detection and hang timeouts this system ran with (printed in the report)."""
+        return "-"
+
+    def after_recovery(self, trial: Trial, res: Result, t_kill: float) -> None:
+        """Called once the survivors' recovery is measured (e.g. to bring a replacement back)."""
+
 
 class Stalwart(System):
     name = "stalwart"
@@ -331,6 +347,9 @@ class Stalwart(System):
         agent = psutil.Process(worker["agent_pid"])
         pids = [agent.pid, *(c.pid for c in agent.children(recursive=True))]
         return pids + ([int(keeper)] if keeper else [])
+
+    def timeouts(self) -> str:
+        return "torchrun monitor interval 0.1 s, stalwart rendezvous defaults"
 
     def cleanup(self, trial: Trial) -> None:
         for d in glob.glob(os.path.join(self.args.shm, "stalwart-*")):
@@ -373,6 +392,11 @@ class StalwartInProcess(Stalwart):
         return [*super().worker_args(trial), "--in-process", "--hang-timeout", str(a.hang_timeout),
                 "--dead-after", str(a.dead_after)]
 
+    def timeouts(self) -> str:
+        a = self.args
+        return (f"heartbeat every 0.1 s, dead after {a.dead_after:g} s (--dead-after); collectives and the wait for"
+                f" members that neither join nor die {a.hang_timeout:g} s (--hang-timeout)")
+
 
 class TorchrunDCP(System):
     name = "dcp"
@@ -389,6 +413,9 @@ class TorchrunDCP(System):
                                       "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                                       f"--rdzv-id={run_id}", "--max-restarts=3",
                                       "--monitor-interval=0.1", *self.worker_args(trial)])
+
+    def timeouts(self) -> str:
+        return "torchrun monitor interval 0.1 s, c10d rendezvous defaults, gloo default timeout"
 
 
 class DLRover(System):
@@ -422,6 +449,9 @@ class DLRover(System):
             trial.spawn(f"agent{i}", [run, "--nnodes=2", "--nproc_per_node=1", "--max-restarts=3",
                                       "--monitor-interval=0.1", *self.worker_args(trial)], env=node_env)
 
+    def timeouts(self) -> str:
+        return "dlrover-run monitor interval 0.1 s, DLRover master defaults"
+
     def cleanup(self, trial: Trial) -> None:
         # DLRover's flash checkpoint leaves its shared-memory segment behind (anchors-measured.md): remove the
         # segments that appeared during this trial
@@ -430,7 +460,108 @@ class DLRover(System):
                 os.unlink(path)
 
 
-SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Stalwart, StalwartInProcess, TorchrunDCP, DLRover, StalwartRank)}
+class TorchFT(System):
+    """torchft 0.2.0 (in its own virtual environment): a Lighthouse process, one replica group of one
+    process per simulated node (bench/_torchft_worker.py: torchft's Manager, its DDP wrapper and its
+    ProcessGroupGloo), the same GPT, AdamW, batch and data. Failure: SIGKILL of replica 1's process;
+    the survivor keeps its process and state, its failed step is not committed, the Lighthouse forms a
+    quorum without the dead replica once its heartbeat is --dead-after old, and the survivor goes on
+    at world size 1. Then (not part of the recovery time) replica 1 is started again and heals from
+    the survivor: its rejoin is reported separately."""
+
+    name = "torchft"
+    label = "torchft (Lighthouse + DDP, gloo)"
+    failure = "replica 1 process"
+    phases = TORCHFT_PHASES
+    in_process = True
+    QUORUM_TICK_MS = 100
+    HEARTBEAT_S = 0.1
+
+    def available(self) -> str | None:
+        py = self.args.torchft_python
+        if not os.path.exists(py):
+            return f"no torchft environment at {py} (see the module docstring to create one)"
+        if not os.path.exists(os.path.join(os.path.dirname(py), "torchft_lighthouse")):
+            return f"no torchft_lighthouse beside {py}"
+        return None
+
+    def timeouts(self) -> str:
+        a = self.args
+        return (f"Lighthouse heartbeat timeout {a.dead_after * 1000:.0f} ms (--dead-after), join timeout"
+                f" {a.hang_timeout * 1000:.0f} ms (--hang-timeout), quorum tick {self.QUORUM_TICK_MS} ms, min_replicas 1;"
+                f" Manager heartbeat every {self.HEARTBEAT_S:g} s, Manager/quorum/gloo PG timeout {a.hang_timeout:g} s"
+                f" (--hang-timeout)")
+
+    def replica_cmd(self, trial: Trial, i: int) -> list[str]:
+        a = self.args
+        return [a.torchft_python, "-u", os.path.join(HERE, "_torchft_worker.py"), "--out", trial.out, "--replica",
+                str(i), "--lighthouse", trial.lighthouse, "--batch", str(a.batch), "--timeout", str(a.hang_timeout),
+                "--quorum-timeout", str(a.hang_timeout), "--heartbeat-interval", str(self.HEARTBEAT_S)] \
+            + (["--quick"] if a.quick else [])
+
+    def launch(self, trial: Trial) -> None:
+        a = self.args
+        port = free_port()
+        trial.env = {k: v for k, v in trial.env.items() if k != "PYTHONPATH"}  # no stalwart in torchft's world
+        trial.spawn("lighthouse", [os.path.join(os.path.dirname(a.torchft_python), "torchft_lighthouse"),
+                                   "--bind", f"127.0.0.1:{port}", "--min_replicas", "1",
+                                   "--join_timeout_ms", str(int(a.hang_timeout * 1000)),
+                                   "--quorum_tick_ms", str(self.QUORUM_TICK_MS),
+                                   "--heartbeat_timeout_ms", str(int(a.dead_after * 1000))])
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            if time.monotonic() > deadline or trial.procs[-1][1].poll() is not None:
+                raise TrialFailed(f"the torchft Lighthouse did not start\n{trial.tail()}")
+            time.sleep(0.1)
+        trial.lighthouse = f"http://127.0.0.1:{port}"
+        for i in range(2):
+            trial.spawn(f"agent{i}", self.replica_cmd(trial, i))
+
+    def after_recovery(self, trial: Trial, res: Result, t_kill: float) -> None:
+        """Start replica 1 again; it heals from the survivor (torchft's live-peer recovery). Reported:
+        the new process's creation -> its first committed step (import, model + Manager, quorum, heal),
+        and the survivor's longest gap between two commits from then until that step."""
+        if not self.args.torchft_rejoin:
+            return
+        t_restart = time.time()
+        p = trial.spawn("agent1-rejoin", self.replica_cmd(trial, 1))
+
+        def joined():
+            evs = trial.events()
+            new = [e for e in evs if e["pid"] == p.pid]
+            first = next((e for e in new if e["ev"] == "step"), None)
+            return (evs, new, first) if first else None
+
+        try:
+            evs, new, first = _wait(trial, joined, self.args.recovery_timeout, "the replaced replica's first step")
+        except TrialFailed as e:
+            res.notes.append(f"rejoin failed: {str(e).splitlines()[0]}")
+            return
+        start = next(e for e in new if e["ev"] == "start")
+        marks = {e["ev"]: e["t"] for e in new if e["ev"] in ("imported", "model", "pg", "restored")}
+        rj = {"start_to_first_step_s": first["t"] - start["created"], "spawned_after_kill_s": t_restart - t_kill}
+        prev = start["created"]
+        for k in ("imported", "model", "pg", "restored"):
+            if k in marks:
+                rj[f"to_{k}_s"] = marks[k] - prev
+                prev = marks[k]
+        rj["to_first_step_s"] = first["t"] - prev
+        surv = [e["t"] for e in evs if e["ev"] == "step" and e["pid"] != p.pid and e["rank"] == 0
+                and e["t"] > t_kill]
+        # the survivor's commit gap around the join: the longest interval between its commits that ends
+        # at or after the new replica's first quorum and at or before its first committed step + one step
+        lo, hi = marks.get("pg", start["created"]), first["t"] + (res.step_s or 0) + 0.05
+        gaps = [b - a for a, b in itertools.pairwise(surv) if b >= lo and a <= hi]
+        alone = [b - a for a, b in itertools.pairwise(surv) if a >= t_kill + (res.total_s or 0) and b < lo]
+        if gaps:
+            rj["survivor_commit_gap_s"] = max(gaps)
+        if alone:
+            rj["survivor_step_alone_s"] = statistics.median(alone)
+        res.extra["rejoin"] = rj
+
+
+SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Stalwart, StalwartInProcess, TorchrunDCP, DLRover, TorchFT,
+                                                        StalwartRank)}
 
 
 def _listening(port: int) -> bool:
@@ -458,6 +589,7 @@ class Result:
     restore_bytes: dict = field(default_factory=dict)
     survivor_error_s: float | None = None  # kill -> a survivor's collective raised
     notes: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # system-specific figures (torchft: the replaced replica's rejoin)
 
 
 def steady_steps(events: list[dict], world: int) -> list[dict]:
@@ -546,7 +678,9 @@ def _recover(system: System, trial: Trial, res: Result, a, victims: list[int], o
             os.kill(pid, signal.SIGKILL)
     survivors = old - set(victims)
     if system.in_process:
-        return _recover_in_process(system, trial, res, a, survivors, t_kill)
+        _recover_in_process(system, trial, res, a, survivors, t_kill)
+        system.after_recovery(trial, res, t_kill)
+        return
     # the survivors' old workers: poll until gone (detection + stop)
     gone_at: dict[int, float] = {}
     deadline = time.monotonic() + a.recovery_timeout
@@ -614,7 +748,7 @@ def _recover(system: System, trial: Trial, res: Result, a, victims: list[int], o
 
 def _recover_in_process(system: System, trial: Trial, res: Result, a, survivors: set[int], t_kill: float) -> None:
     """The survivors keep their processes: every phase ends at the slowest survivor's own event
-    after the kill."""
+    after the kill (the events named in ``system.phases``)."""
 
     def recovered():
         evs = trial.events()
@@ -629,26 +763,31 @@ def _recover_in_process(system: System, trial: Trial, res: Result, a, survivors:
     before = [e for e in evs if e["ev"] == "step" and e["t"] < t_kill]
     res.last_step = max(e["step"] for e in before)
     restored = [e for e in after if e["ev"] == "restored"]
-    if not restored:
+    needs_restore = any(mark == "restored" for _, mark in system.phases)
+    if needs_restore and not restored:
         raise TrialFailed("the survivors trained on without restoring")
-    res.restored_step = min(e["step"] for e in restored)
+    if restored:
+        res.restored_step = min(e["step"] for e in restored)
+        r0 = restored[0]
+        res.restore_source, res.restore_bytes = r0.get("source"), r0.get("bytes") or {}
+    else:  # the survivors went on from the state they held (torchft, nvrx): the step before their first one
+        res.restored_step = min(e["step"] for e in firsts.values()) - 1
+        res.restore_source = "survivor's own state"
     res.steps_lost = res.last_step - res.restored_step
     res.world_after = max(e["world"] for e in firsts.values())
-    r0 = restored[0]
-    res.restore_source, res.restore_bytes = r0.get("source"), r0.get("bytes") or {}
     for e in restored:
         if e.get("fallbacks"):
             res.notes += e["fallbacks"]
     errs = [e["t"] for e in after if e["ev"] == "error"]
     res.survivor_error_s = (min(errs) - t_kill) if errs else None
     marks = {"first_step": max(e["t"] for e in firsts.values())}
-    for kind in ("error", "pg", "model", "restored"):
-        ts = [e["t"] for e in after if e["ev"] == kind]
-        if len(ts) < len(survivors):
-            raise TrialFailed(f"a survivor wrote no '{kind}' event after the kill")
+    for _, kind in system.phases:
+        if kind == "first_step":
+            continue
+        ts = [e["t"] for e in after if e["ev"] == kind and e["t"] <= marks["first_step"]]
+        if len({e["pid"] for e in after if e["ev"] == kind and e["t"] <= marks["first_step"]}) < len(survivors):
+            raise TrialFailed(f"a survivor wrote no '{kind}' event between the kill and its first step")
         marks[kind] = max(ts)
-    if len({e["pid"] for e in after} - survivors):
-        raise TrialFailed("new worker processes appeared: the survivors were restarted")
     prev = t_kill
     for name, mark in system.phases:
         res.phases[name] = marks[mark] - prev
@@ -687,10 +826,12 @@ def report(results: list[Result], systems: list[System], args) -> str:
                      ",".join(map(str, lost)) or "-", ",".join(sorted({str(r.world_after) for r in rs})) or "-",
                      fmt([r.step_s for r in rs if r.step_s]), fmt([r.ckpt_s for r in rs if r.ckpt_s is not None])])
     lines += _table(head, rows)
-    for phases, title in ((RESTART_PHASES, "restarted workers"), (IN_PROCESS_PHASES, "survivors kept in process")):
-        group = [s for s in systems if s.phases is phases]
-        if not group:
-            continue
+    groups: dict[int, list[System]] = {}
+    for s in systems:
+        groups.setdefault(id(s.phases), []).append(s)
+    for group in groups.values():
+        phases = group[0].phases
+        title = PHASE_TITLES.get(id(phases), group[0].label)
         names = [p for p, _ in phases]
         lines.append(f"\nWhere the time goes, {title} (median s per phase; see the docstring for the boundaries)\n")
         rows = []
@@ -699,8 +840,35 @@ def report(results: list[Result], systems: list[System], args) -> str:
             rows.append([s.label] + [fmt([r.phases[p] for r in rs if p in r.phases], "") for p in names]
                         + [fmt([r.survivor_error_s for r in rs if r.survivor_error_s is not None], "")])
         lines += _table(["system", *names, "(collective error)"], rows)
+    lines.append("\nTimeouts used (--dead-after / --hang-timeout mapped where the concepts match)\n")
+    lines += _table(["system", "timeouts"], [[s.label, s.timeouts()] for s in systems])
+    for s in systems:
+        rj = [r.extra["rejoin"] for r in ok[s.name] if "rejoin" in r.extra]
+        if not rj:
+            continue
+        lines.append(f"\n{s.label}, replica 1 started again after the recovery (not in the recovery time), median"
+                     " (min-max):")
+        parts = [(k[3:-2], "s") for k in ("to_imported_s", "to_model_s", "to_pg_s", "to_restored_s", "to_first_step_s")]
+        lines.append("  new process -> its first committed step " + fmt([r["start_to_first_step_s"] for r in rj])
+                     + " = " + ", ".join(f"{name} {fmt([r['to_' + name + '_s'] for r in rj if 'to_' + name + '_s' in r], '')}"
+                                          for name, _ in parts))
+        lines.append("  survivor's longest commit gap around the join " + fmt([r["survivor_commit_gap_s"] for r in rj
+                                                                              if "survivor_commit_gap_s" in r])
+                     + " (its steps alone: " + fmt([r["survivor_step_alone_s"] for r in rj if "survivor_step_alone_s" in r])
+                     + ")")
     for s in systems:
         st = ok.get(s.name) or [] if s.name.startswith("stalwart") and s.name != "stalwart-rank" else []
+        if st and s.in_process:
+            med = statistics.median([r.total_s for r in st])
+            for other in ("torchft", "nvrx"):
+                o = ok.get(other) or []
+                if o:
+                    omed = statistics.median([r.total_s for r in o])
+                    lines.append(f"\n{s.label}: target faster than {other} (same timeouts): {med:.2f}s vs {omed:.2f}s"
+                                 f" -> {'MET' if med < omed else 'MISSED'}")
+            limit = 1.0 if args.quick else 2.0
+            lines.append(f"{s.label}: target <= {limit:.0f} s ({'small GPT' if args.quick else '110M GPT'}):"
+                         f" median {med:.2f}s, worst {max(r.total_s for r in st):.2f}s -> {'MET' if med <= limit else 'MISSED'}")
         if not (st and base_med):
             continue
         med = statistics.median([r.total_s for r in st])
@@ -737,9 +905,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default="stalwart-inproc,stalwart,dcp,dlrover", help=f"comma-separated, of {sorted(SYSTEMS)}")
     ap.add_argument("--hang-timeout", type=float, default=30.0,
-                    help="stalwart-inproc: collective timeout and the wait for members that neither join nor die")
+                    help="stalwart-inproc: collective timeout and the wait for members that neither join nor die;"
+                         " torchft: Lighthouse join timeout, Manager and gloo PG timeout; nvrx: soft timeout,"
+                         " barrier timeout and gloo PG timeout")
     ap.add_argument("--dead-after", type=float, default=1.0,
-                    help="stalwart-inproc: seconds of a silent heartbeat before a member counts as dead")
+                    help="stalwart-inproc: seconds of a silent heartbeat before a member counts as dead;"
+                         " torchft: Lighthouse heartbeat timeout; nvrx: heartbeat timeout")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a small GPT instead of the 110M one (smoke runs)")
     ap.add_argument("--batch", type=int, default=2, help="sequences of 128 tokens per rank per step")
@@ -751,6 +922,10 @@ def main(argv=None) -> int:
                     help="steps between disk checkpoints (DCP, DLRover, stalwart's local tier)")
     ap.add_argument("--redundancy", default="1,1", help="stalwart: k,m of the memory snapshots' erasure code ('' for none)")
     ap.add_argument("--dlrover-python", default=os.path.join(REPO, ".cache", "dlrover-venv", "bin", "python"))
+    ap.add_argument("--torchft-python", default=os.path.join(REPO, ".cache", "torchft-venv", "bin", "python"))
+    ap.add_argument("--no-torchft-rejoin", dest="torchft_rejoin", action="store_false",
+                    help="torchft: do not start the killed replica again after the recovery (no rejoin figures)")
+    ap.add_argument("--nvrx-python", default=os.path.join(REPO, ".cache", "nvrx-venv", "bin", "python"))
     ap.add_argument("--start-timeout", type=float, default=240.0)
     ap.add_argument("--recovery-timeout", type=float, default=180.0)
     ap.add_argument("--workdir", default=None, help="where trials run (default: a fresh temporary directory)")
