@@ -560,8 +560,51 @@ class TorchFT(System):
         res.extra["rejoin"] = rj
 
 
+class NVRx(System):
+    """NVIDIA resiliency-ext 0.7.0 in-process restart (in its own virtual environment): two ranks
+    started directly (RANK/WORLD_SIZE/MASTER_* set here, no torchrun), the training function run
+    by ``inprocess.Wrapper`` (bench/_nvrx_worker.py), the GPT and AdamW built once outside it.
+    Failure: SIGKILL of rank 1's process; the survivor's collective fails, the Wrapper restarts the
+    function in the same process at world size 1 (its default rank assignment) and the survivor
+    trains on from the state it holds (nvrx does not checkpoint)."""
+
+    name = "nvrx"
+    label = "NVRx in-process restart (gloo)"
+    failure = "rank 1 process"
+    phases = NVRX_PHASES
+    in_process = True
+    INTERVAL_S = 0.1
+    LAST_CALL_WAIT_S = 0.1
+
+    def available(self) -> str | None:
+        py = self.args.nvrx_python
+        if not os.path.exists(py):
+            return f"no nvidia-resiliency-ext environment at {py} (see the module docstring to create one)"
+        return None
+
+    def timeouts(self) -> str:
+        a = self.args
+        return (f"heartbeat every {self.INTERVAL_S:g} s, heartbeat timeout {a.dead_after:g} s (--dead-after); soft timeout"
+                f" {a.hang_timeout:g} s, hard {a.hang_timeout + 5:g} s, barrier/completion {a.hang_timeout + 10:g} s,"
+                f" gloo PG timeout {a.hang_timeout:g} s (--hang-timeout); monitor thread/process and progress"
+                f" watchdog intervals {self.INTERVAL_S:g} s, last-call wait {self.LAST_CALL_WAIT_S:g} s")
+
+    def launch(self, trial: Trial) -> None:
+        a = self.args
+        env = {k: v for k, v in trial.env.items() if k != "PYTHONPATH"}  # no stalwart in nvrx's world
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+        trial.env = env
+        pg_port = free_port()
+        for i in range(2):
+            trial.spawn(f"agent{i}", [a.nvrx_python, "-u", os.path.join(HERE, "_nvrx_worker.py"), "--out", trial.out,
+                                      "--pg-port", str(pg_port), "--batch", str(a.batch),
+                                      "--hang-timeout", str(a.hang_timeout), "--dead-after", str(a.dead_after),
+                                      "--interval", str(self.INTERVAL_S), "--last-call-wait", str(self.LAST_CALL_WAIT_S)]
+                        + (["--quick"] if a.quick else []), env={**env, "RANK": str(i)})
+
+
 SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Stalwart, StalwartInProcess, TorchrunDCP, DLRover, TorchFT,
-                                                        StalwartRank)}
+                                                        NVRx, StalwartRank)}
 
 
 def _listening(port: int) -> bool:
