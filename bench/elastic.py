@@ -51,6 +51,12 @@ Systems (all on the same model, data, step and failure timing):
             whole node - SIGKILL of node 1's agent, worker and keeper together. The survivor
             continues at world size 1; the lost node's half of the DDP state (each replicated
             tensor is stored by one rank) is rebuilt from the parity its keeper holds.
+  stalwart-inproc
+            the same stalwart job with the worker's training function run by
+            stalwart.elastic.run (hang_timeout_s = --hang-timeout, dead_after_s = --dead-after):
+            the survivor keeps its process (GPT and AdamW built once), re-forms its group at
+            world size 1 and restores the newest snapshot into the tensors it holds. The same
+            whole-node failure as stalwart.
   dcp       plain torchrun, --rdzv-backend=c10d --nnodes=1:2 --max-restarts=3
             --monitor-interval=0.1 (torch's rendezvous defaults otherwise),
             TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per rendezvous round, so the
