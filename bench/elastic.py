@@ -865,17 +865,30 @@ def _recover_in_process(system: System, trial: Trial, res: Result, a, survivors:
     """The survivors keep their processes: every phase ends at the slowest survivor's own event
     after the kill (the events named in ``system.phases``)."""
 
+    # a survivor's recovery starts at its first phase's event (its failed collective): a step it completes
+    # between the kill and that event (its allreduce had finished before the kill) is not a recovered one
+    anchor = system.phases[0][1]
+
     def recovered():
         evs = trial.events()
         after = [e for e in evs if e["t"] > t_kill and e["pid"] in survivors]
+        started: dict[int, float] = {}
         firsts = {}
         for e in after:
-            if e["ev"] == "step" and e["pid"] not in firsts:
+            if e["ev"] == anchor and e["pid"] not in started:
+                started[e["pid"]] = e["t"]
+            if e["ev"] == "step" and e["pid"] in started and e["pid"] not in firsts:
                 firsts[e["pid"]] = e
-        return (evs, after, firsts) if len(firsts) == len(survivors) else None
+        if len(firsts) < len(survivors):
+            return None
+        early = [e for e in after if e["ev"] == "step" and e["t"] < started[e["pid"]]]
+        return evs, [e for e in after if e["t"] >= started[e["pid"]]], firsts, early
 
-    evs, after, firsts = _wait(trial, recovered, a.recovery_timeout, "the survivors' first step after the kill")
-    before = [e for e in evs if e["ev"] == "step" and e["t"] < t_kill]
+    evs, after, firsts, early = _wait(trial, recovered, a.recovery_timeout, "the survivors' first step after the kill")
+    if early:
+        res.notes.append(f"a survivor completed step {max(e['step'] for e in early)} after the kill, before its"
+                         f" collective failed")
+    before = [e for e in evs if e["ev"] == "step" and e["t"] < t_kill] + early
     res.last_step = max(e["step"] for e in before)
     restored = [e for e in after if e["ev"] == "restored"]
     needs_restore = any(mark == "restored" for _, mark in system.phases)
