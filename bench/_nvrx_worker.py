@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.1,
                     help="heartbeat, monitor thread/process and progress watchdog intervals (s)")
     ap.add_argument("--last-call-wait", type=float, default=0.1)
+    ap.add_argument("--monitor-pidfile", default=None,
+                    help="absolute path ('{rank}' filled in) where nvrx's monitor daemon writes its pid")
     args = ap.parse_args()
     ev = Events(args.out)
     rank0 = env_int("RANK")
@@ -72,6 +74,7 @@ def main() -> None:
         monitor_thread_interval=every, monitor_process_interval=every, progress_watchdog_interval=every,
         soft_timeout=hang, hard_timeout=hang + timedelta(seconds=5), barrier_timeout=hang + timedelta(seconds=10),
         completion_timeout=hang + timedelta(seconds=10), last_call_wait=timedelta(seconds=args.last_call_wait),
+        monitor_process_pidfile=args.monitor_pidfile,
     )
     def train(call_wrapper: Optional[inprocess.CallWrapper] = None) -> None:  # noqa: UP045 (nvrx matches Optional)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -94,6 +94,11 @@ Systems (all on the same model, data, step and failure timing):
             (its default rank assignment) and the survivor trains on from the state it holds
             (nvrx restarts, it does not checkpoint).
 
+  nvrx-node the nvrx job, failing as a whole node would: rank 1's process and its nvrx
+            monitor daemon (a detached per-rank process that otherwise reports the rank's death
+            to the others at once) SIGKILLed together; the survivor sees the loss through the
+            missing heartbeat (--dead-after).
+
 Failures differ where the systems do: stalwart and stalwart-inproc lose a whole node (agent,
 worker and keeper: the survivor rebuilds the lost node's half of the snapshot from parity);
 dcp, dlrover, torchft and nvrx lose one worker process. The timeouts each system ran with are
@@ -671,12 +676,43 @@ class NVRx(System):
             trial.spawn(f"agent{i}", [a.nvrx_python, "-u", os.path.join(HERE, "_nvrx_worker.py"), "--out", trial.out,
                                       "--pg-port", str(pg_port), "--batch", str(a.batch),
                                       "--hang-timeout", str(a.hang_timeout), "--dead-after", str(a.dead_after),
-                                      "--interval", str(self.INTERVAL_S), "--last-call-wait", str(self.LAST_CALL_WAIT_S)]
+                                      "--interval", str(self.INTERVAL_S), "--last-call-wait", str(self.LAST_CALL_WAIT_S),
+                                      "--monitor-pidfile", os.path.abspath(os.path.join(trial.dir, "nvrx-monitor-{rank}.pid"))]
                         + (["--quick"] if a.quick else []), env={**env, "RANK": str(i)})
+
+    @staticmethod
+    def monitor_pid(trial: Trial, rank: int) -> int | None:
+        """The pid of rank ``rank``'s nvrx monitor daemon (it detaches into its own session)."""
+        with contextlib.suppress(OSError, ValueError), open(os.path.abspath(os.path.join(trial.dir, f"nvrx-monitor-{rank}.pid"))) as f:
+            return int(f.read().strip())
+        return None
+
+    def cleanup(self, trial: Trial) -> None:
+        for rank in range(2):
+            pid = self.monitor_pid(trial, rank)
+            if pid:
+                kill_tree(pid)
+
+
+class NVRxNode(NVRx):
+    """The nvrx job losing a whole node, as stalwart-inproc does: rank 1's process and its monitor
+    daemon (which otherwise reports the death at once) are SIGKILLed together, so the survivor learns
+    of it from the missing heartbeat (--dead-after)."""
+
+    name = "nvrx-node"
+    label = "NVRx in-process restart, node loss"
+    failure = "rank 1 process + its nvrx monitor"
+
+    def victims(self, trial: Trial, events: list[dict]) -> list[int]:
+        pids = System.victims(self, trial, events)
+        mon = self.monitor_pid(trial, 1)
+        if not mon:
+            raise TrialFailed("rank 1's nvrx monitor daemon wrote no pid file")
+        return [mon, *pids]  # the monitor first: it must not see the worker die
 
 
 SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Stalwart, StalwartInProcess, TorchrunDCP, DLRover, TorchFT,
-                                                        NVRx, StalwartRank)}
+                                                        NVRx, NVRxNode, StalwartRank)}
 
 
 def _listening(port: int) -> bool:
