@@ -1034,7 +1034,7 @@ def report(results: list[Result], systems: list[System], args) -> str:
             dmed = statistics.median([r.total_s for r in dl])
             lines.append(f"target faster than DLRover: {med:.2f}s vs {dmed:.2f}s -> {'MET' if med < dmed else 'MISSED'}")
         if s.in_process:  # issue 14: faster than torchft and nvrx with equal timeouts, <= 1 s small / <= 2 s 110M
-            for other in ("torchft", "nvrx"):
+            for other in ("torchft", "nvrx", "nvrx-node"):
                 o = ok.get(other) or []
                 if o:
                     omed = statistics.median([r.total_s for r in o])
