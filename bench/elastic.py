@@ -901,9 +901,9 @@ def _recover_in_process(system: System, trial: Trial, res: Result, a, survivors:
     """The survivors keep their processes: every phase ends at the slowest survivor's own event
     after the kill (the events named in ``system.phases``)."""
 
-    # a survivor's recovery starts at its first phase's event (its failed collective): a step it completes
-    # between the kill and that event (its allreduce had finished before the kill) is not a recovered one
-    anchor = system.phases[0][1]
+    # a survivor's recovery starts at its first event of any phase (usually its failed collective): a step it
+    # completes between the kill and that event (its allreduce had finished before the kill) is not a recovered one
+    kinds = [mark for _, mark in system.phases if mark != "first_step"]
 
     def recovered():
         evs = trial.events()
@@ -911,7 +911,7 @@ def _recover_in_process(system: System, trial: Trial, res: Result, a, survivors:
         started: dict[int, float] = {}
         firsts = {}
         for e in after:
-            if e["ev"] == anchor and e["pid"] not in started:
+            if e["ev"] in kinds and e["pid"] not in started:
                 started[e["pid"]] = e["t"]
             if e["ev"] == "step" and e["pid"] in started and e["pid"] not in firsts:
                 firsts[e["pid"]] = e
@@ -945,13 +945,18 @@ def _recover_in_process(system: System, trial: Trial, res: Result, a, survivors:
     errs = [e["t"] for e in after if e["ev"] == "error"]
     res.survivor_error_s = (min(errs) - t_kill) if errs else None
     marks = {"first_step": max(e["t"] for e in firsts.values())}
-    for _, kind in system.phases:
-        if kind == "first_step":
+    prev_mark = t_kill
+    for kind in kinds:
+        got = [e for e in after if e["ev"] == kind and e["t"] <= marks["first_step"]]
+        if len({e["pid"] for e in got}) < len(survivors):
+            if kind != kinds[0]:
+                raise TrialFailed(f"a survivor wrote no '{kind}' event between the kill and its first step")
+            # no failed collective: the survivor's next step already ran in a group without the dead member
+            # (torchft: the Lighthouse's quorum came first); the phase is empty, the next one holds the wait
+            res.notes.append(f"a survivor wrote no '{kind}' event: its collectives never failed")
+            marks[kind] = prev_mark
             continue
-        ts = [e["t"] for e in after if e["ev"] == kind and e["t"] <= marks["first_step"]]
-        if len({e["pid"] for e in after if e["ev"] == kind and e["t"] <= marks["first_step"]}) < len(survivors):
-            raise TrialFailed(f"a survivor wrote no '{kind}' event between the kill and its first step")
-        marks[kind] = max(ts)
+        marks[kind] = prev_mark = max(e["t"] for e in got)
     prev = t_kill
     for name, mark in system.phases:
         res.phases[name] = marks[mark] - prev
