@@ -830,6 +830,17 @@ def _recover(system: System, trial: Trial, res: Result, a, victims: list[int], o
     survivors = old - set(victims)
     if system.in_process:
         _recover_in_process(system, trial, res, a, survivors, t_kill)
+        if sampler:
+            sampler.stop()
+            marks, t = {}, t_kill
+            for name, dt in res.phases.items():
+                t += dt
+                marks[name] = t
+            path = os.path.join(a.profile, f"{system.name}-{res.repeat}.txt")
+            with open(path, "w") as f:
+                f.write(f"{system.label}, repeat {res.repeat}: recovery {res.total_s:.2f}s\n")
+                f.write(sampler.timeline(t_kill, marks))
+            log(f"  stacks of the recovery: {path}")
         system.after_recovery(trial, res, t_kill)
         return
     # the survivors' old workers: poll until gone (detection + stop)
