@@ -213,7 +213,7 @@ class Guard:
         self.stats = GuardStats()
         self.copier = Copier()
         self.plan: SnapshotPlan | None = None
-        self.maps: list[torch.Tensor] = []
+        self.maps: dict[int, torch.Tensor] = {}  # slot index -> this rank's file in it, mapped when first given
         self._views: dict[int, tuple] = {}  # slot -> (image, mapping, entry views, checksum tables)
         self.slot_dirs: list[str] = []
         self.client = KeeperClient(
@@ -421,16 +421,13 @@ class Guard:
             layout=plan.layout.to_json(), topology={"framework": type(unwrap(self.model)).__name__},
             session=self._session, active=list(self.where.active_slots),
         )
-        self.maps = []
+        self.maps = {}  # mapped when the keeper first gives the slot: a slot still read keeps its old size meanwhile
         self._views.clear()
-        pin = any(t.is_cuda for _, t in plan.lazy)
-        for d in reply["slots"]:
-            self.maps.append(map_slot_file(os.path.join(d, rank_file_name(self.rank)), plan.file_size, pin))
         self.slot_dirs = reply["slots"]
         self.stats.pool_bytes = int(reply.get("pool_bytes", 0))
         if self.where.local_rank == 0:
             log.info("stalwart: host snapshot pool %s slots x %.1f MiB per rank = %.1f MiB on node %d",
-                     len(self.maps), plan.file_size / 2**20, self.stats.pool_bytes / 2**20, self.where.node_rank)
+                     len(self.slot_dirs), plan.file_size / 2**20, self.stats.pool_bytes / 2**20, self.where.node_rank)
         self.plan = plan
 
     def _acquire_early(self, step: int, request: dict) -> Callable[[], dict | None] | None:
@@ -511,7 +508,10 @@ class Guard:
             log.debug("snapshot of step %s not taken: %s", step, self._refusal)
             return False
         attempt = int(reply.get("attempt", 0))
-        mapping = self.maps[index]
+        mapping = self.maps.get(index)
+        if mapping is None:
+            path = os.path.join(self.slot_dirs[index], rank_file_name(self.rank))
+            mapping = self.maps[index] = map_slot_file(path, plan.file_size, any(t.is_cuda for _, t in plan.lazy))
         image = plan.image
         dst, tables = self._slot_views(index, image, mapping)
         block = image.block_size
@@ -1034,7 +1034,7 @@ class Guard:
                 with contextlib.suppress(Exception):
                     h.remove()
             self._remove_sigterm()
-            self.maps = []
+            self.maps = {}
             self._views.clear()
             self.plan = None
             self._pending_data = None

@@ -219,6 +219,19 @@ class Keeper:
         slot.step, slot.attempt, slot.complete, slot.done, slot.objects = None, 0, False, {}, {}
         slot.protected, slot.sid, slot.records, slot.owners, slot.incs = False, None, [], {}, {}
         slot.rebuilt, slot.manifest = False, None
+        if slot.stale and not slot.pinned:  # an older plan's snapshot, no longer read: the current plan's files
+            self._size_files(slot, list(self.file_sizes))
+            slot.stale = False
+
+    def _size_files(self, slot: Slot, ranks) -> None:
+        """Give ``ranks``' files in ``slot`` the current plan's sizes (created if missing)."""
+        for rank in ranks:
+            fd = os.open(os.path.join(slot.dir, rank_file_name(rank)), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size != self.file_sizes[rank]:
+                    os.ftruncate(fd, self.file_sizes[rank])
+            finally:
+                os.close(fd)
 
     # ------------------------------------------------------------------ ops
     def _conflict(self, rank: int, pid) -> str | None:
@@ -250,21 +263,17 @@ class Keeper:
         rank = int(msg["rank"])
         size = int(msg["file_size"])
         with self.cond:
-            # files are resized / snapshots dropped only for a new plan: never under a reader
-            deadline = time.monotonic() + float(msg.get("timeout", 300.0))
-            while (msg.get("sig") != self.plan_sig or self.file_sizes.get(rank) != size) and any(s.pinned for s in self.slots):
+            # never under a reader: a slot still read (a peer's rebuild or restore, coding) keeps the old
+            # plan's snapshot and files until it is released, marked stale (see _free_slot); the new
+            # plan does not wait for it (a survivor's first snapshot after a node loss did, for the
+            # whole rebuild of the lost node's share)
+            if msg.get("sig") != self.plan_sig or self.file_sizes.get(rank) != size:
                 for s in self.slots:
                     if s.persisting and s.index not in self.cancel:
                         # the old layout's snapshot must not hold the new one up (a multi-node tier commit
                         # can wait minutes for a node that went elsewhere); it is dropped by this plan anyway
                         log.warning("a new snapshot layout: stopping the tier copy of step %s", s.step)
                         self.cancel.add(s.index)
-                if time.monotonic() > deadline:
-                    busy = [f"slot {s.index} (step {s.step}: {'persisting' if s.persisting else 'read by a peer or coding'})"
-                            for s in self.slots if s.pinned]
-                    raise RedundancyError(f"the snapshot layout changed but {', '.join(busy)} stayed busy for"
-                                          f" {msg.get('timeout', 300.0)}s; try again later")
-                self.cond.wait(0.5)
             if self.peer is not None:
                 self.peer.purge()  # snapshots again: restores (and their peer views) are over
             if self.group is not None and msg.get("active"):
@@ -276,7 +285,9 @@ class Keeper:
             self.session = msg.get("session") or self.session
             if msg.get("sig") != self.plan_sig:
                 for s in self.slots:
-                    if s.step is not None:
+                    if s.pinned:
+                        s.stale = True
+                    elif s.step is not None:
                         self.uncommit(s)
                 self.plan_sig = msg.get("sig")
             self.layout_json = msg["layout"]
@@ -284,15 +295,12 @@ class Keeper:
             resized = self.file_sizes.get(rank) != size
             self.file_sizes[rank] = size
             for s in self.slots:
-                path = os.path.join(s.dir, rank_file_name(rank))
+                if s.stale or (s.pinned and resized and s.step is not None and rank in s.done):
+                    s.stale = True  # its files are resized when it is released
+                    continue
                 if resized and s.step is not None and rank in s.done:
                     self.uncommit(s)  # its copy of this rank's file is about to change size
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    if os.fstat(fd).st_size != size:
-                        os.ftruncate(fd, size)
-                finally:
-                    os.close(fd)
+                self._size_files(s, [rank])
             return {"slots": [s.dir for s in self.slots], "pool_bytes": len(self.slots) * sum(self.file_sizes.values())}
 
     def op_acquire(self, msg: dict) -> dict:
@@ -390,6 +398,9 @@ class Keeper:
         For a must snapshot, slots being persisted with a snapshot older than the newest
         complete one are asked to stop (their tier copy is superseded) and freed when they do.
         """
+        for s in self.slots:  # an older plan's snapshot that is no longer read: emptied and resized
+            if s.stale and not s.pinned:
+                self.uncommit(s)
         newest = max((s for s in self.slots if s.complete), key=lambda s: s.step, default=None)
         protected = max((s for s in self.slots if s.protected), key=lambda s: s.step, default=None)
         for s in self.slots:  # a copy of a step older than a complete one can never be needed

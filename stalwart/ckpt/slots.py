@@ -30,6 +30,7 @@ class Slot:
     incs: dict = field(default_factory=dict)  # node -> incarnation of the keeper that committed it
     rebuilt: bool = False  # decoded from the redundancy group's survivors (not copied by a trainer)
     manifest: Any = None  # the committed Manifest, kept parsed: persisting does not read it back
+    stale: bool = False  # holds an older plan's snapshot/files while read; emptied and resized when released
 
     @property
     def pinned(self) -> bool:

@@ -153,3 +153,34 @@ def test_ledger_rules():
     for s in range(2, 10):
         led.record(Attempt(s, 0, SKIPPED))
     assert len(led.attempts) == 4
+
+
+def test_a_new_plan_does_not_wait_for_a_slot_being_read(keeper):
+    """A survivor's first snapshot after a node loss changes the plan while the stand-in still
+    reads the old snapshot to rebuild the lost share: the plan is answered at once, the slot
+    being read keeps its files and step until released, then is emptied and resized."""
+    import os
+
+    from stalwart.formats.manifest import rank_file_name
+
+    def plan(rank: int, size: int, sig: str) -> float:
+        t0 = time.monotonic()
+        keeper.op_plan({"rank": rank, "file_size": size, "sig": sig, "layout": {}, "session": SESSION, "timeout": 30})
+        return time.monotonic() - t0
+
+    for rank in (0, 1):
+        plan(rank, 4096, "old")
+    fill(keeper, (7, 6))
+    read = keeper.slots[0]
+    read.pins = 1  # a peer's rebuild reads step 7 from it
+    assert plan(0, 8192, "new") < 1.0 and plan(1, 8192, "new") < 1.0
+    assert read.step == 7 and read.complete and read.stale, "the slot being read keeps its snapshot"
+    assert os.path.getsize(os.path.join(read.dir, rank_file_name(0))) == 4096, "not resized under its reader"
+    other = keeper.slots[1]
+    assert other.step is None and os.path.getsize(os.path.join(other.dir, rank_file_name(0))) == 8192
+    with keeper.cond:
+        read.pins = 0
+    got = [acquire(keeper, r, 8) for r in (0, 1)]
+    assert got[0] == got[1] and got[0]["slot"] is not None
+    assert read.step in (None, 8) and not read.stale and not read.complete, "released: emptied at the next acquire"
+    assert all(os.path.getsize(os.path.join(read.dir, rank_file_name(r))) == 8192 for r in (0, 1))
