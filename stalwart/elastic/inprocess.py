@@ -8,9 +8,11 @@ collective that lost its peer, a timed-out collective) makes every survivor
 1. destroy its process group (its sockets close, so peers still blocked in a
    collective fail at once and join too);
 2. join the next *epoch* of the job's membership in the rendezvous store; the epoch
-   closes when every member of the previous one has joined or is gone (its heartbeat
-   stopped for ``dead_after_s``, or its process was replaced), or after
-   ``hang_timeout_s`` for members that are alive but never join (hung);
+   closes when every member of the previous one has joined or is gone (its process
+   refuses connections on its liveness port - it exited, while its host is up - or its
+   heartbeat stopped for ``dead_after_s`` - its host is down - or its process was
+   replaced), or after ``hang_timeout_s`` for members that are alive but never join
+   (hung: a stopped process still accepts connections);
 3. re-form the default process group with the epoch's members (ranks follow keeper
    slots, as in a restart), on a fresh store prefix, with ``hang_timeout_s`` as the
    collectives' timeout, so a stopped or stuck peer costs at most that long;
@@ -40,6 +42,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -60,6 +63,7 @@ DEFAULT_HANG_TIMEOUT_S = 60.0
 DEFAULT_DEAD_AFTER_S = 1.0
 BEAT_S = 0.1
 _POLL_S = 0.02
+PROBE_TIMEOUT_S = 0.2  # a connect that neither completes nor is refused in this long proves nothing
 
 _COMM_WORDS = ("gloo", "nccl", "connection", "broken pipe", "timed out", "timeout", "peer", "socket", "process group")
 
@@ -161,6 +165,9 @@ class Membership:
         self.link = StoreLink(host, port, node=self.me, nodes=max_slots * local_world, host_store=False,
                               prefix=f"{prefix}/inproc/r{round_}", beat_s=BEAT_S, dead_after_s=dead_s)
         self.incs: dict[int, str | None] = {}
+        self.probe_at: dict[int, tuple[str, int]] = {}  # member -> its liveness port
+        self._probed: dict[int, float] = {}  # member -> when its port was last tried (once per beat)
+        self._listener = _liveness_listener(host, port)
         self._raw = None
         self._recovering = threading.Event()
         self._stop = threading.Event()
@@ -189,6 +196,8 @@ class Membership:
         # for this node's agent, which ends its workers when the others re-form without them
         self.link.set(f"slot{self.slot}/local_world", str(self.local_world))
         self.link.set(f"slot{self.slot}/local{self.local_rank}", str(os.getpid()))
+        ip, port = self._listener.getsockname()[:2]
+        self.link.set(f"probe/node{self.me}", f"{ip}:{port}")
         self._await_incs(self.members)
         self._init_group()
         self._watch.start()
@@ -311,11 +320,36 @@ class Membership:
             joined = [i for i in self.members if self.link.check(self._key(target, f"join/node{i}"))]
             missing = [i for i in self.members if i not in joined]
             gone = self.link.dead(missing, self.incs) if missing else []
+            gone += [i for i in missing if i not in gone and self._exited(i)]
             if len(gone) == len(missing) or time.monotonic() > give_up_at:
                 proposal = json.dumps(joined)
                 self.link.call(lambda c, p=proposal: c.compare_set(key, "", p))
                 continue
             time.sleep(_POLL_S)
+
+    def _exited(self, member: int) -> bool:
+        """Whether ``member``'s process is known to have exited: its liveness port refuses
+        connections (its host answered: the process is gone). A stopped or busy process
+        still accepts (the kernel completes the handshake), and a host that does not answer
+        proves nothing: those wait for the heartbeat (``dead_after_s``) or ``hang_timeout_s``."""
+        now = time.monotonic()
+        if now - self._probed.get(member, -BEAT_S) < BEAT_S:
+            return False
+        self._probed[member] = now
+        where = self.probe_at.get(member)
+        if where is None:
+            raw = self.link.get(f"probe/node{member}")
+            if raw is None:
+                return False
+            host, port = raw.rsplit(":", 1)
+            where = self.probe_at[member] = (host, int(port))
+        try:
+            with socket.create_connection(where, timeout=PROBE_TIMEOUT_S):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
 
     def _check_fatal(self, target: int) -> None:
         msg = self.link.get(self._key(target, "fatal"))
@@ -335,6 +369,7 @@ class Membership:
         after it happens, not after the first look) and end this process when the others
         re-formed without it (it was taken for hung: a stuck collective, a stopped process)."""
         while not self._stop.wait(BEAT_S):
+            _drain(self._listener)
             try:
                 others = [i for i in self.members if i != self.me]
                 if others:
@@ -356,7 +391,37 @@ class Membership:
         if self._watch.is_alive():
             self._watch.join(5.0)
         self.link.close(join_s=5.0)
+        self._listener.close()
         self._raw = None
+
+
+def _liveness_listener(store_host: str, store_port: int) -> socket.socket:
+    """A listening socket that only proves this process is alive: a connection to it is
+    accepted (by the kernel, even while the process is stopped) until the process exits,
+    then refused. Bound on the address this host reaches the store from."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((store_host, store_port))  # no packet: only picks the route's local address
+        ip = probe.getsockname()[0]
+    except OSError:
+        ip = "127.0.0.1"
+    finally:
+        probe.close()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((ip, 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _drain(listener: socket.socket) -> None:
+    """Close the probes' connections (they only needed the handshake)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, OSError):
+            return
+        conn.close()
 
 
 __all__ = ["DEFAULT_DEAD_AFTER_S", "DEFAULT_HANG_TIMEOUT_S", "Membership", "RecoveryError", "enabled", "is_comm_error", "run"]

@@ -143,3 +143,33 @@ def test_a_step_no_snapshot_committed_is_kept_from_the_live_tensors(tmp_path, mo
         nxt = next(iter(guard.resume(batches)))
         assert torch.equal(nxt, batches[3]), "the data position is not that of step 3"
     _LIVE.clear()
+
+
+def test_a_killed_member_is_told_from_a_stopped_one_by_its_liveness_port():
+    """A killed process's liveness port refuses connections at once (no heartbeat wait); a
+    stopped one still accepts them (left to the hang timeout)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stalwart.elastic.inprocess import BEAT_S, Membership
+
+    code = ("import time; from stalwart.elastic.inprocess import _liveness_listener as listen;"
+            " s = listen('127.0.0.1', 9); print(s.getsockname()[1], flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        member = Membership.__new__(Membership)  # only the probe's state
+        member.probe_at, member._probed = {1: ("127.0.0.1", port)}, {}
+        assert not member._exited(1)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(BEAT_S * 1.5)
+        assert not member._exited(1), "a stopped process is not taken for dead"
+        proc.kill()
+        proc.wait(10)
+        time.sleep(BEAT_S * 1.5)
+        assert member._exited(1), "a killed process is seen at once"
+    finally:
+        proc.kill()
+        proc.wait(10)
