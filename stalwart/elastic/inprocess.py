@@ -95,7 +95,8 @@ def run(fn: Callable[..., T], *args, hang_timeout_s: float | None = None, max_at
     ``hang_timeout_s`` (default 60 s, ``STALWART_HANG_TIMEOUT_S``) bounds every collective
     and the wait for members that neither join a recovery nor die; ``dead_after_s``
     (default 1 s, ``STALWART_DEAD_AFTER_S``) is how long a member's heartbeat must be
-    silent to count as dead; ``max_attempts`` bounds in-process retries of errors raised
+    silent to count as dead when its host does not answer (a member that exited on a live
+    host is seen at once: its liveness port refuses connections); ``max_attempts`` bounds in-process retries of errors raised
     with every member alive; ``min_nodes`` (default: the launcher's ``--nnodes`` minimum)
     is the fewest nodes the job continues on. The default process group is created here
     (gloo); ``fn`` must not create it.
