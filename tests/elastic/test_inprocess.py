@@ -61,6 +61,33 @@ def test_ddp_node_lost_survivors_keep_their_processes(tmp_path):
     assert {s["world"] for s in job.steps().values()} == {3, 4}
 
 
+@pytest.mark.timeout(900)
+def test_a_second_node_lost_while_the_first_recovery_runs(tmp_path):
+    """Node 2 is SIGKILLed, then node 3 50 ms later, while the survivors' recovery from the
+    first loss runs (their collectives failing, the next epoch open): no hang, and the two
+    survivors end in one consistent run at world size 2 (same samples, losses within
+    floating-point reduction order of the uninterrupted run), in the same processes."""
+    ref = run_reference(tmp_path / "ref", "ddp")
+    with Job(tmp_path / "inproc", "elastic_train.py", *ARGS, "--framework", "ddp", "--step-sleep", "0.3", *IN_PROCESS,
+             nnodes="2:4") as job:
+        for _ in range(4):
+            job.start_agent()
+        job.wait_for(lambda: job.progress() >= KILL_AT, 240, f"step {KILL_AT}")
+        before = {slot: job.worker_pid(slot) for slot in (0, 1)}
+        job.kill_node(2)
+        time.sleep(0.05)  # the survivors' collectives are failing, the epoch not yet formed
+        job.kill_node(3)
+        job.wait_done(300)
+        assert all(a.returncode == 0 for a in job.agents[:2]), job.tail(80)
+        text = job.tail(400)
+    print("\n".join(sorted({line.split("stalwart: ", 1)[1] for line in text.splitlines() if "in-process recovery" in line})))
+    compare(ref, job, bitwise=False)
+    log = job.step_log()
+    after = [r for r in log if r["world"] == 2]
+    assert after and max(r["step"] for r in after) == max(r["step"] for r in log), "the run did not finish at world size 2"
+    assert {r["pid"] for r in after} == set(before.values()), "the survivors' workers were restarted"
+
+
 @pytest.mark.timeout(600)
 def test_user_error_is_retried_a_bounded_number_of_times_then_raised(tmp_path):
     with Job(tmp_path, "elastic_train.py", *ARGS, "--framework", "ddp", "--redundancy", "1,1", *IN_PROCESS,
