@@ -80,7 +80,7 @@ class _LiveMark:
     # the objects (scheduler, data position, step), and the layout the snapshot was planned for.
     eager: dict | None = None
     objects: dict | None = None
-    saved: dict | None = None  # name -> TensorSpec of the snapshot's layout
+    saved: Mapping | None = None  # name -> TensorSpec of the snapshot's layout (the plan's, not copied)
     mesh: Mesh | None = None
 
 
@@ -571,7 +571,7 @@ class Guard:
         eager = {i.spec.name: i.tensor.detach().to("cpu", copy=True) for c in collected for i in c.items
                  if not i.lazy and i.tensor is not None}
         _LIVE[key] = _LiveMark(self.step_count, id(self.optimizer), rng, taken, eager,
-                               self._objects(collected), dict(self.plan.layout.tensors), self.plan.layout.mesh)
+                               self._objects(collected), self.plan.layout.tensors, self.plan.layout.mesh)
 
     def _live_mark(self) -> _LiveMark | None:
         mark = _LIVE.get(id(unwrap(self.model))) if self._in_process else None

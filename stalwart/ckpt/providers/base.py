@@ -12,9 +12,10 @@ forward pass and are copied before ``guard.step()`` returns; they are small.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,6 +126,26 @@ class PerRankBlobProvider(StateProvider):
                 warnings.warn(f"topology changed: {self.what} is per rank and is not restored", stacklevel=2)
             return
         self.unpack(blob.reshape(-1).numpy().tobytes())
+
+
+class DictEntries:
+    """The entries of some dicts as a snapshot's cached items were made from them, checked
+    cheaply at every snapshot (C-level maps): every dict holds as many entries as then, and
+    under each key the very same object (``is``: tensors compare elementwise with ``==``)."""
+
+    def __init__(self, dicts: Iterable[dict]) -> None:
+        self.dicts = list(dicts)
+        self.lens = list(map(len, self.dicts))
+        self._of = [d for d in self.dicts for _ in d]
+        self._keys = [k for d in self.dicts for k in d]
+        self.values = [v for d in self.dicts for v in d.values()]
+
+    def unchanged(self) -> bool:
+        try:
+            return (list(map(len, self.dicts)) == self.lens
+                    and all(map(operator.is_, map(dict.get, self._of, self._keys), self.values)))
+        except TypeError:  # a mapping that is not a dict: reported changed, so the items are rebuilt
+            return False
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -7,7 +7,14 @@ from collections.abc import Mapping, Set
 
 import torch
 
-from stalwart.ckpt.providers.base import Collected, Item, RestoreContext, StateProvider, copy_into
+from stalwart.ckpt.providers.base import (
+    Collected,
+    DictEntries,
+    Item,
+    RestoreContext,
+    StateProvider,
+    copy_into,
+)
 from stalwart.errors import LayoutError
 from stalwart.formats.layout import Mesh, Replicated, Shard, Sharded, TensorSpec
 
@@ -128,12 +135,8 @@ class _Collected:
     def __init__(self, mesh: Mesh, modules: list[torch.nn.Module], tensors: list[torch.Tensor], out: Collected) -> None:
         self.mesh, self.modules, self.tensors, self.out = mesh, modules, tensors, out
         self.children = [dict(d) for d in map(_CHILDREN, modules)]  # modules compare by identity
-        self.dicts = list(map(_PARAMS, modules)) + list(map(_BUFFERS, modules))
-        self.sizes = list(map(len, self.dicts))
-        # tensors do not compare by identity (==): their dict entries are checked with `is`
-        self.entry_dicts = [d for d in self.dicts for _ in d]
-        self.entry_keys = [k for d in self.dicts for k in d]
-        self.entry_values = [v for d in self.dicts for v in d.values()]
+        self.params, self.buffers = list(map(_PARAMS, modules)), list(map(_BUFFERS, modules))
+        self.entries = DictEntries(self.params + self.buffers)
         self.dtensors = any(map(_is_dtensor, tensors))
         self.storage = self._storage()
 
@@ -144,18 +147,10 @@ class _Collected:
         return list(map(torch.Tensor.data_ptr, ts)), list(map(torch.Tensor.size, ts)), list(map(_DTYPE, ts))
 
     def unchanged(self) -> bool:
-        try:
-            return self._unchanged()
-        except TypeError:  # parameter or buffer mappings that are not dicts: rebuilt instead
-            return False
-
-    def _unchanged(self) -> bool:
         mods, is_ = self.modules, operator.is_
         return (list(map(_CHILDREN, mods)) == self.children
-                and all(map(is_, map(_PARAMS, mods), self.dicts)) and all(map(is_, map(_BUFFERS, mods), self.dicts[len(mods):]))
-                and list(map(len, self.dicts)) == self.sizes
-                and all(map(is_, map(dict.get, self.entry_dicts, self.entry_keys), self.entry_values))
-                and self._storage() == self.storage)
+                and all(map(is_, map(_PARAMS, mods), self.params)) and all(map(is_, map(_BUFFERS, mods), self.buffers))
+                and self.entries.unchanged() and self._storage() == self.storage)
 
 
 class ModuleProvider(StateProvider):

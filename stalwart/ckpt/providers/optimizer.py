@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from stalwart.ckpt.providers.base import Collected, Item, RestoreContext, StateProvider
+from stalwart.ckpt.providers.base import Collected, DictEntries, Item, RestoreContext, StateProvider
 from stalwart.ckpt.providers.module import _is_dtensor, dtensor_placement, unwrap
 from stalwart.errors import LayoutError
 from stalwart.formats.layout import Mesh, Replicated, TensorSpec
@@ -34,25 +34,14 @@ class _StateSeen:
     def __init__(self, mesh: Mesh, state: Mapping, items: list[Item], scalar_slots: list) -> None:
         self.mesh, self.items, self.scalar_slots = mesh, items, scalar_slots
         self.params = list(state)
-        self.dicts = list(state.values())
-        self.lens = list(map(len, self.dicts))
-        self.entry_dicts = [d for d in self.dicts for _ in d]
-        self.entry_keys = [k for d in self.dicts for k in d]
-        self.entry_values = [v for d in self.dicts for v in d.values()]
-        self.tensors = [v for v in self.entry_values if isinstance(v, torch.Tensor)]
+        self.entries = DictEntries(state.values())
+        self.tensors = [v for v in self.entries.values if isinstance(v, torch.Tensor)]
         self.sizes = list(map(torch.Tensor.numel, self.tensors))
 
     def unchanged(self, state: Mapping) -> bool:
-        try:
-            return self._unchanged(state)
-        except TypeError:  # a slot mapping that is not a dict: checked the slow way, by rebuilding
-            return False
-
-    def _unchanged(self, state: Mapping) -> bool:
         is_ = operator.is_
         return (len(state) == len(self.params) and all(map(is_, state, self.params))
-                and all(map(is_, state.values(), self.dicts)) and list(map(len, self.dicts)) == self.lens
-                and all(map(is_, map(dict.get, self.entry_dicts, self.entry_keys), self.entry_values))
+                and all(map(is_, state.values(), self.entries.dicts)) and self.entries.unchanged()
                 and list(map(torch.Tensor.numel, self.tensors)) == self.sizes)
 
 
