@@ -16,7 +16,7 @@ from stalwart.elastic.data import (
     sample_generator,
     sample_seed,
 )
-from stalwart.elastic.inprocess import RecoveryError, run
+from stalwart.elastic.inprocess import PeerLost, Recovery, RecoveryError, history, run
 
 __all__ = [
     "ElasticBatchError",
@@ -24,7 +24,10 @@ __all__ = [
     "ElasticSampler",
     "GlobalBatch",
     "MicroBatch",
+    "PeerLost",
+    "Recovery",
     "RecoveryError",
+    "history",
     "micro_batch_rng",
     "run",
     "sample_generator",

@@ -21,6 +21,15 @@ collective that lost its peer, a timed-out collective) makes every survivor
    the process still holds unchanged since that step's snapshot are kept, not copied
    (see :class:`stalwart.ckpt.Guard`).
 
+Survivors that are computing when a member fails do not wait for their next collective
+to notice: each worker's watchdog probes the other members' liveness ports and heartbeats
+(once per ``BEAT_S``) and watches the store for a member that began a recovery; once the
+current epoch is over it *trips*, and the next module call (forward) or activation
+gradient (backward) of any ``torch.nn.Module`` in the process raises :class:`PeerLost`.
+These points lie before the optimizer step, where the tensors still hold the last
+snapshot, so the interrupted step is simply redone. ``STALWART_INTERRUPT=0`` turns this
+off (failures are then noticed at the next collective).
+
 Objects built *outside* the training function (the model, the optimizer, the data
 set) are kept across recoveries; everything the function builds (the DDP/FSDP wrapper,
 ``protect()``, the loader's iteration) is built again on the new group.
@@ -47,8 +56,10 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
 from stalwart.errors import StalwartError
@@ -59,6 +70,9 @@ T = TypeVar("T")
 
 #: ``STALWART_IN_PROCESS=0`` turns in-process recovery off (restart-based recovery only).
 ENV_SWITCH = "STALWART_IN_PROCESS"
+#: ``STALWART_INTERRUPT=0``: a failure is noticed at the next collective, not in forward/backward.
+ENV_INTERRUPT = "STALWART_INTERRUPT"
+PROBE_FANOUT = 4  # members probed per beat by each watchdog (the next ones in member order)
 DEFAULT_HANG_TIMEOUT_S = 60.0
 DEFAULT_DEAD_AFTER_S = 1.0
 BEAT_S = 0.1
@@ -72,6 +86,32 @@ class RecoveryError(StalwartError):
     """The job cannot continue in process (a member's fatal error, too few members)."""
 
 
+class PeerLost(RuntimeError):
+    """Raised inside the training function's forward or backward when another member of the
+    job failed (or began a recovery) while this one was computing: the step is abandoned
+    at once instead of at the next collective, and :func:`run` recovers."""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One in-process recovery of this worker (see :func:`history`)."""
+
+    epoch: int  # the epoch re-formed
+    why: str  # the exception that ended the attempt ("PeerLost: ...", a collective's error, the user's)
+    lost: tuple[int, ...]  # members of the previous epoch left out
+    rank: int
+    world: int
+    seconds: float  # from the exception reaching run() to the re-formed group
+
+
+_HISTORY: list[Recovery] = []
+
+
+def history() -> list[Recovery]:
+    """This process's in-process recoveries so far, oldest first (for logging and tests)."""
+    return list(_HISTORY)
+
+
 def enabled() -> bool:
     """Whether this worker runs under stalwart's rendezvous with in-process recovery on."""
     env = os.environ
@@ -80,7 +120,7 @@ def enabled() -> bool:
 
 def is_comm_error(e: BaseException) -> bool:
     """Whether ``e`` came from a collective or the store (a peer failed), not the user's code."""
-    if isinstance(e, dist.DistError):
+    if isinstance(e, dist.DistError | PeerLost):
         return True
     if isinstance(e, RuntimeError | ConnectionError | TimeoutError):
         text = str(e).lower()
@@ -109,12 +149,16 @@ def run(fn: Callable[..., T], *args, hang_timeout_s: float | None = None, max_at
     hang = float(hang_timeout_s if hang_timeout_s is not None else os.environ.get("STALWART_HANG_TIMEOUT_S", DEFAULT_HANG_TIMEOUT_S))
     dead = float(dead_after_s if dead_after_s is not None else os.environ.get("STALWART_DEAD_AFTER_S", DEFAULT_DEAD_AFTER_S))
     group = Membership.from_env(hang, dead, min_nodes)
+    hooks = []
     try:
         group.form()
+        if os.environ.get(ENV_INTERRUPT, "1") != "0":
+            hooks = group.tripwire.install()
         attempts = 0
         while True:
             try:
                 out = fn(*args, **kwargs)
+                group.finished()
                 with contextlib.suppress(Exception):
                     if dist.is_initialized():
                         dist.destroy_process_group()
@@ -129,7 +173,10 @@ def run(fn: Callable[..., T], *args, hang_timeout_s: float | None = None, max_at
                 traceback.clear_frames(e.__traceback__)
                 del e
                 gc.collect()
+                t = time.monotonic()
                 lost = group.recover(summary, comm)
+                _HISTORY.append(Recovery(group.epoch, summary, tuple(group.lost), group.members.index(group.me),
+                                         len(group.members), time.monotonic() - t))
                 if not lost:
                     attempts += 1
                     if attempts > max_attempts:
@@ -140,7 +187,50 @@ def run(fn: Callable[..., T], *args, hang_timeout_s: float | None = None, max_at
                     log.warning("stalwart: attempt %d of %d after an error with every member alive: %s", attempts,
                                 max_attempts, summary)
     finally:
+        for h in hooks:
+            h.remove()
         group.close()
+
+
+class Tripwire:
+    """Raises :class:`PeerLost` in this process's forward and backward once the current
+    epoch is over (see the module docstring). The watchdog trips it; the hooks
+    only compare two integers until then. A trip for an epoch the process already left
+    (it recovered meanwhile) is ignored."""
+
+    def __init__(self, current: Callable[[], int]) -> None:
+        self._current = current
+        self._over = -1  # the epoch known to be over
+        self.why = ""
+
+    def trip(self, epoch: int, why: str) -> None:
+        self.why = why
+        self._over = epoch
+
+    @property
+    def tripped(self) -> bool:
+        return self._over == self._current()
+
+    def check(self) -> None:
+        if self._over == self._current():
+            raise PeerLost(f"the step was abandoned: {self.why}")
+
+    def _pre(self, module, args) -> None:
+        self.check()
+
+    def _post(self, module, args, output) -> None:
+        # backward is checked where parameters' gradients are computed (the costly part)
+        if module._parameters and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._grad)
+
+    def _grad(self, grad) -> None:
+        self.check()
+
+    def install(self) -> list:
+        """Global module hooks (every ``nn.Module`` of the process); returns their handles."""
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        return [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
 
 
 class Membership:
@@ -163,6 +253,7 @@ class Membership:
         self.members = [s * local_world + r for s in sorted(active) for r in range(local_world)]
         self.epoch = 0
         self.recoveries = 0
+        self.lost: list[int] = []  # members the last recovery left out
         self.link = StoreLink(host, port, node=self.me, nodes=max_slots * local_world, host_store=False,
                               prefix=f"{prefix}/inproc/r{round_}", beat_s=BEAT_S, dead_after_s=dead_s)
         self.incs: dict[int, str | None] = {}
@@ -173,6 +264,7 @@ class Membership:
         self._recovering = threading.Event()
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._watchdog, name="stalwart-inproc", daemon=True)
+        self.tripwire = Tripwire(lambda: self.epoch)
 
     @classmethod
     def from_env(cls, hang_s: float, dead_s: float, min_nodes: int | None) -> Membership:
@@ -298,6 +390,7 @@ class Membership:
                         dist.destroy_process_group()
                     target += 1
             lost = sorted(set(before) - set(self.members))
+            self.lost = lost
             self.recoveries += 1
             log.warning("stalwart: in-process recovery %d: epoch %d, rank %d of %d%s (%s)", self.recoveries, self.epoch,
                         self.members.index(self.me), len(self.members),
@@ -306,9 +399,15 @@ class Membership:
         finally:
             self._recovering.clear()
 
+    def finished(self) -> None:
+        """The training function returned: this member's exit is not a failure."""
+        with contextlib.suppress(Exception):
+            self.link.set(f"done/node{self.me}", "1")
+
     def _decide(self, target: int, why: str, comm: bool) -> list[int]:
         """The members of epoch ``target``: those that joined, once every other member of
         the current epoch is gone, or after ``hang_s`` for those alive that never join."""
+        self.link.set(self._key(target, "begun"), f"member {self.me}: {why}")  # trips the others' forward/backward
         self.link.set(self._key(target, f"join/node{self.me}"), self._join_record(why, comm))
         key = self._key(target, "members")
         give_up_at = time.monotonic() + self.hang_s
@@ -367,16 +466,22 @@ class Membership:
     # ---------------------------------------------------------------- liveness
     def _watchdog(self) -> None:
         """Keep the other members' heartbeat clocks current (so a death is seen ``dead_after_s``
-        after it happens, not after the first look) and end this process when the others
-        re-formed without it (it was taken for hung: a stuck collective, a stopped process)."""
+        after it happens, not after the first look), trip the :class:`Tripwire` once the current
+        epoch is over, and end this process when the others re-formed without it (it was taken
+        for hung: a stuck collective, a stopped process)."""
         while not self._stop.wait(BEAT_S):
             _drain(self._listener)
             try:
-                others = [i for i in self.members if i != self.me]
-                if others:
-                    self.link.dead(others, self.incs)
+                epoch, members = self.epoch, list(self.members)
+                others = [i for i in members if i != self.me]
+                silent = self.link.dead(others, self.incs) if others else []
                 if self._recovering.is_set():
                     continue
+                if not self.tripwire.tripped:
+                    why = self._epoch_over(epoch, others, silent)
+                    if why and not self._recovering.is_set():
+                        self.tripwire.trip(epoch, why)
+                        log.info("stalwart: epoch %d is over (%s): abandoning the step", epoch, why)
                 raw = self.link.get("epoch")
                 if raw is not None and int(raw) > self.epoch:
                     decided = self.link.get(self._key(int(raw), "members"))
@@ -386,6 +491,22 @@ class Membership:
                         os.kill(os.getpid(), signal.SIGKILL)
             except Exception as e:  # the store may be briefly unreachable
                 log.debug("in-process watchdog: %s", e)
+
+    def _epoch_over(self, epoch: int, others: list[int], silent: list[int]) -> str | None:
+        """Why epoch ``epoch`` cannot go on (None: it can): a member began a recovery (it saw
+        a failure first), or a member that did not finish exited (its liveness port refuses)
+        or went silent (its heartbeat stopped for ``dead_after_s``). Each watchdog probes only
+        the next :data:`PROBE_FANOUT` members; the first to notice tells the rest through the
+        recovery it begins."""
+        begun = self.link.get(self._key(epoch + 1, "begun"))
+        if begun:
+            return f"a recovery began ({begun})"
+        after = [i for i in others if i > self.me] + [i for i in others if i < self.me]
+        exited = [i for i in after[:PROBE_FANOUT] if i not in silent and self._exited(i)]
+        for i, how in [(i, "exited") for i in exited] + [(i, "went silent") for i in silent]:
+            if not self.link.check(f"done/node{i}"):
+                return f"member {i} {how}"
+        return None
 
     def close(self) -> None:
         self._stop.set()
@@ -425,4 +546,5 @@ def _drain(listener: socket.socket) -> None:
         conn.close()
 
 
-__all__ = ["DEFAULT_DEAD_AFTER_S", "DEFAULT_HANG_TIMEOUT_S", "Membership", "RecoveryError", "enabled", "is_comm_error", "run"]
+__all__ = ["DEFAULT_DEAD_AFTER_S", "DEFAULT_HANG_TIMEOUT_S", "Membership", "PeerLost", "Recovery", "RecoveryError", "Tripwire",
+           "enabled", "history", "is_comm_error", "run"]

@@ -173,3 +173,29 @@ def test_a_killed_member_is_told_from_a_stopped_one_by_its_liveness_port():
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_tripwire_abandons_forward_and_backward_of_the_epoch_it_tripped_for():
+    from stalwart.elastic.inprocess import PeerLost, Tripwire
+
+    epoch = [0]
+    wire = Tripwire(lambda: epoch[0])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    x = torch.randn(3, 4)
+    handles = wire.install()
+    try:
+        model(x).sum().backward()  # not tripped: nothing happens
+        loss = model(x).sum()  # a graph built before the trip
+        wire.trip(0, "member 2 exited")
+        assert is_comm_error(PeerLost("x"))
+        with pytest.raises(PeerLost, match="member 2 exited"):
+            loss.backward()
+        with pytest.raises(PeerLost):
+            model(x)
+        epoch[0] = 1  # recovered meanwhile: a trip for epoch 0 is stale
+        model(x).sum().backward()
+        wire.trip(1, "a recovery began")
+    finally:
+        for h in handles:
+            h.remove()
+    model(x).sum().backward()  # hooks removed: the trip no longer reaches the model

@@ -25,7 +25,20 @@ import torch.distributed as dist
 
 import stalwart
 from stalwart.ckpt import init_distributed
-from stalwart.elastic import ElasticLoader, sample_generator
+from stalwart.elastic import ElasticLoader, history, sample_generator
+
+
+class Tick(torch.nn.Module):
+    """A slice of a slow forward (no parameters): a module call between two sleeps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+
+    def forward(self, x):
+        if self.seconds:
+            time.sleep(self.seconds)
+        return x
 
 
 class Net(torch.nn.Module):
@@ -33,9 +46,14 @@ class Net(torch.nn.Module):
         super().__init__()
         self.body = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Dropout(0.1),
                                         torch.nn.Linear(4 * width, width))
+        self.pause = torch.nn.Sequential(*[Tick() for _ in range(50)])  # --slow-forward: a long forward pass
+
+    def slow(self, seconds: float) -> None:
+        for t in self.pause:
+            t.seconds = seconds / len(self.pause)
 
     def forward(self, x):
-        return self.body(x)
+        return self.body(self.pause(x))
 
 
 class Noisy(torch.utils.data.Dataset):
@@ -60,6 +78,7 @@ class Noisy(torch.utils.data.Dataset):
 
 
 FAILED: set[int] = set()  # steps this process already failed once (--fail-every)
+SLOWED: set[int] = set()  # steps whose forward this process already ran slowly (--slow-step)
 
 
 def resources() -> dict:
@@ -97,6 +116,9 @@ def main() -> None:
     ap.add_argument("--fail-every", type=int, default=0,
                     help="raise once at every multiple of this step (a transient error: in-process recovery over and over)")
     ap.add_argument("--max-attempts", type=int, default=3)
+    ap.add_argument("--slow-step", type=int, default=0,
+                    help="the first forward of this step takes --slow-forward seconds (once per process)")
+    ap.add_argument("--slow-forward", type=float, default=0.0)
     ap.add_argument("--in-process", action="store_true", help="stalwart.elastic.run: survivors keep their processes")
     args = ap.parse_args()
     if not args.in_process:
@@ -158,7 +180,8 @@ def train(args, kept=None) -> None:
         atomic_json(os.path.join(args.out, f"restore-{os.getpid()}-{os.environ.get('STALWART_INPROC_EPOCH', 0)}.json"), {
             "rank": rank, "world": world, "round": rdzv_round, "step": guard.step_count, "restored_from": guard.stats.restored_from,
             "sources": guard.stats.restore_sources, "fallbacks": guard.stats.fallbacks, "enter_s": time.monotonic() - t0,
-            "pid": os.getpid(), "epoch": int(os.environ.get("STALWART_INPROC_EPOCH", 0)), **resources()})
+            "pid": os.getpid(), "epoch": int(os.environ.get("STALWART_INPROC_EPOCH", 0)), **resources(),
+            "recoveries": [{"why": r.why, "lost": list(r.lost), "epoch": r.epoch} for r in history()]})
         samples, draws, local_loss = [], [], 0.0
         for mb in guard.resume(loader):
             if not samples and guard.step_count + 1 == args.fail_at_step and rank == args.fail_rank:
@@ -169,9 +192,17 @@ def train(args, kept=None) -> None:
                 FAILED.add(nxt)
                 raise ValueError(f"injected transient failure at step {nxt}")
             x, y, noise, idx = mb.data
+            slow = not samples and nxt == args.slow_step and nxt not in SLOWED
+            if slow:
+                SLOWED.add(nxt)
+                net.slow(args.slow_forward)
             sync = contextlib.nullcontext() if (mb.last or args.framework != "ddp") else model.no_sync()
             with sync, mb.rng():
-                loss = torch.nn.functional.mse_loss(model(x), y)
+                try:
+                    out = model(x)
+                finally:
+                    net.slow(0.0)
+                loss = torch.nn.functional.mse_loss(out, y)
                 if engine is not None:
                     engine.backward(loss)
                 else:
