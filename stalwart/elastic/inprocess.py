@@ -22,13 +22,15 @@ collective that lost its peer, a timed-out collective) makes every survivor
    (see :class:`stalwart.ckpt.Guard`).
 
 Survivors that are computing when a member fails do not wait for their next collective
-to notice: each worker's watchdog probes the other members' liveness ports and heartbeats
-(once per ``BEAT_S``) and watches the store for a member that began a recovery; once the
-current epoch is over it *trips*, and the next module call (forward) or activation
-gradient (backward) of any ``torch.nn.Module`` in the process raises :class:`PeerLost`.
-These points lie before the optimizer step, where the tensors still hold the last
-snapshot, so the interrupted step is simply redone. ``STALWART_INTERRUPT=0`` turns this
-off (failures are then noticed at the next collective).
+to notice: each worker's watchdog probes the next members' liveness ports (once per
+``BEAT_S``) and watches the store for a member that began a recovery; once the current
+epoch is over it *trips*, and the next module call (forward) or gradient of a
+parameter-holding module's output (backward) of any ``torch.nn.Module`` in the process
+raises :class:`PeerLost`. These points lie before the optimizer step, where the tensors
+still hold the last snapshot, so the interrupted step is simply redone (code between
+``optimizer.step()`` and ``guard.step()`` that calls a module is interrupted too; the
+step is then restored from its snapshot). ``STALWART_INTERRUPT=0`` turns this off
+(failures are then noticed at the next collective).
 
 Objects built *outside* the training function (the model, the optimizer, the data
 set) are kept across recoveries; everything the function builds (the DDP/FSDP wrapper,
@@ -474,11 +476,12 @@ class Membership:
             try:
                 epoch, members = self.epoch, list(self.members)
                 others = [i for i in members if i != self.me]
-                silent = self.link.dead(others, self.incs) if others else []
+                if others:
+                    self.link.dead(others, self.incs)
                 if self._recovering.is_set():
                     continue
                 if not self.tripwire.tripped:
-                    why = self._epoch_over(epoch, others, silent)
+                    why = self._epoch_over(epoch, others)
                     if why and not self._recovering.is_set():
                         self.tripwire.trip(epoch, why)
                         log.info("stalwart: epoch %d is over (%s): abandoning the step", epoch, why)
@@ -492,20 +495,20 @@ class Membership:
             except Exception as e:  # the store may be briefly unreachable
                 log.debug("in-process watchdog: %s", e)
 
-    def _epoch_over(self, epoch: int, others: list[int], silent: list[int]) -> str | None:
+    def _epoch_over(self, epoch: int, others: list[int]) -> str | None:
         """Why epoch ``epoch`` cannot go on (None: it can): a member began a recovery (it saw
-        a failure first), or a member that did not finish exited (its liveness port refuses)
-        or went silent (its heartbeat stopped for ``dead_after_s``). Each watchdog probes only
+        a failure first), or a member that did not finish exited (its liveness port refuses).
+        A silent heartbeat alone does not trip (a busy host can stall a live member's
+        heartbeat; a collective then fails or times out instead). Each watchdog probes only
         the next :data:`PROBE_FANOUT` members; the first to notice tells the rest through the
         recovery it begins."""
         begun = self.link.get(self._key(epoch + 1, "begun"))
         if begun:
             return f"a recovery began ({begun})"
         after = [i for i in others if i > self.me] + [i for i in others if i < self.me]
-        exited = [i for i in after[:PROBE_FANOUT] if i not in silent and self._exited(i)]
-        for i, how in [(i, "exited") for i in exited] + [(i, "went silent") for i in silent]:
-            if not self.link.check(f"done/node{i}"):
-                return f"member {i} {how}"
+        for i in after[:PROBE_FANOUT]:
+            if self._exited(i) and not self.link.check(f"done/node{i}"):
+                return f"member {i} exited"
         return None
 
     def close(self) -> None:

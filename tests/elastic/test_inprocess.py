@@ -69,6 +69,37 @@ def test_ddp_node_lost_survivors_keep_their_processes(tmp_path):
 
 
 @pytest.mark.timeout(900)
+def test_fsdp2_node_lost_survivors_reshard_in_process(tmp_path):
+    """FSDP2: the survivors keep their processes; their shards of the lost node's share come
+    from the other keepers' memory and the parity (no checkpoint file), resharded to world 3."""
+    ref = run_reference(tmp_path / "ref", "fsdp2")
+    with Job(tmp_path / "inproc", "elastic_train.py", *ARGS, "--framework", "fsdp2", "--step-sleep", "0.3", *IN_PROCESS,
+             "--slow-step", str(KILL_AT + 1), "--slow-forward", str(SLOW_FORWARD), nnodes="3:4") as job:
+        for _ in range(4):
+            job.start_agent()
+        job.wait_for(lambda: job.progress() >= KILL_AT, 240, f"step {KILL_AT}")
+        before = {slot: job.worker_pid(slot) for slot in (0, 1, 3)}
+        time.sleep(1.0)  # into step KILL_AT + 1's slow forward
+        killed_at = time.time()
+        job.kill_node(2)
+        job.wait_done(300)
+    compare(ref, job, bitwise=False)
+    shrunk = [r for r in job.step_log() if r["world"] == 3]
+    assert shrunk and {r["pid"] for r in shrunk} == set(before.values()), "the survivors' workers were restarted"
+    first = first_step_after(job, killed_at, 3)
+    print(f"FSDP2: SIGKILL of a node -> survivors' first completed step: {first['t'] - killed_at:.2f} s")
+    assert first["t"] - killed_at < SLOW_FORWARD - 2, "the survivors finished the slow forward before noticing the loss"
+    recovered = [r for r in job.restores() if r["epoch"] > 0]
+    assert len(recovered) == 3, recovered
+    for r in recovered:
+        assert r["recoveries"][-1]["why"].startswith("PeerLost"), r["recoveries"]
+        assert r["restored_from"] == "memory" and not r["fallbacks"], r
+        assert "ec rebuilt" in r["sources"] or "peer memory" in r["sources"], r
+        assert set(r["sources"]) <= {"own memory", "peer memory", "ec rebuilt"}, f"a checkpoint file was read: {r}"
+        assert r["step"] >= KILL_AT - 1, f"more than one step lost: {r}"
+
+
+@pytest.mark.timeout(900)
 def test_a_second_node_lost_while_the_first_recovery_runs(tmp_path):
     """Node 2 is SIGKILLed, then node 3 50 ms later, while the survivors' recovery from the
     first loss runs (their collectives failing, the next epoch open): no hang, and the two
