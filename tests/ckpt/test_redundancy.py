@@ -386,3 +386,30 @@ def test_parity_memory_is_reported_and_capped(tmp_path, no_leftovers):
         assert "exceeds max_parity_memory (1 bytes)" in (none["last_skip"] or ""), none
     finally:
         kill_keepers(dirs)
+
+
+def test_a_step_some_members_still_commit_is_not_reported_as_lost_alarmingly(caplog):
+    """A group formed while training runs sees a step only the fastest member committed: the
+    others hold snapshots (they are behind), so the report is said at info level; a member
+    with an empty memory (a replacement keeper) has lost it: error level."""
+    import logging
+
+    from stalwart.ckpt.redundancy.agent import Redundancy, Session
+    from stalwart.ckpt.redundancy.config import ECConfig
+
+    agent = Redundancy.__new__(Redundancy)
+    agent.cfg, agent.members = ECConfig(k=3, m=1), [0, 1, 2, 3]
+
+    def slot(step):
+        return {"step": step, "sid": f"s{step}", "parity": False, "geometry": None, "holders": [0, 1, 2, 3]}
+
+    behind = Session("p", 1, {}, [{"slots": [slot(2), slot(3)]}] + [{"slots": [slot(2)]}] * 3, None, None)
+    task = agent._recovery_task(behind)
+    assert task["plan"] == "report" and task["behind"] and "step 3" in task["error"], task
+    empty = Session("p", 2, {}, [{"slots": [slot(2), slot(3)]}, {"slots": []}] + [{"slots": [slot(2)]}] * 2, None, None)
+    assert not agent._recovery_task(empty)["behind"]
+    agent.recovery_error, agent.settled, agent.state = None, False, "idle"
+    with caplog.at_level(logging.INFO, logger="stalwart"):
+        agent._recover(behind, task)
+    assert agent.recovery_error == task["error"]
+    assert [r.levelname for r in caplog.records if "step 3" in r.getMessage()] == ["INFO"]

@@ -659,7 +659,10 @@ class Redundancy:
         if newer:
             key = newer[0]
             lost = sorted(part_of[key] - data_at[key])
-            return {"op": "recover", "plan": "report",
+            # members that hold snapshots but not this one are usually still committing it (the group
+            # formed while training ran): said without alarm; an empty keeper (a replacement) lost it
+            behind = all(p < len(session.joins) and session.joins[p]["slots"] for p in lost)
+            return {"op": "recover", "plan": "report", "behind": behind,
                     "error": self._loss_message(key[0], lost, None, "no member holds parity of it")}
         return {"op": "recover", "plan": "none"}
 
@@ -669,7 +672,10 @@ class Redundancy:
             self.recovery_error = None
         elif plan == "report":
             self.recovery_error = task["error"]
-            log.error("%s", task["error"])
+            if task.get("behind"):
+                log.info("%s (the node(s) may still be committing it)", task["error"])
+            else:
+                log.error("%s", task["error"])
         else:
             self.state = "rebuilding"
             self._rebuild(session, task)
