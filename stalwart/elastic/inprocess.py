@@ -46,6 +46,7 @@ is then the launcher's restart.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import gc
@@ -106,11 +107,12 @@ class Recovery:
     seconds: float  # from the exception reaching run() to the re-formed group
 
 
-_HISTORY: list[Recovery] = []
+_HISTORY: collections.deque[Recovery] = collections.deque(maxlen=1000)
 
 
 def history() -> list[Recovery]:
-    """This process's in-process recoveries so far, oldest first (for logging and tests)."""
+    """This process's in-process recoveries so far (the last 1000), oldest first (for logging
+    and tests)."""
     return list(_HISTORY)
 
 
