@@ -55,11 +55,12 @@ def trial(seed: int, args) -> dict:
         step = first()
         job.wait_for(lambda: len([r for r in job.restores() if r["epoch"] > 0]) >= 3, 30, "the survivors' restores")
         restores = [r for r in job.restores() if r["epoch"] > 0]
+        started = {r["pid"] for r in job.restores() if r["epoch"] == 0}
     restored = min(r["step"] for r in restores)
     sources = sorted({r["restored_from"] or "nothing" for r in restores})
     return {"seed": seed, "kill_after": at_kill, "first_step_s": step["t"] - killed_at, "restored": restored,
             "from": "+".join(sources), "started_over": restored == 0,
-            "same_pids": {r["pid"] for r in restores} <= {r["pid"] for r in job.restores() if r["epoch"] == 0}}
+            "same_pids": {r["pid"] for r in restores} <= started}
 
 
 def main() -> None:
