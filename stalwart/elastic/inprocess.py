@@ -269,6 +269,9 @@ class Membership:
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._watchdog, name="stalwart-inproc", daemon=True)
         self.tripwire = Tripwire(lambda: self.epoch)
+        # (epoch, fd -> inode) of the current process group's connections
+        self._group_sockets: tuple[int, dict[int, int]] = (-1, {})
+        self._sever_lock = threading.Lock()
 
     @classmethod
     def from_env(cls, hang_s: float, dead_s: float, min_nodes: int | None) -> Membership:
@@ -321,8 +324,40 @@ class Membership:
         client = self.link.new_client()
         set_job_store(dist.PrefixStore(f"{self.prefix}/inproc/r{self.round}/job", client))
         store = dist.PrefixStore(f"{self.prefix}/inproc/r{self.round}/pg/e{self.epoch}", client)
+        before = _sockets()
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=self.hang_s))
+        with self._sever_lock:
+            self._group_sockets = (self.epoch, {fd: ino for fd, ino in _sockets().items() if before.get(fd) != ino})
+
+    def _sever(self, epoch: int | None = None) -> None:
+        """Shut down the current process group's connections (gloo has no abort that does):
+        every collective blocked on them - here or at a peer - fails at once. Destroying the
+        group is not enough when something still holds it (FSDP2's device mesh does), and a
+        peer blocked waiting for this member would sit out its whole timeout. The sockets
+        are shut down through duplicates; gloo still owns and closes its descriptors."""
+        with self._sever_lock:
+            of, sockets = self._group_sockets
+            if epoch is not None and epoch != of:  # the watchdog's view is stale: that group is gone
+                return
+            self._group_sockets = (of, {})
+        store = (self.host, self.port)
+        for fd, ino in sockets.items():
+            try:
+                dup = os.dup(fd)
+            except OSError:
+                continue
+            try:
+                if os.fstat(dup).st_ino != ino:  # gloo closed it and the number was reused
+                    os.close(dup)
+                    continue
+                sock = socket.socket(fileno=dup)
+            except OSError:
+                os.close(dup)
+                continue
+            with sock, contextlib.suppress(OSError):
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.getpeername()[:2] != store:
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def _publish_env(self, rank: int, world: int) -> None:
         """What :func:`stalwart.ckpt.dist.where_am_i` and the keeper client read."""
@@ -369,6 +404,7 @@ class Membership:
         """After a failed attempt: re-form with the live members. Returns whether a member was lost."""
         self._recovering.set()
         try:
+            self._sever()
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
             before = list(self.members)
@@ -486,6 +522,7 @@ class Membership:
                     why = self._epoch_over(epoch, others)
                     if why and not self._recovering.is_set():
                         self.tripwire.trip(epoch, why)
+                        self._sever(epoch)  # a collective this process is blocked in fails now too
                         log.info("stalwart: epoch %d is over (%s): abandoning the step", epoch, why)
                 raw = self.link.get("epoch")
                 if raw is not None and int(raw) > self.epoch:
@@ -520,6 +557,23 @@ class Membership:
         self.link.close(join_s=5.0)
         self._listener.close()
         self._raw = None
+
+
+def _sockets() -> dict[int, int]:
+    """This process's socket descriptors and their inodes (Linux; empty elsewhere)."""
+    out = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out[int(name)] = int(link[8:-1])
+    return out
 
 
 def _liveness_listener(store_host: str, store_port: int) -> socket.socket:

@@ -199,3 +199,36 @@ def test_the_tripwire_abandons_forward_and_backward_of_the_epoch_it_tripped_for(
         for h in handles:
             h.remove()
     model(x).sum().backward()  # hooks removed: the trip no longer reaches the model
+
+
+def test_severing_the_group_ends_a_peers_wait_even_while_the_group_is_still_referenced():
+    """gloo closes its connections only when the group is freed; a member entering recovery
+    shuts them down itself, so a peer blocked on it fails at once. Its own descriptors stay
+    gloo's, and a stale request (another epoch's) severs nothing."""
+    import os
+    import socket
+    import threading
+
+    from stalwart.elastic.inprocess import Membership, _sockets
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    before = _sockets()
+    mine, _ = listener.accept()  # "gloo's" connection, opened during the group's set-up
+    member = Membership.__new__(Membership)
+    member.host, member.port = "127.0.0.1", 9
+    member._sever_lock = threading.Lock()
+    member._group_sockets = (3, {fd: ino for fd, ino in _sockets().items() if before.get(fd) != ino})
+    assert list(member._group_sockets[1]) == [mine.fileno()]
+    try:
+        member._sever(epoch=2)  # the watchdog's stale view
+        mine.sendall(b"x")
+        assert peer.recv(1) == b"x"
+        member._sever(epoch=3)
+        peer.settimeout(5)
+        assert peer.recv(1) == b"", "the peer did not see the connection end"
+        os.fstat(mine.fileno())  # the descriptor itself is still open (gloo closes it)
+        assert member._group_sockets == (3, {})
+    finally:
+        for s in (mine, peer, listener):
+            s.close()
