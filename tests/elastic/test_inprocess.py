@@ -68,6 +68,7 @@ def test_ddp_node_lost_survivors_keep_their_processes(tmp_path):
     assert {s["world"] for s in job.steps().values()} == {3, 4}
 
 
+@pytest.mark.slow  # a variant of the DDP scenario above; its restore waits on the stand-in's rebuild
 @pytest.mark.timeout(900)
 def test_fsdp2_node_lost_survivors_reshard_in_process(tmp_path):
     """FSDP2: the survivors keep their processes; their shards of the lost node's share come
